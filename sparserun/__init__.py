@@ -1,0 +1,32 @@
+"""sparserun: pruned LLMs that run faster on NVIDIA GPUs.
+
+Public API (everything else is internal):
+    prune(model, method, pattern, sparsity=None, calib=None, **opts) -> report
+    sparsify_(model, pattern=..., filter_fn=None)
+    save(model, out_dir) / load(dir, device=None, dtype=None)
+    SparseLinear, patterns
+"""
+from __future__ import annotations
+
+from . import patterns
+
+__version__ = "0.1.0"
+
+__all__ = ["prune", "sparsify_", "save", "load", "SparseLinear", "patterns", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy: `import sparserun` must stay cheap and must not import triton or transformers.
+    if name == "SparseLinear":
+        from .runtime.linear import SparseLinear
+        return SparseLinear
+    if name == "sparsify_":
+        from .runtime.sparsify import sparsify_
+        return sparsify_
+    if name in ("save", "load"):
+        from .runtime import io
+        return getattr(io, name)
+    if name == "prune":
+        from .prune.api import prune
+        return prune
+    raise AttributeError(f"module 'sparserun' has no attribute {name!r}")
