@@ -1,0 +1,1 @@
+"""Runtime: SparseLinear, backend dispatch, model-level sparsify_/save/load."""

@@ -1,0 +1,107 @@
+"""SparseLinear: a drop-in nn.Linear whose weight is held packed.
+
+One class holding a format, not one class per format: every format shares the Linear contract
+(in/out features, bias, y = x Wᵀ + b), the module swap, the checkpoint naming and the backend dispatch, so
+a per-format class would repeat all of that and differ only in which buffers exist. The format decides the
+buffers (the tensor roles of sparserun/formats/<format>.py, registered under the same names, so the
+state_dict *is* the packed checkpoint) and the kernels the dispatcher may use.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import formats
+from ..formats import Packed
+from ..patterns import parse
+
+
+def _buffer_shapes(fmt: str, n: int, k: int, block: int | None, nnz: int | None) -> dict:
+    """role -> (shape, dtype or None for the weight dtype) of each packed buffer."""
+    if fmt == "semi24":
+        kp = (k + 3) // 4 * 4
+        return {"values": ((n, kp // 2), None), "meta": ((n, (kp // 4 + 1) // 2), torch.uint8)}
+    if fmt == "bsr":
+        return {"crow_indices": ((n // block + 1,), torch.int32), "col_indices": ((nnz,), torch.int32),
+                "values": ((nnz, block, block), None)}
+    if fmt == "bitmask":
+        return {"values": ((nnz,), None), "bitmask": ((n, (k + 7) // 8), torch.uint8)}
+    raise ValueError(f"unknown packed format {fmt!r}")
+
+
+class SparseLinear(nn.Module):
+    """y = x Wᵀ + b with W stored packed (format "semi24", "bsr" or "bitmask").
+
+    Build one with `SparseLinear.from_linear(linear, mask, pattern)` or `from_packed(packed, bias)`; the
+    plain constructor makes empty buffers of the right shapes (on the meta device for loading).
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = True, *,
+                 pattern: str | None = None, block: int | None = None, nnz: int | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.format = fmt
+        self.pattern = str(parse(pattern)) if pattern else {"semi24": "2:4", "bsr": f"{block}x{block}",
+                                                             "bitmask": "unstructured"}[fmt]
+        self.block = block
+        dtype = dtype or torch.get_default_dtype()
+        for role, (shape, dt) in _buffer_shapes(fmt, out_features, in_features, block, nnz).items():
+            self.register_buffer(role, torch.empty(shape, dtype=dt or dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+        self._dense_cache = None  # (key, tensor): the dense fallback, decompressed once
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_packed(cls, packed: Packed, bias: torch.Tensor | None = None) -> "SparseLinear":
+        n, k = packed.shape
+        nnz = packed.tensors["values"].shape[0] if packed.format in ("bsr", "bitmask") else None
+        mod = cls(k, n, packed.format, bias is not None, pattern=packed.meta.get("pattern"),
+                  block=packed.meta.get("block"), nnz=nnz, device="meta", dtype=packed.dtype)
+        for role, t in packed.tensors.items():
+            setattr(mod, role, t)
+        if bias is not None:
+            mod.bias = nn.Parameter(bias.detach().to(packed.dtype), requires_grad=bias.requires_grad)
+        return mod
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor, pattern, name: str = "weight"):
+        """Pack `linear.weight` under `mask` (raises formats.UnsupportedShape / PatternViolation)."""
+        p = formats.pack(linear.weight.detach(), mask, pattern, name=name)
+        return cls.from_packed(p, linear.bias)
+
+    # ---- views ---------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def packed(self) -> Packed:
+        roles = _buffer_shapes(self.format, self.out_features, self.in_features, self.block,
+                               self.values.shape[0]).keys()
+        meta = {"pattern": self.pattern}
+        if self.block:
+            meta["block"] = self.block
+        return Packed(self.format, self.shape, {r: getattr(self, r) for r in roles}, meta)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight (a fresh tensor; for references, fallbacks and export)."""
+        return formats.unpack(self.packed())
+
+    def weight_mask(self) -> torch.Tensor:
+        return formats.mask(self.packed())
+
+    @property
+    def density(self) -> float:
+        return float(self.weight_mask().float().mean())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .dispatch import sparse_linear
+
+        return sparse_linear(self, x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, format={self.format}, pattern={self.pattern}")
