@@ -53,6 +53,7 @@ class SparseLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._dense_cache = None  # (key, tensor): the dense fallback, decompressed once
+        self._max_row_blocks = None  # (crow data_ptr, int): bsr only, see max_row_blocks
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -96,6 +97,19 @@ class SparseLinear(nn.Module):
     @property
     def density(self) -> float:
         return float(self.weight_mask().float().mean())
+
+    @property
+    def max_row_blocks(self) -> int:
+        """Most kept blocks in any block-row (bsr). The kernels size their work split with it; computing it
+        syncs with the device once, so it is cached (keyed on the index tensor's storage)."""
+        if self._max_row_blocks is not None and torch.compiler.is_compiling():
+            return self._max_row_blocks[1]  # a traced graph cannot compare data pointers; eager checks
+        crow = self.crow_indices
+        key = (crow.device, crow.data_ptr())
+        if self._max_row_blocks is None or self._max_row_blocks[0] != key:
+            n = int((crow[1:] - crow[:-1]).max()) if crow.numel() > 1 else 0
+            self._max_row_blocks = (key, n)
+        return self._max_row_blocks[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .dispatch import sparse_linear

@@ -1,0 +1,46 @@
+"""Per-shape kernel config tuning: time every candidate config of a launch once, keep the fastest.
+
+Keyed by (op, N, K, M bucket, dtype, bias, device): the M bucket (next power of two) keeps a new batch
+size from re-tuning. Whole launches are timed (matmul + split-K reduce), with triton's do_bench median.
+Capture-safe: inside CUDA-graph capture or torch.compile tracing nothing is timed; the cached choice
+(or the op's default) is used.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+_cache: dict[tuple, dict] = {}
+
+
+def _cannot_time() -> bool:
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler and getattr(compiler, "is_compiling", lambda: False)())
+
+
+def pick(key: tuple, candidates: list[dict], launch: Callable[[dict], None], default: dict) -> dict:
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    if _cannot_time() or len(candidates) <= 1:
+        return candidates[0] if len(candidates) == 1 else default
+    import triton.testing
+
+    best, best_ms = default, float("inf")
+    for cfg in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception:  # a config that does not fit this GPU (shared memory, registers) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _cache[key] = best
+    return best
+
+
+def tuned() -> dict[tuple, dict]:
+    """What has been tuned in this process (benchmarks record it next to their timings)."""
+    return dict(_cache)

@@ -1,0 +1,246 @@
+"""y = x · Wᵀ (+ bias) with W in B x B block-sparse rows (docs/format.md, sparserun/formats/bsr.py).
+
+Work is cut into *segments* of at most SEG kept blocks of one block-row, so every program streams about
+the same number of bytes however unevenly the blocks fall across rows:
+
+    program (block-row r, segment s, m-tile):
+        acc = 0                                             [BLOCK_M, B] fp32
+        for the U-block chunks of blocks crow[r] + s*SEG ... (capped at crow[r+1]):
+            x_tile = x[m-tile, columns of those U blocks]  (gathered by col_indices)
+            w_tile = values[those U blocks]                [B, U*B]
+            acc   += x_tile · w_tileᵀ
+        one segment per row:  y[m-tile, r*B:(r+1)*B] = acc (+ bias)      (prefill; empty rows write bias)
+        several:              partials[r, s] = acc; a reduce kernel sums the S segments (+ bias)
+
+SEG is chosen per call from the layer's largest block-row count (a Python int the layer knows, so no
+device sync): large enough to amortise the loop, small enough that decode launches >= 2 waves of programs.
+Programs past a short row's end write zeros and exit; the hardware scheduler backfills them.
+U > 1 for small blocks (16, 32) so each step's dot has at least 64 reduction columns.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import as_2d, check_out, dot_precision, interpreting, m_bucket, num_sms, workspace
+from ._tuning import pick
+
+DECODE_MAX_M = 64
+
+# ----------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------
+
+
+def _segments(rows: int, max_row: int, m_tiles: int, sms: int, unroll: int, decode: bool) -> int:
+    """SEG (blocks per program): split rows only as far as needed for >= 4 waves at decode."""
+    if max_row <= 0:
+        return unroll
+    if not decode:
+        return max(unroll, triton.cdiv(max_row, unroll) * unroll)
+    seg = triton.cdiv(max_row, unroll) * unroll
+    while seg > unroll and rows * m_tiles * triton.cdiv(max_row, seg) < 4 * sms:
+        seg = max(unroll, triton.cdiv(seg // 2, unroll) * unroll)
+    return seg
+
+
+def candidate_configs(m: int, b: int, rows: int, max_row: int, sms: int) -> list[dict]:
+    decode = m <= DECODE_MAX_M
+    out = []
+    if decode:
+        bm = max(16, triton.next_power_of_2(m))
+        for u in sorted({max(1, 64 // b), max(1, 128 // b)}):
+            for warps in (4, 8) if b >= 64 else (4,):
+                seg = _segments(rows, max_row, 1, sms, u, True)
+                out.append(dict(BLOCK_M=bm, UNROLL=u, SEG=seg, num_warps=warps, num_stages=3))
+    else:
+        for bm, warps in ((64, 4), (128, 8)):
+            u = max(1, 64 // b)
+            out.append(dict(BLOCK_M=bm, UNROLL=u, SEG=_segments(rows, max_row, 1, sms, u, False),
+                            num_warps=warps, num_stages=3))
+    return out
+
+
+def default_config(m: int, b: int, rows: int, max_row: int, sms: int) -> dict:
+    return candidate_configs(m, b, rows, max_row, sms)[0]
+
+
+def interpreter_config(m: int, b: int, rows: int, max_row: int) -> dict:
+    """Small tiles, and always several segments when a row has more than one block, so the CPU tests
+    exercise the split path and the reduce kernel."""
+    return dict(BLOCK_M=16 if m <= 16 else 32, UNROLL=2 if b <= 32 else 1, SEG=2 if b <= 32 else 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bsr_matmul_kernel(
+    # pointers
+    x_ptr, crow_ptr, col_ptr, vals_ptr, bias_ptr, out_ptr, part_ptr,
+    # sizes
+    M, N, S, SEG,
+    # strides
+    stride_xm, stride_xk, stride_om, stride_on,
+    # meta-parameters
+    B: tl.constexpr, UNROLL: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """x [M, K]; crow [N/B+1], col [nnz] int32; values [nnz, B, B]; out [M, N]; part [N/B, S, M, B] fp32.
+    grid = (N/B * S, cdiv(M, BLOCK_M))."""
+    # ------------------------------------------------------------------------------------------------
+    # which block-row, segment and m-tile
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    row = pid // S
+    seg = pid % S
+    row_begin = tl.load(crow_ptr + row)
+    row_end = tl.load(crow_ptr + row + 1)
+    begin = row_begin + seg * SEG
+    end = tl.minimum(begin + SEG, row_end)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_b = tl.arange(0, B)  # rows (out) / columns (in) inside a block
+    offs_u = tl.arange(0, UNROLL * B)  # UNROLL blocks side by side along the reduction
+    u_of = offs_u // B  # which of the UNROLL blocks a reduction column belongs to
+    c_in = offs_u % B
+
+    # ------------------------------------------------------------------------------------------------
+    # stream this segment's blocks, UNROLL at a time
+    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    for i in range(begin, end, UNROLL):
+        blk = i + u_of  # [UNROLL*B] block index of each reduction column
+        valid = blk < end
+        bcol = tl.load(col_ptr + blk, mask=valid, other=0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (bcol * B + c_in)[None, :] * stride_xk,
+                    mask=mask_m[:, None] & valid[None, :], other=0.0)
+        # w[r, u*B + c] = values[i + u, r, c]: the U blocks laid side by side, rows = output features
+        w = tl.load(vals_ptr + blk.to(tl.int64)[None, :] * (B * B) + offs_b[:, None] * B + c_in[None, :],
+                    mask=valid[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+
+    # ------------------------------------------------------------------------------------------------
+    # epilogue
+    offs_n = row * B + offs_b
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
+    else:
+        base = part_ptr + (row * S + seg).to(tl.int64) * M * B
+        tl.store(base + offs_m[:, None] * B + offs_b[None, :], acc, mask=mask_m[:, None])
+
+
+@triton.jit
+def _segment_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, S, stride_om, stride_on,
+                           B: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m, r*B + j] = sum_s part[r, s, m, j] (+ bias); one program per BLOCK outputs."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    m = offs // N
+    n = offs % N
+    row = n // B
+    j = n % B
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(S):
+        acc += tl.load(part_ptr + ((row * S + s).to(tl.int64) * M + m) * B + j, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------
+
+
+def bsr_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+               max_row_blocks: int, bias: torch.Tensor | None = None, config: dict | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x · Wᵀ (+ bias) for W [N, K] in BSR: crow [N/B+1] int32, col [nnz] int32, values [nnz, B, B].
+
+    max_row_blocks: the most blocks any block-row keeps (the layer knows it; passing it keeps the launch
+    free of device syncs, so it can be captured in a CUDA graph). x: [..., K]; returns [..., N].
+    """
+    b = values.shape[-1]
+    rows = crow.numel() - 1
+    n = rows * b
+    if values.dim() != 3 or values.shape[1] != b or b not in (16, 32, 64, 128):
+        raise ValueError(f"bsr_matmul: values must be [nnz, B, B] with B in 16, 32, 64, 128, got "
+                         f"{tuple(values.shape)}")
+    if crow.dtype != torch.int32 or col.dtype != torch.int32:
+        raise TypeError(f"bsr_matmul: indices must be int32, got {crow.dtype}, {col.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"bsr_matmul: x dtype {x.dtype} != weight dtype {values.dtype}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bsr_matmul: bias shape {tuple(bias.shape)} != ({n},)")
+    k = x.shape[-1]
+    if k % b:
+        raise ValueError(f"bsr_matmul: in_features {k} is not a multiple of the block size {b}")
+    x2 = as_2d(x, k, "bsr_matmul")
+    m = x2.shape[0]
+    out = check_out(out, m, n, x)
+    if m == 0 or n == 0:
+        return out.reshape(*x.shape[:-1], n)
+    crow, col, values = crow.contiguous(), col.contiguous(), values.contiguous()
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else values
+
+    def launch(cfg: dict) -> None:
+        cfg = dict(cfg)
+        launch_kw = {kk: cfg.pop(kk) for kk in ("num_warps", "num_stages") if kk in cfg}
+        seg = cfg.pop("SEG")  # a runtime argument: a new sparsity level must not mean a new compile
+        s = max(1, triton.cdiv(max_row_blocks, seg))
+        direct = s == 1
+        part = out if direct else workspace((rows, s, m, b), x.device)
+        grid = (rows * s, triton.cdiv(m, cfg["BLOCK_M"]))
+        _bsr_matmul_kernel[grid](
+            x2, crow, col, values, bias_arg, out, part, m, n, s, seg,
+            x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
+            B=b, HAS_BIAS=has_bias, DIRECT=direct, DOT_PRECISION=dot_precision(x.dtype), **cfg, **launch_kw)
+        if not direct:
+            block = 1024
+            _segment_reduce_kernel[(triton.cdiv(m * n, block),)](
+                part, bias_arg, out, m, n, s, out.stride(0), out.stride(1), B=b, HAS_BIAS=has_bias,
+                BLOCK=block)
+
+    if config is None:
+        if interpreting():
+            config = interpreter_config(m, b, rows, max_row_blocks)
+        else:
+            sms = num_sms(x)
+            mb = m_bucket(m)
+            key = ("bsr", n, k, b, max_row_blocks, col.numel(), mb, x.dtype, has_bias, str(x.device))
+            config = pick(key, candidate_configs(mb, b, rows, max_row_blocks, sms), launch,
+                          default_config(mb, b, rows, max_row_blocks, sms))
+    launch(config)
+    return out.reshape(*x.shape[:-1], n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------
+
+
+def bsr_dense_ref(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense [N, k] weight from BSR tensors, through torch's own sparse BSR type."""
+    b = values.shape[-1]
+    n = (crow.numel() - 1) * b
+    return torch.sparse_bsr_tensor(crow.long(), col.long(), values, size=(n, k),
+                                   check_invariants=True).to_dense()
+
+
+def bsr_matmul_ref(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                   bias: torch.Tensor | None = None, upcast: bool = True) -> torch.Tensor:
+    """Pure-torch y = x · Wᵀ (+ bias); float64 when `upcast` (the test oracle), else in x's dtype."""
+    dt = torch.float64 if upcast else x.dtype
+    w = bsr_dense_ref(crow, col, values.to(dt), x.shape[-1])
+    y = x.to(dt) @ w.T
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y

@@ -1,0 +1,265 @@
+"""y = x · Wᵀ (+ bias) with W in the 2:4 packed layout (docs/format.md, sparserun/formats/semi24.py).
+
+Algorithm, per program (one BLOCK_M x BLOCK_N output tile, one slice of K when split):
+
+    for each BLOCK_K step of K:
+        x_tile   = x[m-tile, k-step]                       (dense)
+        vals     = values[n-tile, k-step / 2]              (the compressed weight: half the bytes)
+        nibbles  = meta[n-tile, k-step / 8]                (4 bits per group of 4)
+        w_tile   = expand(vals, nibbles)  -> [BLOCK_N, BLOCK_K] in registers, never written to memory
+        acc     += x_tile · w_tileᵀ                        (tensor cores, fp32 accumulator)
+    y = acc (+ bias)         or, split over K: partials[split] = acc, then a reduce kernel sums + bias
+
+Decode (M <= 64) is bound by the bytes of the weight, so the only thing that matters there is streaming
+values + meta once at full bandwidth: tiles are skinny in M (16, padded) and K is split until the grid
+covers the GPU at least twice even for one token. Prefill uses square tiles and no split.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import as_2d, check_out, dot_precision, interpreting, m_bucket, num_sms, workspace
+from ._tuning import pick
+
+# ----------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------
+# Tuned per (N, K, M bucket, dtype) by `_tuning.pick`, which times the whole launch: triton.autotune would
+# time only the matmul kernel and so always favour the deepest split-K, whose reduce kernel it never sees.
+
+DECODE_MAX_M = 64  # up to here the weight's bytes dominate: skinny tiles + split-K
+
+
+def _split_for(tiles: int, k_steps: int, sms: int) -> int:
+    """Smallest power-of-two split of K that gives >= 2 waves of programs, keeping >= 2 K steps each."""
+    split = 1
+    while tiles * split < 2 * sms and split < 16 and k_steps >= 4 * split:
+        split *= 2
+    return split
+
+
+def candidate_configs(m: int, n: int, k: int, sms: int) -> list[dict]:
+    out = []
+    if m <= DECODE_MAX_M:
+        bm = max(16, triton.next_power_of_2(m))
+        # few candidates: each is a separate compile, and decode shapes are all alike (stream the weight)
+        for bn, bk in ((32, 256), (64, 256), (64, 128), (128, 128)):
+            split = _split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), sms)
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=3))
+    else:
+        for bm, bn, bk, warps, stages in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                          (128, 128, 128, 8, 3), (128, 256, 64, 8, 3)):
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=warps,
+                            num_stages=stages))
+    return out
+
+
+def default_config(m: int, n: int, k: int, sms: int) -> dict:
+    """Used when tuning cannot run (CUDA-graph capture) and nothing is cached yet."""
+    if m <= DECODE_MAX_M:
+        bm = max(16, triton.next_power_of_2(m))
+        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3,
+                    SPLIT_K=_split_for(triton.cdiv(m, bm) * triton.cdiv(n, 64), triton.cdiv(k, 256), sms))
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3)
+
+
+def interpreter_config(m: int, n: int, k: int) -> dict:
+    """One modest config for the CPU interpreter; split K when there is K to split, so the split path and
+    the reduce kernel are exercised by the CPU tests too."""
+    bk = 32 if k <= 64 else 64
+    return dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=16 if n <= 16 else 32, BLOCK_K=bk,
+                SPLIT_K=2 if k > bk else 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _semi24_matmul_kernel(
+    # pointers
+    x_ptr, vals_ptr, meta_ptr, bias_ptr, out_ptr, part_ptr,
+    # sizes: K is the true in_features, KP2 = padded K / 2 (values row length), MB = meta row length
+    M, N, K, KP2, MB,
+    # strides
+    stride_xm, stride_xk, stride_vn, stride_mn, stride_om, stride_on,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """x [M, K], values [N, KP2], meta [N, MB] uint8, bias [N], out [M, N]; part [SPLIT_K, M, N] fp32."""
+    # ------------------------------------------------------------------------------------------------
+    # tile of this program: grouped ordering so programs running together share x rows in L2
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    # ------------------------------------------------------------------------------------------------
+    # this split's range of K steps
+    k_steps = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_steps, SPLIT_K)
+    k_begin = pid_k * per_split
+    k_end = min(k_begin + per_split, k_steps)
+
+    G: tl.constexpr = BLOCK_K // 4  # groups of 4 per step
+    pos = tl.arange(0, 4)[None, None, :]  # in-group position, for the expansion
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ks in range(k_begin, k_end):
+        k0 = ks * BLOCK_K
+        # -------------------------------------------------------------------------------------------
+        # dense activations; columns past K read as 0, so padded groups contribute nothing
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        # -------------------------------------------------------------------------------------------
+        # compressed weight: BLOCK_K/2 values and BLOCK_K/8 metadata bytes per row
+        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        v = tl.load(vals_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
+                    mask=mask_n[:, None] & (offs_v[None, :] < KP2), other=0.0)
+        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
+                     mask=mask_n[:, None] & (offs_b[None, :] < MB), other=0).to(tl.int32)
+        # -------------------------------------------------------------------------------------------
+        # expand to dense in registers: group 2j is the low nibble of byte j
+        nib = tl.reshape(tl.join(mb & 0xF, mb >> 4), (BLOCK_N, G))
+        i0 = (nib & 3)[:, :, None]
+        i1 = (nib >> 2)[:, :, None]
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
+        w = tl.where(pos == i0, v0[:, :, None], tl.where(pos == i1, v1[:, :, None], 0.0))
+        w = tl.reshape(w.to(x.dtype), (BLOCK_N, BLOCK_K))
+        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+
+    # ------------------------------------------------------------------------------------------------
+    # epilogue
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        # every split writes its slice (zeros if it had no K steps), so the reduce reads no garbage
+        tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on, SPLIT,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m, n] = sum_s part[s, m, n] (+ bias[n]), cast to the output dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
+    n = offs % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (offs // N) * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------
+
+
+def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: int,
+                  bias: torch.Tensor | None = None, config: dict | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x · Wᵀ (+ bias) for W [N, k] packed as (values [N, Kp/2], meta [N, ceil(Kp/8)] uint8).
+
+    x: [..., k] float16/bfloat16/float32 (any strides); returns [..., N] in x's dtype.
+    `config` forces a kernel config (tests, benchmarks); otherwise tuned per (N, K, M bucket).
+    `out`: optional [M, N] output to write (M = x rows flattened).
+    """
+    n, kp2 = values.shape
+    if kp2 * 2 != (k + 3) // 4 * 4:
+        raise ValueError(f"semi24_matmul: values has {kp2} columns, expected {((k + 3) // 4 * 4) // 2} "
+                         f"for in_features {k}")
+    if meta.dtype != torch.uint8 or meta.shape != (n, (kp2 // 2 + 1) // 2):
+        raise ValueError(f"semi24_matmul: meta must be uint8 {(n, (kp2 // 2 + 1) // 2)}, got {meta.dtype} "
+                         f"{tuple(meta.shape)}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"semi24_matmul: x dtype {x.dtype} != weight dtype {values.dtype}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"semi24_matmul: bias shape {tuple(bias.shape)} != ({n},)")
+    x2 = as_2d(x, k, "semi24_matmul")
+    values, meta = values.contiguous(), meta.contiguous()
+    m = x2.shape[0]
+    out = check_out(out, m, n, x)
+    if m == 0:
+        return out.reshape(*x.shape[:-1], n)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else values  # never read when HAS_BIAS is False
+
+    def launch(cfg: dict) -> None:
+        cfg = dict(cfg)
+        launch_kw = {kk: cfg.pop(kk) for kk in ("num_warps", "num_stages") if kk in cfg}
+        split = cfg["SPLIT_K"]
+        part = workspace((split, m, n), x.device) if split > 1 else out
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+        _semi24_matmul_kernel[grid](
+            x2, values, meta, bias_arg, out, part,
+            m, n, k, kp2, meta.shape[1],
+            x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1),
+            HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(x.dtype), GROUP_M=8, **cfg, **launch_kw)
+        if split > 1:
+            block = 1024
+            _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+                part, bias_arg, out, m, n, out.stride(0), out.stride(1), split, HAS_BIAS=has_bias,
+                BLOCK=block)
+
+    if config is None:
+        if interpreting():
+            config = interpreter_config(m, n, k)
+        else:
+            sms = num_sms(x)
+            key = ("semi24", n, k, m_bucket(m), x.dtype, has_bias, str(x.device))
+            config = pick(key, candidate_configs(m_bucket(m), n, k, sms), launch,
+                          default_config(m_bucket(m), n, k, sms))
+    launch(config)
+    return out.reshape(*x.shape[:-1], n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------
+
+
+def semi24_unpack_ref(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense [N, k] weight from the packed tensors, in pure torch (independent of formats.semi24)."""
+    n, kp2 = values.shape
+    g = kp2 // 2
+    byte = meta.to(torch.int64)
+    nib = torch.stack([byte & 0xF, byte >> 4], dim=-1).reshape(n, -1)[:, :g]
+    dense = torch.zeros(n, g, 4, dtype=values.dtype, device=values.device)
+    vals = values.reshape(n, g, 2)
+    dense.scatter_(-1, (nib & 3)[..., None], vals[..., :1])
+    dense.scatter_(-1, (nib >> 2)[..., None], vals[..., 1:])
+    return dense.reshape(n, g * 4)[:, :k]
+
+
+def semi24_matmul_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: int,
+                      bias: torch.Tensor | None = None, upcast: bool = True) -> torch.Tensor:
+    """Pure-torch y = x · Wᵀ (+ bias); float64 when `upcast` (the test oracle), else in x's dtype."""
+    w = semi24_unpack_ref(values, meta, k)
+    dt = torch.float64 if upcast else x.dtype
+    y = x.to(dt) @ w.to(dt).T
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y

@@ -1,0 +1,85 @@
+"""torch.library custom ops around every kernel, so models using SparseLinear work under
+torch.compile(fullgraph=True) and CUDA-graph capture: the compiler sees one opaque op with a fake
+(shape-only) implementation instead of tracing into Triton launch code.
+
+Each op takes only tensors and ints. Kernel configs are chosen inside the op (tuned once per shape and M
+bucket, see kernels/_tuning.py); nothing here syncs with the device.
+Gradients flow to the input x (frozen sparse weights, e.g. LoRA recovery): grad_x = grad_y · W.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .kernels.bsr_matmul import bsr_dense_ref, bsr_matmul
+from .kernels.semi24_matmul import semi24_matmul, semi24_unpack_ref
+
+
+# ---- 2:4 ------------------------------------------------------------------------------------------
+@torch.library.custom_op("sparserun::semi24_linear", mutates_args=())
+def semi24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], k: int) -> Tensor:
+    return semi24_matmul(x, values, meta, k, bias)
+
+
+@semi24_linear.register_fake
+def _(x, values, meta, bias, k):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def _semi24_setup(ctx, inputs, output):
+    x, values, meta, bias, k = inputs
+    ctx.save_for_backward(values, meta)
+    ctx.k = k
+    ctx.has_bias = bias is not None
+
+
+def _semi24_backward(ctx, grad):
+    values, meta = ctx.saved_tensors
+    w = semi24_unpack_ref(values, meta, ctx.k)
+    gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad @ w.to(grad.dtype), None, None, gb, None
+
+
+semi24_linear.register_autograd(_semi24_backward, setup_context=_semi24_setup)
+
+
+# ---- NxN blocks -----------------------------------------------------------------------------------
+@torch.library.custom_op("sparserun::bsr_linear", mutates_args=())
+def bsr_linear(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Optional[Tensor],
+               max_row_blocks: int) -> Tensor:
+    return bsr_matmul(x, crow, col, values, max_row_blocks, bias)
+
+
+@bsr_linear.register_fake
+def _(x, crow, col, values, bias, max_row_blocks):
+    return x.new_empty((*x.shape[:-1], (crow.shape[0] - 1) * values.shape[-1]))
+
+
+def _bsr_setup(ctx, inputs, output):
+    x, crow, col, values, bias, _ = inputs
+    ctx.save_for_backward(crow, col, values)
+    ctx.k = x.shape[-1]
+    ctx.has_bias = bias is not None
+
+
+def _bsr_backward(ctx, grad):
+    crow, col, values = ctx.saved_tensors
+    w = bsr_dense_ref(crow, col, values, ctx.k)
+    gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad @ w.to(grad.dtype), None, None, None, gb, None
+
+
+bsr_linear.register_autograd(_bsr_backward, setup_context=_bsr_setup)
+
+
+# ---- SparseLinear entry point ---------------------------------------------------------------------
+def sparse_linear_triton(layer, x: Tensor) -> Tensor:
+    """SparseLinear forward through the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+    if layer.format == "semi24":
+        return semi24_linear(x, layer.values, layer.meta, layer.bias, layer.in_features)
+    if layer.format == "bsr":
+        return bsr_linear(x, layer.crow_indices, layer.col_indices, layer.values, layer.bias,
+                          layer.max_row_blocks)
+    raise ValueError(f"no Triton kernel for format {layer.format!r}")
