@@ -1,0 +1,176 @@
+"""The `sparserun` command.
+
+Each subcommand is an `add_parser(subparsers)` function that adds its parser and sets `func=run(args) -> int`.
+SUBCOMMANDS lists them in help order; an entry is the function itself or a "module:function" string, imported
+only when the parser is built so heavy modules (transformers, triton) stay out of `sparserun --help` until
+needed. Errors: a subcommand raises; main prints one line `error: ...` to stderr and returns non-zero
+(`--debug` shows the traceback instead).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---- inspect --------------------------------------------------------------------------------------------
+
+def inspect_summary(path, verify: bool = False) -> dict:
+    """Layer records and totals of a packed checkpoint (what `sparserun inspect --json` prints)."""
+    from .checkpoint import CheckpointReader
+
+    with CheckpointReader(path, verify=verify) as r:
+        m = r.manifest
+        layers = [{k: rec.get(k) for k in ("name", "format", "pattern", "shape", "dtype", "sparsity", "nbytes",
+                                           "dense_nbytes", "block")} for rec in r.layers]
+        dense = [{"name": n, "shape": r.tensor_map[n]["shape"], "dtype": r.tensor_map[n]["dtype"],
+                  "nbytes": r.tensor_map[n]["nbytes"]} for n in r.dense_tensor_names()]
+    sp_packed = sum(x["nbytes"] for x in layers)
+    sp_dense = sum(x["dense_nbytes"] for x in layers)
+    dense_bytes = sum(x["nbytes"] for x in dense)
+    shard_bytes = sum(s["nbytes"] for s in m["shards"].values())
+    totals = {
+        "sparse_layers": {"count": len(layers), "nbytes": sp_packed, "dense_nbytes": sp_dense,
+                          "ratio": round(sp_packed / sp_dense, 4) if sp_dense else None},
+        "dense_tensors": {"count": len(dense), "nbytes": dense_bytes},
+        "checkpoint": {"shards": len(m["shards"]), "nbytes": shard_bytes,
+                       "dense_nbytes": sp_dense + dense_bytes,
+                       "ratio": round((sp_packed + dense_bytes) / (sp_dense + dense_bytes), 4)
+                       if sp_dense + dense_bytes else None},
+    }
+    return {"path": str(path), "format_version": m["format_version"],
+            "sparserun_version": m.get("sparserun_version"), "source": m.get("source"),
+            "architecture": m.get("architecture"), "layers": layers, "dense_tensors": dense,
+            "aliases": m.get("aliases", {}), "totals": totals}
+
+
+def _print_table(info: dict, show_dense: bool) -> None:
+    print(f"{info['path']}: sparserun checkpoint (format_version {info['format_version']}, written by "
+          f"sparserun {info['sparserun_version']}){', ' + info['architecture'] if info['architecture'] else ''}")
+    if info["source"]:
+        print(f"source: {info['source']}")
+    rows = [("layer", "format", "pattern", "shape", "dtype", "sparsity", "packed", "dense", "ratio")]
+    for x in info["layers"]:
+        rows.append((x["name"], x["format"], x["pattern"], "x".join(map(str, x["shape"])), x["dtype"],
+                     f"{100 * x['sparsity']:.1f}%", _human(x["nbytes"]), _human(x["dense_nbytes"]),
+                     f"{x['nbytes'] / x['dense_nbytes']:.3f}"))
+    if len(rows) > 1:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            # name and text columns left-aligned, numbers right-aligned
+            print("  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    else:
+        print("(no sparse layers)")
+    if show_dense and info["dense_tensors"]:
+        print()
+        w = max(len(d["name"]) for d in info["dense_tensors"])
+        for d in info["dense_tensors"]:
+            print(f"{d['name'].ljust(w)}  {d['dtype']:<9} {'x'.join(map(str, d['shape'])) or 'scalar':<14} "
+                  f"{_human(d['nbytes']):>10}")
+    t = info["totals"]
+    s, d, c = t["sparse_layers"], t["dense_tensors"], t["checkpoint"]
+    print()
+    print(f"sparse linear layers: {s['count']}, packed {_human(s['nbytes'])} vs {_human(s['dense_nbytes'])} dense"
+          + (f" ({s['ratio']:.3f}x)" if s["ratio"] is not None else ""))
+    print(f"dense tensors:        {d['count']}, {_human(d['nbytes'])}"
+          + (f" ({len(info['aliases'])} tied alias(es) stored once)" if info["aliases"] else ""))
+    print(f"whole checkpoint:     {_human(c['nbytes'])} in {c['shards']} shard(s); tensors "
+          f"{_human(s['nbytes'] + d['nbytes'])} vs {_human(c['dense_nbytes'])} dense"
+          + (f" ({c['ratio']:.3f}x)" if c["ratio"] is not None else ""))
+
+
+def _run_inspect(args) -> int:
+    info = inspect_summary(args.dir, verify=args.verify)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        _print_table(info, args.dense)
+    return 0
+
+
+def add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="show the layers, formats and sizes of a packed checkpoint",
+                       description="Per-layer table (name, format, pattern, shape, sparsity, packed vs dense "
+                                   "bytes) and totals of a packed checkpoint directory.")
+    p.add_argument("dir", help="packed checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--dense", action="store_true", help="also list the dense (plain) tensors")
+    p.add_argument("--verify", action="store_true", help="also check every shard's sha256 (reads all shards)")
+    p.set_defaults(func=_run_inspect)
+
+
+# ---- registry -------------------------------------------------------------------------------------------
+# Add a subcommand: write `add_parser(sub)` in your module (adds the parser, sets func=run(args) -> int) and
+# list it here as "sparserun.module:add_parser". Planned: convert, eval, generate, bench, demo, finetune.
+SUBCOMMANDS: list = [
+    add_inspect,
+    # --- other subcommands register here ---
+]
+
+
+def _resolve(entry):
+    if callable(entry):
+        return entry
+    mod, _, fn = entry.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="sparserun",
+                                     description="Prune, pack and run sparse LLMs (2:4 and block-sparse).")
+    parser.add_argument("--version", action="version", version=f"sparserun {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for entry in SUBCOMMANDS:
+        _resolve(entry)(sub)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return msg or type(e).__name__
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere (before or after the subcommand) without every subparser declaring it
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # argparse: --help/--version (0) or a usage error (2, message already printed)
+            return e.code if isinstance(e.code, int) else 2
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        from .checkpoint import CheckpointError
+
+        known = (CheckpointError, ValueError, TypeError, OSError, NotImplementedError)
+        msg = _one_line(e) if isinstance(e, known) else f"{type(e).__name__}: {_one_line(e)}"
+        print(f"error: {msg}{'' if isinstance(e, known) else ' (run with --debug for the traceback)'}",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

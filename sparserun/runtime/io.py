@@ -1,0 +1,247 @@
+"""save(model, out_dir) and load(dir) for models holding SparseLinear layers.
+
+save writes a packed checkpoint directory (sparserun/checkpoint.py, docs/format.md): SparseLinear layers as
+their packed tensors plus a manifest record, every other state_dict entry as a plain tensor. A tensor that
+appears under two names (tied embeddings, a module reachable by two paths) is stored once and the second name
+recorded as an alias, because safetensors refuses shared storage and the tie must survive the round trip.
+
+load builds the model from config.json with its parameters on the meta device, swaps the recorded layers for
+SparseLinear skeletons, and assigns the tensors read from the shards straight to the target device and dtype:
+no dense copy of a sparse layer is ever made, and no random initialisation of the dense model runs.
+Buffers that are not in a state_dict (non-persistent: rotary `inv_freq`, BERT `position_ids`) cannot come from
+the checkpoint; building with only *parameters* on meta (buffers are computed normally, on the CPU, by the
+model's own __init__) keeps their values right for any architecture without knowing how each one is computed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .. import checkpoint as ckpt
+from ..checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, DEFAULT_SHARD_BYTES
+from .linear import SparseLinear, _buffer_shapes
+
+
+# ---- save -----------------------------------------------------------------------------------------------
+
+def _storage_key(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype)
+
+
+def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None) -> Path:
+    """Write `model` as a packed checkpoint directory at `out_dir`; return its path.
+
+    source_dir: the model's original directory: its config.json, generation config and tokenizer files are
+                copied unchanged (it is only read). Without it, model.config is written as config.json.
+    overwrite:  replace an existing non-empty out_dir (otherwise that is an error).
+    """
+    from tqdm.auto import tqdm
+
+    config = getattr(model, "config", None)
+    if source_dir is None and config is None:
+        raise CheckpointError("cannot save: the model has no .config and no source_dir was given "
+                              "(a checkpoint needs a config.json to be loadable)")
+    if config is not None and hasattr(config, "to_json_file"):
+        config = copy.deepcopy(config)
+        if not getattr(config, "architectures", None):
+            config.architectures = [type(model).__name__]
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and hasattr(model, "can_generate") and not model.can_generate():
+        gen = None
+    sparse = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    owner: dict[str, str] = {}  # state_dict key -> sparse layer name (its packed roles and bias)
+    for name, m in sparse.items():
+        roles = _buffer_shapes(m.format, m.out_features, m.in_features, m.block, m.values.shape[0])
+        for role in list(roles) + ["bias"]:
+            owner[f"{name}.{role}"] = name
+
+    extra = {"architecture": type(model).__name__}
+    if getattr(config, "model_type", None):
+        extra["model_type"] = config.model_type
+    source = str(source_dir) if source_dir is not None else (getattr(config, "_name_or_path", None) or None)
+    sd = model.state_dict()
+    seen: dict = {}
+    written_layers: set[str] = set()
+    with CheckpointWriter(out_dir, source_dir=source_dir, config=config, generation_config=gen,
+                          overwrite=overwrite, max_shard_bytes=max_shard_bytes, source=source, extra=extra) as w:
+        for key, t in tqdm(sd.items(), desc="save", unit="tensor", leave=False,
+                           disable=None if progress is None else not progress):
+            layer = owner.get(key)
+            if layer in written_layers:
+                continue  # written with its layer
+            if t.numel():  # empty tensors share data_ptr 0 without sharing anything
+                skey = _storage_key(t)
+                if skey in seen:
+                    w.add_alias(key, seen[skey])
+                    continue
+                seen[skey] = key
+            if layer is None:
+                w.add_tensor(key, t)
+            elif layer not in written_layers:
+                m = sparse[layer]
+                w.add_layer(layer, m.packed(), bias=m.bias, validate=True)
+                written_layers.add(layer)
+                for role, tname in w.layers[-1]["tensors"].items():
+                    # later names of these tensors (the same module under another path) become aliases
+                    seen.setdefault(_storage_key(getattr(m, role)), tname)
+                if m.bias is not None and m.bias.numel():
+                    seen.setdefault(_storage_key(m.bias.detach()), f"{layer}.bias")
+    return Path(out_dir)
+
+
+# ---- load -----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Build modules with every *parameter* on the meta device and every buffer real (on the CPU).
+
+    Parameters are replaced by the checkpoint's tensors, so allocating or initialising them would be wasted
+    (and for a large model would not fit); buffers are small and some are not in any checkpoint
+    (non-persistent ones), so the model's own __init__ must compute them. Same idea as accelerate's
+    init_empty_weights(include_buffers=False), without the dependency.
+    """
+    orig = nn.Module.register_parameter
+
+    def register_parameter(module, name, param):
+        orig(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            kwargs = dict(p.__dict__)
+            kwargs["requires_grad"] = p.requires_grad
+            module._parameters[name] = type(p)(p.to("meta"), **kwargs)
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig
+
+
+def _model_class(config, manifest: dict):
+    import transformers
+
+    names = [manifest.get("architecture")] + list(getattr(config, "architectures", None) or [])
+    for name in names:
+        cls = getattr(transformers, name, None) if name else None
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls
+    return None
+
+
+def _build(config, manifest: dict, model_class=None) -> nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = model_class or _model_class(config, manifest)
+    with params_on_meta():
+        if cls is not None:
+            return cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+        # no usable `architectures`: a causal LM if transformers knows one for this config, else the base model
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            return AutoModel.from_config(config)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    prefix, _, attr = name.rpartition(".")
+    mod = model.get_submodule(prefix) if prefix else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(
+            value, requires_grad=value.is_floating_point())
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        raise CheckpointError(f"alias {name} is neither a parameter nor a buffer of the model")
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    prefix, _, attr = name.rpartition(".")
+    mod = model.get_submodule(prefix) if prefix else model
+    if attr in mod._parameters:
+        return mod._parameters[attr]
+    return mod._buffers[attr]
+
+
+def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = True, model_class=None,
+         progress: bool | None = None) -> nn.Module:
+    """Load a packed checkpoint directory as a model (eval mode) on `device`.
+
+    dtype:       cast floating tensors (weights, biases, norms) to it; index/metadata tensors keep theirs.
+    verify:      check shard sha256 against the manifest first (reads every shard once).
+    model_class: override the class named in the manifest / config.json `architectures`.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig
+
+    if isinstance(dtype, str):
+        dtype = ckpt.dtype_from_name(dtype)
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    reader = CheckpointReader(path, verify=verify)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers raises ValueError/OSError/KeyError for unknown or bad configs
+        raise CheckpointError(f"{Path(path) / ckpt.CONFIG}: cannot build a transformers config: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    model = _build(config, reader.manifest, model_class)
+
+    # Swap recorded layers for SparseLinear skeletons (meta), in every place that holds the old module.
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for _, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent.named_children():
+            holders.setdefault(id(child), []).append((parent, attr))
+    for rec in reader.layers:
+        name, (n, k) = rec["name"], rec["shape"]
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"layer {name} recorded in {ckpt.MANIFEST} does not exist in "
+                                  f"{type(model).__name__}") from None
+        if not isinstance(old, (nn.Linear, SparseLinear)) or (old.out_features, old.in_features) != (n, k):
+            raise CheckpointError(f"layer {name}: the model has {old!r} there, the checkpoint records a "
+                                  f"{n}x{k} linear layer")
+        new = SparseLinear(k, n, rec["format"], bias=rec.get("bias") is not None, pattern=rec["pattern"],
+                           block=rec.get("block"), nnz=rec.get("nnz"), device="meta",
+                           dtype=dtype or ckpt.dtype_from_name(rec["dtype"]))
+        for parent, attr in holders.get(id(old), []):
+            setattr(parent, attr, new)
+
+    sd = {}
+    for name in tqdm(reader.tensor_map, desc="load", unit="tensor", leave=False,
+                     disable=None if progress is None else not progress):
+        sd[name] = reader.get_tensor(name, device=device, dtype=dtype)
+    reader.close()
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    del sd
+    for alias, target in reader.aliases.items():
+        _set_tensor(model, alias, _get_tensor(model, target))
+    missing = [k for k in result.missing_keys if k not in reader.aliases]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs: "
+                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if result.unexpected_keys:
+        u = result.unexpected_keys
+        raise CheckpointError(f"checkpoint {path} has {len(u)} tensor(s) {type(model).__name__} does not: "
+                              f"{', '.join(u[:5])}{' ...' if len(u) > 5 else ''}")
+
+    # Non-persistent buffers were computed on the CPU by __init__; move them (never cast: e.g. rotary
+    # inv_freq is kept in float32 on purpose) to the target device.
+    for mod in model.modules():
+        for bname, b in list(mod._buffers.items()):
+            if b is not None and b.device != device and b.device.type != "meta":
+                mod._buffers[bname] = b.to(device)
+    on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise CheckpointError(f"after loading, {len(on_meta)} tensor(s) have no data: "
+                              f"{', '.join(on_meta[:5])}{' ...' if len(on_meta) > 5 else ''}")
+    if dtype is not None and hasattr(model, "config"):
+        model.config.dtype = dtype
+    model.eval()
+    return model

@@ -1,0 +1,163 @@
+"""sparsify_: swap a model's nn.Linear layers for SparseLinear, in place.
+
+The mask of each layer is explicit, never `weight != 0` (a kept weight may be 0.0):
+
+* `masks={name: bool tensor}` given (e.g. from `sparserun.prune`): exactly those layers are packed with
+  those masks; a mask that does not fit the pattern raises PatternViolation naming the layer/row/column.
+* no `masks`: sparsify_ picks a magnitude mask itself (this prunes the model; use sparserun.prune for
+  better methods):
+      N:M (e.g. 2:4)   keep the N largest |w| of every M consecutive weights along the input dim
+      BxB blocks       keep the (1 - sparsity) fraction of B x B blocks with the largest L2 norm (per layer)
+      unstructured     keep the (1 - sparsity) fraction of weights with the largest |w| (per layer)
+  Blocks and unstructured need `sparsity=`; N:M implies it.
+
+Layers whose shape the format cannot hold (formats.UnsupportedShape, e.g. not divisible by the block size)
+stay dense and the report says why; so do layers whose weight is tied to another module (packing would
+untie them). By default `lm_head` and anything named like an embedding is skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .. import formats
+from ..formats.common import check_weight
+from ..patterns import Pattern, parse
+from .linear import SparseLinear
+
+
+@dataclass
+class LayerAction:
+    """What sparsify_ did with one nn.Linear."""
+
+    name: str
+    action: str  # "sparsified" | "dense" (chosen but kept dense, see reason) | "skipped" (not chosen)
+    reason: str = ""
+    shape: tuple = ()
+    format: str | None = None
+
+
+class SparsifyReport(list):
+    """A list of LayerAction, in module order, with a few conveniences."""
+
+    @property
+    def sparsified(self) -> list[LayerAction]:
+        return [a for a in self if a.action == "sparsified"]
+
+    @property
+    def dense(self) -> list[LayerAction]:
+        return [a for a in self if a.action == "dense"]
+
+    def summary(self) -> str:
+        s = f"{len(self.sparsified)} layers sparsified, {len(self.dense)} kept dense"
+        skipped = len(self) - len(self.sparsified) - len(self.dense)
+        return s + (f", {skipped} skipped by the filter" if skipped else "")
+
+
+def default_filter(module: nn.Module, name: str) -> bool:
+    """Skip the LM head and embeddings: they are usually tied and very sensitive to pruning."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf != "lm_head" and "embed" not in name.lower()
+
+
+def magnitude_mask(weight: torch.Tensor, pattern: "str | Pattern", sparsity: float | None = None,
+                   name: str = "weight") -> torch.Tensor:
+    """A bool mask of `weight`'s shape that fits `pattern`, chosen by magnitude (see module docstring)."""
+    pat = parse(pattern)
+    w = weight.detach().abs().float()
+    n, k = w.shape
+    if pat.kind == "nm":
+        if sparsity is not None and abs(sparsity - pat.fixed_sparsity) > 1e-6:
+            raise ValueError(f"pattern {pat} implies sparsity {pat.fixed_sparsity:g}, got sparsity={sparsity}")
+        m = pat.m
+        kp = (k + m - 1) // m * m
+        scores = torch.full((n, kp), -float("inf"), device=w.device)
+        scores[:, :k] = w
+        idx = scores.view(n, kp // m, m).topk(pat.n, dim=-1).indices
+        mask = torch.zeros(n, kp // m, m, dtype=torch.bool, device=w.device)
+        mask.scatter_(-1, idx, True)
+        return mask.view(n, kp)[:, :k].contiguous()
+    if sparsity is None:
+        raise ValueError(f"pattern {pat} needs a target sparsity (sparsity=0.5 keeps half)")
+    if not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    if pat.kind == "block":
+        b = pat.block
+        if n % b or k % b:
+            raise formats.UnsupportedShape(f"{name}: shape {n}x{k} is not divisible by the {b}x{b} block size")
+        norms = w.view(n // b, b, k // b, b).pow(2).sum(dim=(1, 3)).flatten()
+        keep = round((1.0 - sparsity) * norms.numel())
+        blocks = torch.zeros_like(norms, dtype=torch.bool)
+        blocks[norms.topk(keep).indices] = True
+        return blocks.view(n // b, k // b).repeat_interleave(b, 0).repeat_interleave(b, 1)
+    keep = round((1.0 - sparsity) * w.numel())
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    mask[w.flatten().topk(keep).indices] = True
+    return mask.view(n, k)
+
+
+def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None,
+              masks: "dict[str, torch.Tensor] | None" = None, sparsity: float | None = None,
+              progress: bool | None = None) -> SparsifyReport:
+    """Replace the chosen nn.Linear layers of `model` by SparseLinear, in place; return a SparsifyReport.
+
+    pattern:   "2:4", "4:8", "32x32", "unstructured", ... (sparserun.patterns)
+    filter_fn: (module, name) -> bool choosing layers; default skips lm_head and embeddings. With `masks`,
+               only layers named in `masks` are considered (and the filter still applies).
+    masks:     {layer name: bool mask [out, in]}; without it a magnitude mask is computed (module docstring).
+    sparsity:  target for blocks / unstructured when no masks are given.
+    """
+    from tqdm.auto import tqdm
+
+    pat = parse(pattern)
+    filter_fn = filter_fn or default_filter
+    # Every (parent, attribute) holding each module, so a module reachable by two paths is swapped in both.
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for pname, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent.named_children():
+            holders.setdefault(id(child), []).append((parent, attr))
+    param_names: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), []).append(pname)
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    if masks is not None:
+        unknown = sorted(set(masks) - {n for n, _ in linears})
+        if unknown:
+            raise ValueError(f"masks given for layers that are not nn.Linear modules of the model: "
+                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+
+    report = SparsifyReport()
+    # progress=None: a bar only on a terminal (tqdm's disable=None)
+    bar = tqdm(linears, desc=f"sparsify {pat}", unit="layer", leave=False,
+               disable=None if progress is None else not progress)
+    for name, lin in bar:
+        shape = tuple(lin.weight.shape)
+        if not filter_fn(lin, name):
+            report.append(LayerAction(name, "skipped", "filter_fn excluded it", shape))
+            continue
+        if masks is not None and name not in masks:
+            report.append(LayerAction(name, "skipped", "no mask given for it", shape))
+            continue
+        tied = [p for p in param_names.get(id(lin.weight), []) if p != f"{name}.weight"]
+        if tied:
+            report.append(LayerAction(name, "dense", f"weight is tied to {tied[0]}; packing would untie it",
+                                      shape))
+            continue
+        try:
+            check_weight(lin.weight.detach(), name)
+            if masks is not None:
+                mask = masks[name].to(lin.weight.device)
+            else:
+                mask = magnitude_mask(lin.weight, pat, sparsity, name)
+            new = SparseLinear.from_linear(lin, mask, pat, name=name)
+        except formats.UnsupportedShape as e:
+            report.append(LayerAction(name, "dense", str(e), shape))
+            continue
+        new.train(lin.training)
+        for parent, attr in holders.get(id(lin), []):
+            setattr(parent, attr, new)
+        report.append(LayerAction(name, "sparsified", "", shape, new.format))
+    return report
