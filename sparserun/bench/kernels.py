@@ -1,0 +1,272 @@
+"""Kernel benchmark: sparserun's Triton kernels against dense cuBLAS and torch's own 2:4, side by side.
+
+Per (dtype, shape, M): dense `F.linear` (cuBLAS), torch 2:4 (`to_sparse_semi_structured`, cuSPARSELt;
+CUTLASS is recorded where it fails), sparserun 2:4, sparserun BSR (32x32 and 64x64 at densities 0.5, 0.3,
+0.1). Two timings:
+  ms        triton do_bench median, L2 flushed before every call, operands rotated over > 512 MiB;
+  graph_ms  (decode, M <= 16) the same calls captured in one CUDA graph and replayed: launch overhead gone,
+            as in a served model that uses CUDA graphs.
+Ratios are taken within one method. `gbs` counts the bytes the op must move (packed weight + x + y).
+
+Run: python benchmarks/bench_kernels.py [--quick] [--dtypes bf16,fp16] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from .baselines import DTYPES, torch_24_backends
+from .shapes import ALL_SHAPES, M_VALUES
+from .timing import bench, copy_bandwidth_gbs, environment, markdown_table, n_copies, results_stem, write_json
+
+BLOCK_VARIANTS = [(32, 0.5), (32, 0.3), (32, 0.1), (64, 0.5), (64, 0.3), (64, 0.1)]
+GRAPH_MAX_M = 16
+
+
+def bench_graph(fn, copies: int, calls: int = 64, replays: int = 7) -> float:
+    """Median ms per call of `calls` calls captured in one CUDA graph (warm-up and tuning run first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(copies):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for j in range(calls):
+            fn(j % copies)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del g
+    return statistics.median(times)
+
+
+def random_mask_24(n: int, k: int) -> torch.Tensor:
+    score = torch.rand(n, k // 4, 4, device="cuda")
+    keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.argsort(-1)[..., :2], True)
+    return keep.view(n, k)
+
+
+def random_block_mask(n: int, k: int, b: int, density: float) -> torch.Tensor:
+    """Exactly round(density * blocks) blocks kept, placed uniformly at random (rows come out uneven)."""
+    rb, cb = n // b, k // b
+    keep = torch.zeros(rb * cb, dtype=torch.bool, device="cuda")
+    keep[torch.randperm(rb * cb, device="cuda")[: round(density * rb * cb)]] = True
+    return keep.view(rb, cb).repeat_interleave(b, 0).repeat_interleave(b, 1)
+
+
+def _layers(kind, n, k, dtype, copies):
+    """`copies` SparseLinear layers of one kind (independent random weights), and their packed bytes."""
+    from ..runtime.linear import SparseLinear
+
+    out = []
+    for _ in range(copies):
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=dtype)
+        torch.nn.init.normal_(lin.weight)
+        if kind == "semi24":
+            mask, pat = random_mask_24(n, k), "2:4"
+        else:
+            b, d = kind
+            mask, pat = random_block_mask(n, k, b, d), f"{b}x{b}"
+        out.append(SparseLinear.from_linear(lin, mask, pat))
+    return out, out[0].packed().nbytes()
+
+
+def run(shapes=ALL_SHAPES, m_values=M_VALUES, dtypes=("bf16", "fp16"), block_variants=BLOCK_VARIANTS,
+        rep_ms=40, fp16_m_values=None) -> dict:
+    from ..kernels import _tuning
+    from .. import ops
+
+    env = environment()
+    env["copy_gbs"] = copy_bandwidth_gbs()
+    print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  copy {env['copy_gbs']:.0f} GB/s",
+          flush=True)
+    rows, failures = [], {}
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        esize = torch.finfo(dtype).bits // 8
+        ms_list = m_values if dname == "bf16" or fp16_m_values is None else fp16_m_values
+        for sname, n, k in shapes:
+            dense_bytes = n * k * esize
+            nc = n_copies(dense_bytes)
+            dense_w = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(nc)]
+            # candidates: name -> (weight bytes, per-copy callable factory, density)
+            cands = {}
+            try:
+                layers24, nb24 = _layers("semi24", n, k, dtype, n_copies(int(dense_bytes * 0.5625)))
+                cands["sparserun_2:4"] = (layers24, nb24, 0.5)
+            except Exception as e:
+                failures[f"sparserun_2:4/{dname}/{sname}/pack"] = repr(e)[:300]
+            for b, d in block_variants:
+                try:
+                    lays, nb = _layers((b, d), n, k, dtype, n_copies(int(dense_bytes * d)))
+                    cands[f"sparserun_{b}x{b}_d{d}"] = (lays, nb, d)
+                except Exception as e:
+                    failures[f"bsr{b}/d{d}/{dname}/{sname}/pack"] = repr(e)[:300]
+            torch24 = {}
+            for bname, conv in torch_24_backends():
+                try:
+                    torch24[bname] = [conv(lay.dense_weight()) for lay in layers24]
+                except Exception as e:
+                    failures[f"{bname}/{dname}/{sname}"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            for m in ms_list:
+                io_bytes = (m * k + m * n) * esize
+                ncx = max(nc, max(len(v[0]) for v in cands.values()) if cands else 1)
+                xs = [torch.randn(m, k, device="cuda", dtype=dtype) for _ in range(min(ncx, 8))]
+                nx = len(xs)
+                fns = {"dense_cublas": (lambda i: F.linear(xs[i % nx], dense_w[i]), nc, dense_bytes, 1.0)}
+                for bname, sws in torch24.items():
+                    fns[bname] = ((lambda sws: lambda i: F.linear(xs[i % nx], sws[i]))(sws), len(sws),
+                                  int(dense_bytes * 0.5625), 0.5)
+                for cname, (lays, nb, d) in cands.items():
+                    fns[cname] = ((lambda lays: lambda i: ops.sparse_linear_triton(lays[i], xs[i % nx]))(lays),
+                                  len(lays), nb, d)
+                res = {}
+                for name, (fn, copies, wbytes, d) in fns.items():
+                    key = f"{name}/{dname}/{sname}/M={m}"
+                    try:
+                        if name != "dense_cublas":  # correctness before speed
+                            lay_w = (cands[name][0][0].dense_weight() if name in cands
+                                     else torch24[name][0].to_dense())
+                            ref = F.linear(xs[0].float(), lay_w.float())
+                            got = fn(0).float()
+                            rel = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                            if not rel < 2e-2:
+                                raise RuntimeError(f"wrong result: relative error {rel:.3g}")
+                        ms = bench(fn, copies, rep_ms=rep_ms)
+                        gms = None
+                        if m <= GRAPH_MAX_M:
+                            try:
+                                gms = bench_graph(fn, copies)
+                            except Exception as e:
+                                failures[key + "/graph"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                        res[name] = (ms, gms, wbytes, d)
+                    except Exception as e:
+                        failures[key] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                        torch.cuda.synchronize()
+                dense_ms, dense_g = res.get("dense_cublas", (None, None, 0, 1))[:2]
+                t24 = res.get("torch_cusparselt", (None, None))
+                for name, (ms, gms, wbytes, d) in res.items():
+                    gbs = (wbytes + io_bytes) / (ms * 1e-3) / 1e9
+                    row = dict(dtype=dname, shape=sname, N=n, K=k, M=m, backend=name, density=d, ms=ms,
+                               speedup_vs_dense=dense_ms / ms if dense_ms else None,
+                               speedup_vs_torch24=(t24[0] / ms) if t24[0] else None,
+                               gbs=gbs, frac_copy_bw=gbs / env["copy_gbs"], weight_bytes=wbytes,
+                               graph_ms=gms,
+                               graph_speedup_vs_dense=(dense_g / gms) if (gms and dense_g) else None,
+                               graph_frac_copy_bw=((wbytes + io_bytes) / (gms * 1e-3) / 1e9 / env["copy_gbs"])
+                               if gms else None)
+                    rows.append(row)
+                line = "  ".join(f"{nm.replace('sparserun_', '')}={v[0]*1e3:.1f}"
+                                 + (f"/{v[1]*1e3:.1f}g" if v[1] else "") for nm, v in res.items())
+                print(f"{dname} {sname:24s} M={m:5d} us: {line}", flush=True)
+                del xs
+            del dense_w, cands, torch24
+            torch.cuda.empty_cache()
+    tuned = {repr(k_): v for k_, v in _tuning.tuned().items()}
+    return {"env": env, "rows": rows, "failures": failures, "tuned_configs": tuned}
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["dtype"] == "bf16"] or result["rows"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(2, len(shapes), figsize=(4.2 * len(shapes), 7.4), squeeze=False)
+    for ax, s in zip(axes[0], shapes):
+        for b in dict.fromkeys(r["backend"] for r in rows if r["backend"] != "dense_cublas"):
+            pts = sorted((r["M"], r["speedup_vs_dense"]) for r in rows
+                         if r["shape"] == s and r["backend"] == b and r["speedup_vs_dense"])
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=b.replace("sparserun_", ""))
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_title(s, fontsize=9)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("speedup vs cuBLAS (do_bench)")
+    axes[0][0].legend(fontsize=6)
+    for ax, s in zip(axes[1], shapes):
+        for bsz in (32, 64):
+            pts = sorted((r["density"], r["graph_speedup_vs_dense"] or r["speedup_vs_dense"]) for r in rows
+                         if r["shape"] == s and r["M"] == 1 and r["backend"].startswith(f"sparserun_{bsz}x"))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{bsz}x{bsz}, M=1")
+        pts = [(r["density"], r["graph_speedup_vs_dense"] or r["speedup_vs_dense"]) for r in rows
+               if r["shape"] == s and r["M"] == 1 and r["backend"] == "sparserun_2:4"]
+        if pts:
+            ax.plot(*zip(*pts), marker="s", ls="", label="2:4, M=1")
+        dd = [0.1, 0.3, 0.5]
+        ax.plot(dd, [1 / d for d in dd], "g--", lw=0.8, label="1/density")
+        ax.set_xlabel("density")
+        ax.set_ylabel("speedup vs cuBLAS, M=1 (graph)")
+        ax.set_title(s, fontsize=9)
+    axes[1][0].legend(fontsize=6)
+    env = result["env"]
+    fig.suptitle(f"sparserun kernels, bf16 - {env['gpu']}, torch {env['torch']}, triton {env['triton']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write(result: dict, out_dir="benchmarks/results", kind="kernels") -> None:
+    stem = results_stem(kind, result["env"], out_dir)
+    write_json(stem.with_suffix(".json"), result)
+    env = result["env"]
+    md = [f"# Kernel benchmark on {env['gpu']}", "",
+          f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env.get('sm_count')} SMs, "
+          f"L2 {env.get('l2_mb')} MB, measured {env['date']}. Copy bandwidth (read + write): "
+          f"**{env['copy_gbs']:.0f} GB/s**.", "",
+          "`ms`: do_bench median, L2 flushed per call, operands rotated over > 512 MiB. `graph_ms` (M <= 16): "
+          "64 calls in one CUDA graph, per call. Speedups are within one method. `frac_copy_bw`: bytes the op "
+          "must move over time, as a fraction of the copy bandwidth.", "",
+          markdown_table(result["rows"], ["dtype", "shape", "M", "backend", "ms", "speedup_vs_dense",
+                                          "speedup_vs_torch24", "frac_copy_bw", "graph_ms",
+                                          "graph_speedup_vs_dense", "graph_frac_copy_bw"])]
+    if result["failures"]:
+        md += ["", "## Failures (recorded, not crashed)", ""]
+        md += [f"- `{k}`: {v}" for k, v in sorted(result["failures"].items())]
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    try:
+        plot(result, stem.with_suffix(".png"))
+    except Exception:
+        traceback.print_exc()
+    print(f"wrote {stem}.json/.md/.png")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="two shapes, M in 1, 16, 2048")
+    ap.add_argument("--dtypes", default="bf16,fp16")
+    ap.add_argument("--shapes", default=None, help="comma-separated indices into the shape list")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--kind", default="kernels", help="results file suffix")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the kernel benchmark needs a CUDA GPU (CPU correctness lives in the tests)", file=sys.stderr)
+        return 2
+    dtypes = tuple(a.dtypes.split(","))
+    shapes = ALL_SHAPES if a.shapes is None else [ALL_SHAPES[int(i)] for i in a.shapes.split(",")]
+    if a.quick:
+        res = run(shapes=shapes[:2], m_values=[1, 16, 2048], dtypes=dtypes, rep_ms=20)
+    else:
+        res = run(shapes=shapes, dtypes=dtypes, fp16_m_values=[1, 4, 16, 64, 512, 2048, 8192])
+    write(res, a.out, a.kind)
+    return 0
