@@ -45,31 +45,37 @@ def _segments(rows: int, max_row: int, m_tiles: int, sms: int, unroll: int, deco
     return seg
 
 
-def candidate_configs(m: int, b: int, rows: int, max_row: int, sms: int) -> list[dict]:
-    decode = m <= DECODE_MAX_M
+FMA_MAX_M = 4  # up to here CUDA-core FMAs are candidates; tensor cores would pad M to 16
+
+
+def candidate_configs(m: int, b: int) -> list[dict]:
+    """Tuned choices; SEG (blocks per program) is derived at launch from the layer's row counts."""
     out = []
-    if decode:
+    if m <= FMA_MAX_M:
+        for u in sorted({max(1, 64 // b), max(1, 128 // b)}):
+            out.append(dict(BLOCK_M=triton.next_power_of_2(m), UNROLL=u, USE_DOT=False,
+                            num_warps=8 if b * b * u >= 8192 else 4, num_stages=3))
+    if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
         for u in sorted({max(1, 64 // b), max(1, 128 // b)}):
             for warps in (4, 8) if b >= 64 else (4,):
-                seg = _segments(rows, max_row, 1, sms, u, True)
-                out.append(dict(BLOCK_M=bm, UNROLL=u, SEG=seg, num_warps=warps, num_stages=3))
+                out.append(dict(BLOCK_M=bm, UNROLL=u, USE_DOT=True, num_warps=warps, num_stages=3))
     else:
         for bm, warps in ((64, 4), (128, 8)):
-            u = max(1, 64 // b)
-            out.append(dict(BLOCK_M=bm, UNROLL=u, SEG=_segments(rows, max_row, 1, sms, u, False),
-                            num_warps=warps, num_stages=3))
+            out.append(dict(BLOCK_M=bm, UNROLL=max(1, 64 // b), USE_DOT=True, num_warps=warps, num_stages=3))
     return out
 
 
-def default_config(m: int, b: int, rows: int, max_row: int, sms: int) -> dict:
-    return candidate_configs(m, b, rows, max_row, sms)[0]
+def default_config(m: int, b: int) -> dict:
+    return candidate_configs(m, b)[0]
 
 
-def interpreter_config(m: int, b: int, rows: int, max_row: int) -> dict:
-    """Small tiles, and always several segments when a row has more than one block, so the CPU tests
+def interpreter_config(m: int, b: int) -> dict:
+    """Small tiles, FMA for a few rows and dot above, and at most 2 blocks per program, so the CPU tests
     exercise the split path and the reduce kernel."""
-    return dict(BLOCK_M=16 if m <= 16 else 32, UNROLL=2 if b <= 32 else 1, SEG=2 if b <= 32 else 1)
+    fma = m <= FMA_MAX_M
+    return dict(BLOCK_M=triton.next_power_of_2(m) if fma else (16 if m <= 16 else 32),
+                UNROLL=2 if b <= 32 else 1, USE_DOT=not fma, SEG=2 if b <= 32 else 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,7 +93,7 @@ def _bsr_matmul_kernel(
     stride_xm, stride_xk, stride_om, stride_on,
     # meta-parameters
     B: tl.constexpr, UNROLL: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """x [M, K]; crow [N/B+1], col [nnz] int32; values [nnz, B, B]; out [M, N]; part [N/B, S, M, B] fp32.
     grid = (N/B * S, cdiv(M, BLOCK_M))."""
@@ -111,7 +117,10 @@ def _bsr_matmul_kernel(
 
     # ------------------------------------------------------------------------------------------------
     # stream this segment's blocks, UNROLL at a time
-    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, B, UNROLL * B), dtype=tl.float32)
     for i in range(begin, end, UNROLL):
         blk = i + u_of  # [UNROLL*B] block index of each reduction column
         valid = blk < end
@@ -121,7 +130,13 @@ def _bsr_matmul_kernel(
         # w[r, u*B + c] = values[i + u, r, c]: the U blocks laid side by side, rows = output features
         w = tl.load(vals_ptr + blk.to(tl.int64)[None, :] * (B * B) + offs_b[:, None] * B + c_in[None, :],
                     mask=valid[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        if USE_DOT:
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        else:
+            # a handful of tokens: CUDA-core FMAs beat padding M to the 16 rows a tensor-core op needs
+            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
 
     # ------------------------------------------------------------------------------------------------
     # epilogue
@@ -194,7 +209,9 @@ def bsr_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
     def launch(cfg: dict) -> None:
         cfg = dict(cfg)
         launch_kw = {kk: cfg.pop(kk) for kk in ("num_warps", "num_stages") if kk in cfg}
-        seg = cfg.pop("SEG")  # a runtime argument: a new sparsity level must not mean a new compile
+        # SEG is a runtime argument derived from this layer's rows: a new mask must not mean a new compile
+        seg = cfg.pop("SEG", None) or _segments(rows, max_row_blocks, triton.cdiv(m, cfg["BLOCK_M"]),
+                                                num_sms(x), cfg["UNROLL"], m <= DECODE_MAX_M)
         s = max(1, triton.cdiv(max_row_blocks, seg))
         direct = s == 1
         part = out if direct else workspace((rows, s, m, b), x.device)
@@ -211,13 +228,13 @@ def bsr_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
 
     if config is None:
         if interpreting():
-            config = interpreter_config(m, b, rows, max_row_blocks)
+            config = interpreter_config(m, b)
         else:
-            sms = num_sms(x)
             mb = m_bucket(m)
-            key = ("bsr", n, k, b, max_row_blocks, col.numel(), mb, x.dtype, has_bias, str(x.device))
-            config = pick(key, candidate_configs(mb, b, rows, max_row_blocks, sms), launch,
-                          default_config(mb, b, rows, max_row_blocks, sms))
+            # density to one decimal: layers of one model share tuning across their (different) masks
+            dens = round(col.numel() / max(1, rows * (k // b)), 1)
+            key = ("bsr", n, k, b, dens, mb, x.dtype, has_bias, str(x.device))
+            config = pick(key, candidate_configs(mb, b), launch, default_config(mb, b))
     launch(config)
     return out.reshape(*x.shape[:-1], n)
 

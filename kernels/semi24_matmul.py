@@ -40,18 +40,28 @@ def _split_for(tiles: int, k_steps: int, sms: int) -> int:
     return split
 
 
+FMA_MAX_M = 4  # up to here CUDA-core FMAs are candidates; tensor cores would pad M to 16
+
+
 def candidate_configs(m: int, n: int, k: int, sms: int) -> list[dict]:
     out = []
+    if m <= FMA_MAX_M:
+        bm = triton.next_power_of_2(m)
+        for bn, bk in ((32, 256), (64, 256), (64, 512)):
+            split = _split_for(triton.cdiv(n, bn), triton.cdiv(k, bk), sms)
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=False, num_warps=4,
+                            num_stages=3))
     if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
         # few candidates: each is a separate compile, and decode shapes are all alike (stream the weight)
         for bn, bk in ((32, 256), (64, 256), (64, 128), (128, 128)):
             split = _split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), sms)
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=3))
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=True, num_warps=4,
+                            num_stages=3))
     else:
-        for bm, bn, bk, warps, stages in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                          (128, 128, 128, 8, 3), (128, 256, 64, 8, 3)):
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=warps,
+        for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 3), (128, 128, 256, 8, 3), (128, 64, 256, 4, 3),
+                                          (64, 128, 256, 4, 3), (128, 256, 128, 8, 3)):
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, USE_DOT=True, num_warps=warps,
                             num_stages=stages))
     return out
 
@@ -59,18 +69,20 @@ def candidate_configs(m: int, n: int, k: int, sms: int) -> list[dict]:
 def default_config(m: int, n: int, k: int, sms: int) -> dict:
     """Used when tuning cannot run (CUDA-graph capture) and nothing is cached yet."""
     if m <= DECODE_MAX_M:
-        bm = max(16, triton.next_power_of_2(m))
-        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3,
+        fma = m <= FMA_MAX_M
+        bm = triton.next_power_of_2(m) if fma else max(16, triton.next_power_of_2(m))
+        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=256, USE_DOT=not fma, num_warps=4, num_stages=3,
                     SPLIT_K=_split_for(triton.cdiv(m, bm) * triton.cdiv(n, 64), triton.cdiv(k, 256), sms))
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, USE_DOT=True, num_warps=8, num_stages=3)
 
 
 def interpreter_config(m: int, n: int, k: int) -> dict:
     """One modest config for the CPU interpreter; split K when there is K to split, so the split path and
-    the reduce kernel are exercised by the CPU tests too."""
-    bk = 32 if k <= 64 else 64
-    return dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=16 if n <= 16 else 32, BLOCK_K=bk,
-                SPLIT_K=2 if k > bk else 1)
+    the reduce kernel are exercised by the CPU tests too; FMA for a few rows, tensor-core dot above."""
+    bk = 64 if k <= 128 else 128
+    fma = m <= FMA_MAX_M
+    return dict(BLOCK_M=triton.next_power_of_2(m) if fma else (16 if m <= 16 else 32),
+                BLOCK_N=16 if n <= 16 else 32, BLOCK_K=bk, SPLIT_K=2 if k > bk else 1, USE_DOT=not fma)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,16 +94,17 @@ def interpreter_config(m: int, n: int, k: int) -> dict:
 def _semi24_matmul_kernel(
     # pointers
     x_ptr, vals_ptr, meta_ptr, bias_ptr, out_ptr, part_ptr,
-    # sizes: K is the true in_features, KP2 = padded K / 2 (values row length), MB = meta row length
-    M, N, K, KP2, MB,
-    # strides
+    # sizes: K is the true in_features, NG = groups of 4 per row (padded K / 4), MB = meta row length
+    M, N, K, NG, MB,
+    # strides (values' row stride counts its own elements: pairs when PAIRED)
     stride_xm, stride_xk, stride_vn, stride_mn, stride_om, stride_on,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, PAIRED: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """x [M, K], values [N, KP2], meta [N, MB] uint8, bias [N], out [M, N]; part [SPLIT_K, M, N] fp32."""
+    """x [M, K], values [N, 2*NG] (or, PAIRED, int32 [N, NG]: both 16-bit values of a group in one word),
+    meta [N, MB] uint8, bias [N], out [M, N]; part [SPLIT_K, M, N] fp32 when SPLIT_K > 1."""
     # ------------------------------------------------------------------------------------------------
     # tile of this program: grouped ordering so programs running together share x rows in L2
     pid = tl.program_id(0)
@@ -118,32 +131,44 @@ def _semi24_matmul_kernel(
     k_end = min(k_begin + per_split, k_steps)
 
     G: tl.constexpr = BLOCK_K // 4  # groups of 4 per step
-    pos = tl.arange(0, 4)[None, None, :]  # in-group position, for the expansion
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_g = tl.arange(0, G)
+    wdt = x_ptr.dtype.element_ty
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, G), dtype=tl.float32)
     for ks in range(k_begin, k_end):
-        k0 = ks * BLOCK_K
+        g = ks * G + offs_g  # group index along the row
+        mask_w = mask_n[:, None] & (g[None, :] < NG)
         # -------------------------------------------------------------------------------------------
-        # dense activations; columns past K read as 0, so padded groups contribute nothing
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        # compressed weight: the two values and the nibble of each group, as [BLOCK_N, G] tiles
+        if PAIRED:
+            pair = tl.load(vals_ptr + offs_n[:, None] * stride_vn + g[None, :], mask=mask_w, other=0)
+            v0 = (pair & 0xFFFF).to(tl.uint16).to(wdt, bitcast=True)
+            v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(wdt, bitcast=True)
+        else:
+            vp = vals_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :]
+            v0 = tl.load(vp, mask=mask_w, other=0.0)
+            v1 = tl.load(vp + 1, mask=mask_w, other=0.0)
+        mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (g // 2)[None, :], mask=mask_w, other=0)
+        nib = (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF
+        i0 = nib & 3
+        i1 = nib >> 2
         # -------------------------------------------------------------------------------------------
-        # compressed weight: BLOCK_K/2 values and BLOCK_K/8 metadata bytes per row
-        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        v = tl.load(vals_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
-                    mask=mask_n[:, None] & (offs_v[None, :] < KP2), other=0.0)
-        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
-                     mask=mask_n[:, None] & (offs_b[None, :] < MB), other=0).to(tl.int32)
-        # -------------------------------------------------------------------------------------------
-        # expand to dense in registers: group 2j is the low nibble of byte j
-        nib = tl.reshape(tl.join(mb & 0xF, mb >> 4), (BLOCK_N, G))
-        i0 = (nib & 3)[:, :, None]
-        i1 = (nib >> 2)[:, :, None]
-        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
-        w = tl.where(pos == i0, v0[:, :, None], tl.where(pos == i1, v1[:, :, None], 0.0))
-        w = tl.reshape(w.to(x.dtype), (BLOCK_N, BLOCK_K))
-        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        # dense weight split by in-group position j: w_j[n, g] = W[n, 4g + j]; x_j[m, g] = x[m, 4g + j].
+        # Four [*, G] tiles instead of one interleaved [*, 4G] tile: no register shuffles to expand.
+        for j in tl.static_range(4):
+            w_j = tl.where(i0 == j, v0, tl.where(i1 == j, v1, 0.0)).to(wdt)
+            kk = 4 * g + j
+            x_j = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+                          mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
+            if USE_DOT:
+                acc += tl.dot(x_j, tl.trans(w_j), input_precision=DOT_PRECISION)
+            else:
+                # a handful of tokens: CUDA-core FMAs beat padding M to the 16 rows a tensor-core op needs
+                acc3 += x_j.to(tl.float32)[:, None, :] * w_j.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
 
     # ------------------------------------------------------------------------------------------------
     # epilogue
@@ -206,6 +231,9 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
         return out.reshape(*x.shape[:-1], n)
     has_bias = bias is not None
     bias_arg = bias if has_bias else values  # never read when HAS_BIAS is False
+    # 16-bit values are read as one 32-bit word per group: full-width vector loads of the weight stream
+    paired = values.element_size() == 2
+    vals_arg = values.view(torch.int32) if paired else values
 
     def launch(cfg: dict) -> None:
         cfg = dict(cfg)
@@ -214,10 +242,11 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
         part = workspace((split, m, n), x.device) if split > 1 else out
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
         _semi24_matmul_kernel[grid](
-            x2, values, meta, bias_arg, out, part,
-            m, n, k, kp2, meta.shape[1],
-            x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1),
-            HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(x.dtype), GROUP_M=8, **cfg, **launch_kw)
+            x2, vals_arg, meta, bias_arg, out, part,
+            m, n, k, kp2 // 2, meta.shape[1],
+            x2.stride(0), x2.stride(1), vals_arg.stride(0), meta.stride(0), out.stride(0), out.stride(1),
+            HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(x.dtype), PAIRED=paired, GROUP_M=8, **cfg,
+            **launch_kw)
         if split > 1:
             block = 1024
             _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# compute-sanitizer on the CUDA 2:4 kernel: memcheck, racecheck, synccheck and initcheck, each over one
+# small launch per tile config and dtype (ragged M, N and K so every tail path runs). Only our kernel is
+# checked (--kernel-regex), so torch's own kernels do not add noise. Exit code != 0 on any finding.
+# Logs go to $OUT (if set) or benchmarks/results/sanitize-*.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOGDIR=${OUT:-benchmarks/results}
+mkdir -p "$LOGDIR"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+PY=${PYTHON:-python3}
+# build outside the sanitizer (nvcc under it would be slow and is not what we check)
+$PY -c "from sparserun.runtime import cuda_ext as c; assert c.load_extension() is not None, c.why_unavailable()" || exit 1
+read -r -d '' DRIVER <<'PYEOF'
+import torch
+from sparserun.formats import semi24
+from sparserun.runtime import cuda_ext
+ext = cuda_ext.load_extension()
+torch.manual_seed(0)
+n, k = 200, 136          # ragged N (not a multiple of any tile) and K (last k-step partial)
+for dtype in (torch.float16, torch.bfloat16):
+    w = torch.randn(n, k, dtype=dtype)
+    keep = torch.rand(n, k // 4, 4).argsort(-1)[..., :2]
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).view(n, k)
+    p = semi24.pack(w, mask)
+    vf, ef = cuda_ext.repack(p.tensors["values"].cuda(), p.tensors["meta"].cuda(), n, k)
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    wd = semi24.unpack(p).double().cuda()
+    for cfg, m in ((0, 5), (1, 37), (2, 150)):
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        y = ext.semi24_gemm(x, vf, ef, bias, n, cfg)
+        torch.cuda.synchronize()
+        err = float((y.double() - (x.double() @ wd.t() + bias.double())).norm() / (x.double() @ wd.t()).norm())
+        print(f"{dtype} config {cfg} M={m}: rel err {err:.2e}", flush=True)
+        assert err < 1e-2
+PYEOF
+status=0
+for tool in memcheck racecheck synccheck initcheck; do
+  echo "== compute-sanitizer --tool $tool"
+  compute-sanitizer --tool "$tool" --error-exitcode 9 --kernel-regex kns=semi24_gemm \
+      $PY -c "$DRIVER" 2>&1 | tee "$LOGDIR/sanitize-$tool.log"
+  rc=${PIPESTATUS[0]}
+  echo "== $tool exit code $rc"
+  [ "$rc" -eq 0 ] || status=1
+done
+exit $status
