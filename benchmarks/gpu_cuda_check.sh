@@ -33,6 +33,12 @@ assert ext is not None, cuda_ext.why_unavailable()
 print("built:", ext.__file__)
 PYEOF
   rc=${PIPESTATUS[0]}; summary+=("build rc=$rc ($(( $(date +%s) - t0 )) s)")
+  so=$(grep -o "built: .*" "$LOGDIR/build.log" | cut -d' ' -f2)
+  # the sparse tensor-core instruction must be in the machine code (HMMA.SP on sm_80/sm_90)
+  if command -v cuobjdump >/dev/null && [ -n "$so" ]; then
+    cuobjdump -sass "$so" | grep -oE "HMMA[A-Z0-9._]*|LDSM[A-Z0-9._]*|LDGSTS[A-Z0-9._]*" | sort | uniq -c \
+      | tee "$LOGDIR/sass.log"
+  fi
   [ "$rc" -eq 0 ] || { printf '%s\n' "${summary[@]}"; exit 1; }
 fi
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # compute-sanitizer on the CUDA 2:4 kernel: memcheck, racecheck, synccheck and initcheck, each over one
 # small launch per tile config and dtype (ragged M, N and K so every tail path runs). Only our kernel is
-# checked (--kernel-regex), so torch's own kernels do not add noise. Exit code != 0 on any finding.
+# checked (--kernel-name), so torch's own kernels do not add noise. Exit code != 0 on any finding.
+# PYTORCH_NO_CUDA_MEMORY_CACHING=1: torch's caching allocator hides allocations from initcheck (seen on an
+# H100, 2026-11-22: every global read of every tensor flagged as uninitialized); plain cudaMalloc per
+# tensor lets it track initialization.
 # Logs go to $OUT (if set) or benchmarks/results/sanitize-*.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,8 +40,8 @@ PYEOF
 status=0
 for tool in memcheck racecheck synccheck initcheck; do
   echo "== compute-sanitizer --tool $tool"
-  compute-sanitizer --tool "$tool" --error-exitcode 9 --kernel-regex kns=semi24_gemm \
-      $PY -c "$DRIVER" 2>&1 | tee "$LOGDIR/sanitize-$tool.log"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      --kernel-name kns=semi24_gemm $PY -c "$DRIVER" 2>&1 | tee "$LOGDIR/sanitize-$tool.log"
   rc=${PIPESTATUS[0]}
   echo "== $tool exit code $rc"
   [ "$rc" -eq 0 ] || status=1
