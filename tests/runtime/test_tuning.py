@@ -1,0 +1,290 @@
+"""The measured dispatcher's logic with fake timings: choice, dense wins ties, disk cache round trip,
+corrupt cache file, concurrent writers, capture/compile fallbacks, forced backends. CPU only."""
+import json
+import multiprocessing as mp
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparserun.formats import semi24
+from sparserun.runtime import dispatch, tuning
+from sparserun.runtime.linear import SparseLinear
+from sparserun.runtime.tuning import Tuner, key_string, m_bucket, pick
+
+
+class FakeTimer:
+    """Times a candidate by name: candidates built by `cands` record their name when run."""
+
+    def __init__(self, times):
+        self.times = dict(times)
+        self.calls = []
+        self.last = None
+
+    def cands(self, names):
+        def make(n):
+            def fn():
+                self.last = n
+            return fn
+        return {n: make(n) for n in names}
+
+    def __call__(self, fn):
+        fn()
+        self.calls.append(self.last)
+        return self.times[self.last]
+
+
+KEY = {"format": "semi24", "N": 4096, "K": 4096, "M_bucket": 16, "dtype": "bfloat16", "gpu": "fake"}
+
+
+def test_m_bucket():
+    assert [m_bucket(m) for m in (0, 1, 2, 3, 4, 5, 1000, 1024, 1025, 8192)] == \
+        [1, 1, 2, 4, 4, 8, 1024, 1024, 2048, 8192]
+
+
+def test_pick_fastest_and_dense_wins_ties():
+    assert pick({"dense": 1.0, "triton": 0.5, "cuda": 0.7}) == "triton"
+    assert pick({"dense": 1.0, "triton": 0.99}) == "dense"        # 1 % faster is a tie
+    assert pick({"dense": 1.0, "triton": 0.98}) == "dense"        # exactly the 2 % margin: still a tie
+    assert pick({"dense": 1.0, "triton": 0.97}) == "triton"
+    assert pick({"dense": 1.0, "triton": 1.0}) == "dense"
+    assert pick({"triton": 2.0, "cuda": 1.0}) == "cuda"           # no dense candidate: fastest
+    assert pick({"dense": 1.0, "cuda": 0.9}, margin=0.2) == "dense"
+
+
+def test_choose_times_once_and_caches(tmp_path):
+    t = FakeTimer({"dense": 1.0, "triton": 0.6, "cuda": 0.4, "cusparselt": 0.5})
+    tuner = Tuner(tmp_path / "c.json", timer=t)
+    assert tuner.choose(KEY, t.cands(["triton", "cuda", "cusparselt", "dense"])) == "cuda"
+    assert sorted(t.calls) == ["cuda", "cusparselt", "dense", "triton"]
+    assert tuner.choose(KEY, t.cands(["triton", "cuda", "cusparselt", "dense"])) == "cuda"
+    assert len(t.calls) == 4  # not timed again
+    assert tuner.lookup(KEY) == "cuda"
+    assert tuner.lookup({**KEY, "M_bucket": 32}) is None
+
+
+def test_slower_sparse_is_never_chosen(tmp_path):
+    t = FakeTimer({"dense": 1.0, "triton": 1.5, "cuda": 0.995})
+    assert Tuner(tmp_path / "c.json", timer=t).choose(KEY, t.cands(["triton", "cuda", "dense"])) == "dense"
+
+
+def test_disk_round_trip_and_versioned_file(tmp_path):
+    path = tmp_path / "c.json"
+    t = FakeTimer({"dense": 1.0, "triton": 0.5})
+    Tuner(path, timer=t).choose(KEY, t.cands(["triton", "dense"]))
+    data = json.loads(path.read_text())
+    assert data["schema"] == tuning.SCHEMA
+    entry = data["entries"][key_string(KEY)]
+    assert entry["choice"] == "triton" and entry["times_ms"] == {"triton": 0.5, "dense": 1.0}
+
+    def never(fn):
+        raise AssertionError("a cached key must not be timed again")
+
+    fresh = Tuner(path, timer=never)
+    assert fresh.lookup(KEY) == "triton"
+    assert fresh.choose(KEY, t.cands(["triton", "dense"])) == "triton"
+    assert not list(tmp_path.glob("*.tmp"))  # the temp file was renamed, not left behind
+
+
+@pytest.mark.parametrize("garbage", ["{not json", "", "[1, 2]", '{"schema": 999, "entries": {}}',
+                                     '{"schema": 1, "entries": {"k": 3}}'])
+def test_corrupt_cache_file_is_retuned_not_a_crash(tmp_path, garbage):
+    path = tmp_path / "c.json"
+    path.write_text(garbage)
+    t = FakeTimer({"dense": 1.0, "cuda": 0.5})
+    tuner = Tuner(path, timer=t)
+    assert tuner.lookup(KEY) is None
+    assert tuner.choose(KEY, t.cands(["cuda", "dense"])) == "cuda"
+    assert t.calls  # it re-tuned
+    data = json.loads(path.read_text())  # and rewrote a valid file
+    assert data["entries"][key_string(KEY)]["choice"] == "cuda"
+
+
+def test_failing_candidate_is_skipped_and_all_failing_raises(tmp_path):
+    def boom():
+        raise RuntimeError("no kernel image for this GPU")
+
+    t = FakeTimer({"dense": 1.0})
+    cands = t.cands(["dense"])
+    cands["cuda"] = boom
+    tuner = Tuner(tmp_path / "c.json", timer=t)
+    assert tuner.choose(KEY, cands) == "dense"
+    assert "no kernel image" in tuner.entries()[key_string(KEY)]["errors"]["cuda"]
+    with pytest.raises(RuntimeError, match="every backend failed"):
+        tuner.choose({**KEY, "N": 1}, {"cuda": boom})
+
+
+def test_unwritable_cache_keeps_the_choice_in_memory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    t = FakeTimer({"dense": 1.0, "triton": 0.1})
+    tuner = Tuner(blocker / "sub" / "c.json", timer=t)  # parent is a file: every write fails
+    assert tuner.choose(KEY, t.cands(["triton", "dense"])) == "triton"
+    assert tuner.lookup(KEY) == "triton"
+
+
+def _writer(path, worker, n_keys):
+    timer = FakeTimer({"dense": 1.0, "triton": 0.5})
+    tuner = Tuner(path, timer=timer)
+    for i in range(n_keys):
+        tuner.choose({**KEY, "N": 1000 * worker + i}, timer.cands(["triton", "dense"]))
+        tuner.choose({**KEY, "N": -i}, timer.cands(["triton", "dense"]))  # shared keys too
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    path = tmp_path / "c.json"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, w, 15)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    entries = json.loads(path.read_text())["entries"]
+    want = {key_string({**KEY, "N": 1000 * w + i}) for w in range(4) for i in range(15)}
+    want |= {key_string({**KEY, "N": -i}) for i in range(15)}
+    assert want <= set(entries)
+    assert all(e["choice"] == "triton" for e in entries.values())
+
+
+# ---- the dispatcher, with every GPU backend faked ---------------------------------------------------
+def _layer(n=64, k=96, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    keep = torch.rand(n, k // 4, 4, generator=g).argsort(-1)[..., :2]
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).view(n, k)
+    return SparseLinear.from_packed(semi24.pack(w, mask), torch.randn(n, generator=g).to(dtype))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """auto_backend on CPU tensors, all four backends 'available', run_backend recording the name."""
+    times = {"dense": 1.0, "triton": 0.5, "cuda": 0.3, "cusparselt": 0.4}
+    ran = []
+    last = {}
+    real_run = dispatch.run_backend
+
+    def fake_run(name, layer, x):
+        ran.append(name)
+        last["name"] = name
+        if name in ("cuda", "cusparselt"):  # build the prepared operand as the real ones would
+            getattr(dispatch, {"cuda": "cuda_cached", "cusparselt": "dense_cached"}[name])(layer)
+            if name == "cusparselt":
+                layer._sr_cslt = (dispatch._data_key(layer), "packed")
+            return F.linear(x, layer.dense_weight(), layer.bias)
+        return real_run("dense" if name == "triton" else name, layer, x)
+
+    monkeypatch.setattr(dispatch, "run_backend", fake_run)
+    for f in ("triton_ok", "cuda_kernel_ok", "cusparselt_ok"):
+        monkeypatch.setattr(dispatch, f, lambda layer, x: True)
+    monkeypatch.setattr(dispatch, "_software_key", lambda device: {"gpu": "fake-gpu", "torch": "t"})
+    monkeypatch.setattr(dispatch, "_cannot_time", lambda: False)
+    monkeypatch.setattr(dispatch, "_compiling", lambda: False)
+    tuner = Tuner(tmp_path / "c.json", timer=lambda fn: (fn(), times[last["name"]])[1])
+    tuning.set_tuner(tuner)
+    dispatch.clear_memo()
+    yield {"times": times, "ran": ran, "tuner": tuner}
+    tuning.set_tuner(None)
+    dispatch.clear_memo()
+
+
+def test_auto_picks_the_fastest_and_frees_the_losers(fake_gpu):
+    layer = _layer()
+    x = torch.randn(5, 96)
+    assert dispatch.auto_backend(layer, x) == "cuda"
+    assert set(fake_gpu["ran"]) == {"dense", "triton", "cuda", "cusparselt"}
+    assert layer._sr_cuda is not None  # the winner keeps its repacked operands
+    assert layer._dense_cache is None and layer._sr_cslt is None  # the losers' are freed
+    n_runs = len(fake_gpu["ran"])
+    assert dispatch.auto_backend(layer, torch.randn(7, 96)) == "cuda"  # same M bucket (8): memo hit
+    assert len(fake_gpu["ran"]) == n_runs
+    key = dispatch.tuning_key(layer, 5, x.dtype, x.device)
+    assert key["M_bucket"] == 8 and key["N"] == 64 and key["K"] == 96 and key["format"] == "semi24"
+    assert fake_gpu["tuner"].lookup(key) == "cuda"
+
+
+def test_auto_dense_when_sparse_is_not_faster(fake_gpu):
+    fake_gpu["times"].update(dense=1.0, triton=1.2, cuda=0.99, cusparselt=2.0)
+    layer = _layer()
+    assert dispatch.auto_backend(layer, torch.randn(300, 96)) == "dense"
+
+
+def test_prepared_operands_never_reach_the_state_dict(fake_gpu):
+    layer = _layer()
+    before = set(layer.state_dict())
+    dispatch.cuda_cached(layer)
+    dispatch.dense_cached(layer)
+    assert set(layer.state_dict()) == before == {"values", "meta", "bias"}
+
+
+def test_capture_or_compile_uses_cache_or_static_rule(fake_gpu, monkeypatch):
+    layer = _layer()
+    monkeypatch.setattr(dispatch, "_cannot_time", lambda: True)
+    # nothing cached: static rule (Triton for small M; dense only if its weight is already decompressed)
+    assert dispatch.auto_backend(layer, torch.randn(8, 96)) == "triton"
+    assert dispatch.auto_backend(layer, torch.randn(500, 96)) == "triton"
+    dispatch.dense_cached(layer)
+    dispatch.clear_memo()
+    assert dispatch.auto_backend(layer, torch.randn(500, 96)) == "dense"
+    assert fake_gpu["ran"] == []  # nothing was timed
+    # a cached choice is used, but only if its operands exist already
+    monkeypatch.setattr(dispatch, "_cannot_time", lambda: False)
+    dispatch.clear_memo()
+    assert dispatch.auto_backend(layer, torch.randn(2000, 96)) == "cuda"
+    layer._sr_cuda = None
+    dispatch.clear_memo()
+    monkeypatch.setattr(dispatch, "_cannot_time", lambda: True)
+    assert dispatch.auto_backend(layer, torch.randn(2000, 96)) == "triton"
+    dispatch.cuda_cached(layer)
+    assert dispatch.auto_backend(layer, torch.randn(2000, 96)) == "cuda"
+    # while tracing (torch.compile) nothing is read from disk either: memo or static rule
+    monkeypatch.setattr(dispatch, "_compiling", lambda: True)
+    dispatch.clear_memo()
+    assert dispatch.auto_backend(layer, torch.randn(2000, 96)) == "triton"
+
+
+def test_autograd_excludes_backends_without_a_backward(fake_gpu):
+    layer = _layer()
+    x = torch.randn(4, 96, requires_grad=True)
+    assert dispatch.auto_backend(layer, x) == "triton"
+    assert "cuda" not in fake_gpu["ran"] and "cusparselt" not in fake_gpu["ran"]
+    with torch.no_grad():
+        assert dispatch.auto_backend(layer, x) == "cuda"
+
+
+def test_tune_model_dedups_shapes(fake_gpu):
+    model = torch.nn.Sequential(_layer(seed=1), _layer(seed=2), _layer(n=32, k=64, seed=3))
+    rows = tuning.tune_model(model, m_values=(1, 16, 100))
+    assert [(r["N"], r["K"], r["M"]) for r in rows] == [(64, 96, 1), (64, 96, 16), (64, 96, 100),
+                                                        (32, 64, 1), (32, 64, 16), (32, 64, 100)]
+    assert all(r["choice"] == "cuda" and r["times_ms"]["dense"] == 1.0 for r in rows)
+    assert len(fake_gpu["tuner"].entries()) == 6
+
+
+def test_forced_backends(monkeypatch):
+    layer = _layer()
+    x = torch.randn(3, 96)
+    for b in ("dense", "reference", "triton", "cuda", "cusparselt"):
+        monkeypatch.setenv("SPARSERUN_BACKEND", b)
+        assert dispatch.choose_backend(layer, x) == b
+    monkeypatch.setenv("SPARSERUN_BACKEND", "cuda")
+    bitmask = SparseLinear.from_linear(torch.nn.Linear(16, 8), torch.rand(8, 16) > 0.5, "unstructured")
+    assert dispatch.choose_backend(bitmask, torch.randn(2, 16)) == "dense"
+    monkeypatch.setenv("SPARSERUN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        dispatch.choose_backend(layer, x)
+    # forced cuda on a CPU tensor: a clear error, not a crash inside the kernel
+    monkeypatch.setenv("SPARSERUN_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' unavailable"):
+        layer(x)
+    monkeypatch.setenv("SPARSERUN_BACKEND", "cusparselt")
+    with pytest.raises(RuntimeError, match="cusparselt' unavailable"):
+        layer(x)
+
+
+def test_cpu_auto_is_the_reference(monkeypatch):
+    monkeypatch.delenv("SPARSERUN_BACKEND", raising=False)
+    layer = _layer()
+    x = torch.randn(2, 3, 96)
+    assert dispatch.choose_backend(layer, x) == "reference"
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight(), layer.bias))

@@ -1,0 +1,369 @@
+"""The packed checkpoint directory on its own (no transformers): write, read back, and every refusal."""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparserun import checkpoint as ck
+from sparserun import formats
+from sparserun.checkpoint import CheckpointReader, CheckpointWriter
+
+CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64}
+
+
+def packed_layers(gen):
+    """One layer per format, random values, odd-ish shapes."""
+    w24 = torch.randn(24, 36, generator=gen)
+    idx = torch.rand(24, 9, 4, generator=gen).argsort(-1)[..., :2]
+    m24 = torch.zeros(24, 9, 4, dtype=torch.bool).scatter_(-1, idx, True).view(24, 36)
+    wb = torch.randn(64, 32, generator=gen, dtype=torch.float16)
+    keep = torch.tensor([[1, 0], [0, 0], [1, 1], [0, 1]], dtype=torch.bool)
+    mb = keep.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    wu = torch.randn(10, 13, generator=gen, dtype=torch.bfloat16)
+    mu = torch.rand(10, 13, generator=gen) < 0.3
+    return {
+        "blocks.0.q": (formats.pack(w24, m24, "2:4"), torch.randn(24, generator=gen)),
+        "blocks.0.up": (formats.pack(wb, mb, "16x16"), None),
+        "blocks.0.down": (formats.pack(wu, mu, "unstructured"), torch.randn(10, generator=gen).bfloat16()),
+    }
+
+
+def write(out, gen, **kw):
+    layers = packed_layers(gen)
+    plain = {"embed.weight": torch.randn(50, 8, generator=gen), "norm.weight": torch.rand(8, generator=gen) + 1,
+             "pos_ids": torch.arange(7), "ln.bias": torch.randn(8, generator=gen, dtype=torch.float16)}
+    kw.setdefault("config", CONFIG)
+    with CheckpointWriter(out, **kw) as w:
+        w.add_tensor("embed.weight", plain["embed.weight"])
+        for name, (p, b) in layers.items():
+            w.add_layer(name, p, bias=b)
+        for k in ("norm.weight", "pos_ids", "ln.bias"):
+            w.add_tensor(k, plain[k])
+        w.add_alias("head.weight", "embed.weight")
+    return layers, plain
+
+
+@pytest.fixture
+def ckpt(tmp_path, gen):
+    out = tmp_path / "packed"
+    layers, plain = write(out, gen)
+    return out, layers, plain
+
+
+def test_round_trip(ckpt):
+    out, layers, plain = ckpt
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sparserun.json"]
+    assert json.loads((out / "config.json").read_text()) == CONFIG
+    with CheckpointReader(out) as r:
+        assert r._handles == {}, "opening must not read tensor data (lazy)"
+        m = r.manifest
+        assert m["format_version"] == ck.FORMAT_VERSION and m["sparserun_version"]
+        assert [rec["name"] for rec in r.layers] == list(layers)
+        for rec in r.layers:
+            p, b = layers[rec["name"]]
+            assert rec["format"] == p.format and rec["shape"] == list(p.shape)
+            assert rec["dtype"] == str(p.dtype).removeprefix("torch.")
+            assert rec["nbytes"] == p.nbytes() and rec["dense_nbytes"] == p.dense_nbytes()
+            assert rec["tensors"] == {role: f"{rec['name']}.{role}" for role in p.tensors}
+            assert rec["bias"] == (f"{rec['name']}.bias" if b is not None else None)
+            q = r.load_layer(rec, validate=True)
+            assert q.format == p.format and q.meta == p.meta
+            for role in p.tensors:
+                assert torch.equal(q.tensors[role], p.tensors[role])
+            assert torch.equal(formats.unpack(q), formats.unpack(p))
+            if b is not None:
+                assert torch.equal(r.get_tensor(rec["bias"]), b)
+        assert r.layer("blocks.0.up")["block"] == 16 and r.layer("blocks.0.up")["nnz"] == 4
+        assert r.layer("blocks.0.q")["sparsity"] == 0.5
+        for k, t in plain.items():
+            assert torch.equal(r.get_tensor(k), t)
+        assert r.aliases == {"head.weight": "embed.weight"}
+        assert torch.equal(r.get_tensor("head.weight"), plain["embed.weight"])
+        assert set(r.dense_tensor_names()) == set(plain) | {"blocks.0.q.bias", "blocks.0.down.bias"}
+        sha = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+        assert m["shards"] == {"model.safetensors": {"sha256": sha, "nbytes": (out / "model.safetensors").stat().st_size}}
+        t = m["totals"]
+        assert t["sparse_layers"] == 3 and t["sparse_nbytes"] == sum(p.nbytes() for p, _ in layers.values())
+        assert t["dense_tensors"] == 6
+
+
+def test_dtype_cast_leaves_index_tensors(ckpt):
+    out, layers, _ = ckpt
+    with CheckpointReader(out) as r:
+        q = r.load_layer("blocks.0.up", dtype=torch.float32)
+        assert q.tensors["values"].dtype == torch.float32 and q.tensors["crow_indices"].dtype == torch.int32
+        assert r.get_tensor("pos_ids", dtype=torch.float16).dtype == torch.int64
+        assert r.load_layer("blocks.0.q", dtype=torch.float16).tensors["meta"].dtype == torch.uint8
+
+
+def test_sharding(tmp_path, gen):
+    out = tmp_path / "sharded"
+    layers, plain = write(out, gen, max_shard_bytes=3000)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    n = len(shards)
+    assert n > 2 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    with CheckpointReader(out) as r:
+        assert set(r.manifest["shards"]) == set(shards)
+        for k, t in plain.items():
+            assert torch.equal(r.get_tensor(k), t)
+        for name, (p, _) in layers.items():
+            assert torch.equal(formats.unpack(r.load_layer(name)), formats.unpack(p))
+
+
+def test_shared_storage_is_stored(tmp_path, gen):
+    base = torch.randn(4, 6, generator=gen)
+    with CheckpointWriter(tmp_path / "o", config=CONFIG) as w:
+        w.add_tensor("a", base)
+        w.add_tensor("b", base)  # same storage: safetensors would refuse; the writer copies
+        w.add_tensor("row", base[1])  # a view into a bigger storage
+    with CheckpointReader(tmp_path / "o") as r:
+        assert torch.equal(r.get_tensor("b"), base) and torch.equal(r.get_tensor("row"), base[1])
+
+
+def no_leftovers(parent: Path, name: str):
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")] == []
+
+
+def test_refuses_non_empty_output_and_overwrites_atomically(ckpt, gen):
+    out, _, _ = ckpt
+    with pytest.raises(ck.OutputExists, match=f"{out} exists and is not empty"):
+        CheckpointWriter(out, config=CONFIG)
+    (out / "stale.txt").write_text("old")
+    with CheckpointWriter(out, config={**CONFIG, "hidden_size": 8}, overwrite=True) as w:
+        w.add_tensor("x", torch.randn(3, generator=gen))
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 8
+    assert no_leftovers(out.parent, out.name)
+    # an empty existing directory is fine without overwrite
+    (out.parent / "empty").mkdir()
+    with CheckpointWriter(out.parent / "empty", config=CONFIG) as w:
+        w.add_tensor("x", torch.randn(3, generator=gen))
+    assert (out.parent / "empty" / "sparserun.json").is_file()
+
+
+def test_failure_leaves_nothing(tmp_path, gen):
+    out = tmp_path / "o"
+    with pytest.raises(RuntimeError, match="boom"):
+        with CheckpointWriter(out, config=CONFIG) as w:
+            w.add_tensor("x", torch.randn(3, generator=gen))
+            raise RuntimeError("boom")
+    assert not out.exists() and no_leftovers(tmp_path, "o")
+    # a failed overwrite keeps the old checkpoint intact
+    write(out, gen)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ck.CheckpointError, match="alias 'y' points to 'nope'"):
+        with CheckpointWriter(out, config=CONFIG, overwrite=True) as w:
+            w.add_tensor("x", torch.randn(3, generator=gen))
+            w.add_alias("y", "nope")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert no_leftovers(tmp_path, "o")
+
+
+def test_writer_refusals(tmp_path, gen):
+    with CheckpointWriter(tmp_path / "o", config=CONFIG) as w:
+        w.add_tensor("x", torch.randn(3, generator=gen))
+        with pytest.raises(ck.CheckpointError, match="'x' added twice"):
+            w.add_tensor("x", torch.randn(3, generator=gen))
+        with pytest.raises(ck.CheckpointError, match="y: tensor is on the meta device"):
+            w.add_tensor("y", torch.empty(3, device="meta"))
+        with pytest.raises(TypeError, match="z: expected a torch.Tensor"):
+            w.add_tensor("z", [1, 2])
+    with pytest.raises(ck.CheckpointError, match="no config.json"):
+        with CheckpointWriter(tmp_path / "o2") as w:
+            w.add_tensor("x", torch.randn(3, generator=gen))
+    assert not (tmp_path / "o2").exists()
+
+
+def test_copies_source_files_unchanged_and_never_writes_source(tmp_path, gen):
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"config.json": json.dumps(CONFIG), "generation_config.json": '{"do_sample": false}',
+             "tokenizer.json": '{"v": 1}', "tokenizer_config.json": "{}", "special_tokens_map.json": "{}",
+             "vocab.txt": "a\nb\n", "merges.txt": "#\n", "tokenizer.model": "\x00\x01spm",
+             "added_tokens.json": "{}", "chat_template.jinja": "{{ x }}"}
+    for k, v in files.items():
+        (src / k).write_text(v)
+    (src / "model.safetensors").write_bytes(b"weights, never copied")
+    (src / "README.md").write_text("not copied")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in src.iterdir()}
+    out = tmp_path / "out"
+    with CheckpointWriter(out, source_dir=src, config={"model_type": "other"}) as w:
+        w.add_tensor("x", torch.randn(3, generator=gen))
+    for k, v in files.items():
+        assert (out / k).read_text() == v, k  # source's config wins over config=
+    assert not (out / "README.md").exists()
+    assert (out / "model.safetensors").read_bytes() != b"weights, never copied"
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in src.iterdir()} == before
+    with CheckpointReader(out) as r:
+        assert r.manifest["source"] == str(src.absolute())
+    for bad_out in (src, src / "packed"):
+        with pytest.raises(ck.CheckpointError, match="overlaps the source directory"):
+            CheckpointWriter(bad_out, source_dir=src, overwrite=True)
+    with pytest.raises(ck.CheckpointError, match="overlaps the source directory"):
+        CheckpointWriter(tmp_path, source_dir=src, overwrite=True)
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in src.iterdir()} == before
+
+
+# ---- strict reading: every bad input is one clear error naming the problem -----------------------
+
+def edit_manifest(out, fn):
+    m = json.loads((out / "sparserun.json").read_text())
+    fn(m)
+    (out / "sparserun.json").write_text(json.dumps(m))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ck.CheckpointNotFound, match="checkpoint directory not found: .*nope"):
+        CheckpointReader(tmp_path / "nope")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ck.CheckpointNotFound, match="not a directory"):
+        CheckpointReader(tmp_path / "f")
+
+
+def test_directory_without_config(ckpt):
+    out, _, _ = ckpt
+    (out / "config.json").unlink()
+    with pytest.raises(ck.MissingConfig, match="has no config.json"):
+        CheckpointReader(out)
+
+
+def test_directory_without_manifest(ckpt):
+    out, _, _ = ckpt
+    (out / "sparserun.json").unlink()
+    with pytest.raises(ck.ManifestError, match="no sparserun.json: not a sparserun packed checkpoint"):
+        CheckpointReader(out)
+    (out / "sparserun.json").write_text("{not json")
+    with pytest.raises(ck.ManifestError, match="sparserun.json is not valid JSON"):
+        CheckpointReader(out)
+
+
+def test_truncated_shard_names_file(ckpt):
+    out, _, _ = ckpt
+    shard = out / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    for verify in (True, False):
+        with pytest.raises(ck.CorruptShard, match=r"shard model\.safetensors has \d+ bytes but sparserun.json says"):
+            CheckpointReader(out, verify=verify)
+    shard.unlink()
+    with pytest.raises(ck.CorruptShard, match="shard model.safetensors listed in sparserun.json is missing"):
+        CheckpointReader(out)
+
+
+def test_truncated_shard_with_matching_manifest_names_file(ckpt):
+    # even if the manifest were rewritten to the truncated size, the header check catches it
+    out, _, _ = ckpt
+    shard = out / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    edit_manifest(out, lambda m: m["shards"]["model.safetensors"].update(nbytes=shard.stat().st_size))
+    with pytest.raises(ck.CorruptShard, match="shard model.safetensors: tensor .* lies past the end"):
+        CheckpointReader(out, verify=False)
+
+
+def test_corrupted_shard_checksum(ckpt):
+    out, _, _ = ckpt
+    shard = out / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # flip bits inside the tensor data: same size, valid header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ck.ChecksumMismatch, match="shard model.safetensors: sha256 mismatch"):
+        CheckpointReader(out)
+    CheckpointReader(out, verify=False).close()  # verification can be skipped
+
+
+def test_checksum_mismatch_in_manifest(ckpt):
+    out, _, _ = ckpt
+    edit_manifest(out, lambda m: m["shards"]["model.safetensors"].update(sha256="0" * 64))
+    with pytest.raises(ck.ChecksumMismatch, match="expected 0000"):
+        CheckpointReader(out)
+
+
+def test_corrupted_header_names_file(ckpt):
+    out, _, _ = ckpt
+    shard = out / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"\xff\xfe{["
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ck.CorruptShard, match="shard model.safetensors is not a readable safetensors file"):
+        CheckpointReader(out, verify=False)
+
+
+def test_newer_format_version(ckpt):
+    out, _, _ = ckpt
+    edit_manifest(out, lambda m: m.update(format_version=ck.FORMAT_VERSION + 1))
+    with pytest.raises(ck.UnsupportedVersion, match=f"format_version {ck.FORMAT_VERSION + 1} is newer than "
+                                                    f"this sparserun supports \\({ck.FORMAT_VERSION}\\)"):
+        CheckpointReader(out)
+    edit_manifest(out, lambda m: m.pop("format_version"))
+    with pytest.raises(ck.ManifestError, match="missing or invalid format_version"):
+        CheckpointReader(out)
+
+
+def test_unknown_format_in_record(ckpt):
+    out, _, _ = ckpt
+    edit_manifest(out, lambda m: m["layers"][1].update(format="csr"))
+    with pytest.raises(ck.UnknownFormat, match="layer blocks.0.up: unknown format 'csr'"):
+        CheckpointReader(out)
+
+
+def test_unknown_pattern_in_record(ckpt):
+    out, _, _ = ckpt
+    edit_manifest(out, lambda m: m["layers"][0].update(pattern="3:3"))
+    with pytest.raises(ck.ManifestError, match="layer blocks.0.q: unknown sparsity pattern '3:3'"):
+        CheckpointReader(out)
+
+
+def test_record_shape_mismatch(ckpt):
+    out, _, _ = ckpt
+    edit_manifest(out, lambda m: m["layers"][0].update(shape=[24, 40]))
+    with pytest.raises(ck.TensorMismatch, match=r"layer blocks.0.q: tensor blocks.0.q.values is float32 \[24, 18\], "
+                                                r"the record implies float32 \[24, 20\]"):
+        CheckpointReader(out)
+    edit_manifest(out, lambda m: m["layers"][0].update(shape=[24, 36], dtype="float16"))
+    with pytest.raises(ck.TensorMismatch, match="the record implies float16"):
+        CheckpointReader(out)
+
+
+def test_tensor_map_mismatch(ckpt):
+    out, _, _ = ckpt
+    edit_manifest(out, lambda m: m["tensors"]["norm.weight"].update(shape=[9]))
+    with pytest.raises(ck.TensorMismatch, match=r"tensor norm.weight in shard model.safetensors is float32 \[8\]"):
+        CheckpointReader(out)
+    edit_manifest(out, lambda m: (m["tensors"]["norm.weight"].update(shape=[8]),
+                                  m["tensors"].update(ghost={**m["tensors"]["norm.weight"]})))
+    with pytest.raises(ck.TensorMismatch, match="tensor ghost is missing from shard model.safetensors"):
+        CheckpointReader(out)
+
+
+def test_bad_shard_name_in_manifest(ckpt):
+    out, _, _ = ckpt
+    edit_manifest(out, lambda m: m["shards"].update({"../evil.safetensors": {"sha256": "", "nbytes": 1}}))
+    with pytest.raises(ck.ManifestError, match="invalid shard file name '../evil.safetensors'"):
+        CheckpointReader(out)
+
+
+def test_errors_are_one_line(ckpt):
+    out, _, _ = ckpt
+    edit_manifest(out, lambda m: m["layers"][2].update(dtype="float64"))
+    with pytest.raises(ck.CheckpointError) as e:
+        CheckpointReader(out)
+    assert "\n" not in str(e.value) and "blocks.0.down" in str(e.value)
+
+
+def test_temp_dir_is_next_to_output(tmp_path, gen, monkeypatch):
+    seen = []
+    real = ck.CheckpointWriter._flush
+
+    def spy(self):
+        seen.append(self.tmp)
+        return real(self)
+
+    monkeypatch.setattr(ck.CheckpointWriter, "_flush", spy)
+    out = tmp_path / "deep" / "out"
+    with CheckpointWriter(out, config=CONFIG) as w:
+        w.add_tensor("x", torch.randn(3, generator=gen))
+    assert seen and seen[0].parent == out.parent and seen[0].name.startswith(".out.tmp-")
+    assert not seen[0].exists() and os.path.isdir(out)

@@ -1,0 +1,126 @@
+"""`sparserun` command: inspect (table and JSON) and the one-line error contract."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sparserun import cli
+
+
+def run(capsys, *argv):
+    rc = cli.main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("pattern, fmt, limit", [("2:4", "semi24", 0.57), ("32x32", "bsr", 0.52)])
+def test_inspect_table_and_json(minilm_packed, capsys, pattern, fmt, limit):
+    d = minilm_packed[pattern]["dir"]
+    rc, out, err = run(capsys, "inspect", d)
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("layer "))
+    assert lines[header].split() == ["layer", "format", "pattern", "shape", "dtype", "sparsity", "packed",
+                                     "dense", "ratio"]
+    rows = [l.split() for l in lines[header + 1: header + 38]]
+    assert len(rows) == 37 and {r[1] for r in rows} == {fmt} and {r[2] for r in rows} == {pattern}
+    assert rows[0][0] == "encoder.layer.0.attention.self.query" and rows[0][3] == "384x384"
+    assert rows[-1][0] == "pooler.dense" and all(r[5] == "50.0%" for r in rows)
+    assert "sparse linear layers: 37" in out and "dense tensors:" in out and "whole checkpoint:" in out
+
+    rc, out, err = run(capsys, "inspect", d, "--json")
+    assert rc == 0
+    info = json.loads(out)
+    assert len(info["layers"]) == 37 and info["architecture"] == "BertModel"
+    s = info["totals"]["sparse_layers"]
+    assert s["count"] == 37 and s["ratio"] <= limit and s["nbytes"] == sum(x["nbytes"] for x in info["layers"])
+    assert info["totals"]["dense_tensors"]["count"] == len(info["dense_tensors"]) > 0
+    assert info["totals"]["checkpoint"]["nbytes"] == sum(p.stat().st_size for p in d.glob("*.safetensors"))
+
+    rc, out, _ = run(capsys, "inspect", d, "--dense", "--verify")
+    assert rc == 0 and "embeddings.word_embeddings.weight" in out
+
+
+def assert_one_line_error(rc, err, *needles):
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_inspect_errors(tmp_path, capsys, minilm_packed):
+    rc, out, err = run(capsys, "inspect", tmp_path / "nope")
+    assert_one_line_error(rc, err, "not found", "nope")
+    (tmp_path / "noconfig").mkdir()
+    rc, out, err = run(capsys, "inspect", tmp_path / "noconfig")
+    assert_one_line_error(rc, err, "config.json")
+
+    import shutil
+
+    d = tmp_path / "c"
+    shutil.copytree(minilm_packed["2:4"]["dir"], d)
+    shard = d / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x55
+    shard.write_bytes(bytes(data))
+    rc, out, err = run(capsys, "inspect", d, "--verify")
+    assert_one_line_error(rc, err, "model.safetensors", "sha256")
+    shard.write_bytes(bytes(data[:-10]))
+    rc, out, err = run(capsys, "inspect", d)
+    assert_one_line_error(rc, err, "model.safetensors", "bytes")
+    m = json.loads((d / "sparserun.json").read_text())
+    m["format_version"] = 99
+    (d / "sparserun.json").write_text(json.dumps(m))
+    rc, out, err = run(capsys, "inspect", d)
+    assert_one_line_error(rc, err, "format_version 99 is newer")
+
+
+def test_debug_shows_the_exception(tmp_path):
+    from sparserun.checkpoint import CheckpointNotFound
+
+    with pytest.raises(CheckpointNotFound):
+        cli.main(["inspect", str(tmp_path / "nope"), "--debug"])
+    with pytest.raises(CheckpointNotFound):
+        cli.main(["--debug", "inspect", str(tmp_path / "nope")])
+
+
+def test_usage(capsys):
+    rc, out, err = run(capsys, "--help")
+    assert rc == 0 and "inspect" in out
+    rc, out, err = run(capsys)
+    assert rc == 2 and "usage:" in err
+    rc, out, err = run(capsys, "frobnicate")
+    assert rc == 2 and "invalid choice" in err
+    rc, out, err = run(capsys, "--version")
+    assert rc == 0 and "sparserun" in out
+
+
+def _add_hello(sub):
+    p = sub.add_parser("hello", help="test subcommand")
+    p.add_argument("--fail", action="store_true")
+
+    def _run(args):
+        if args.fail:
+            raise KeyError("weird")
+        print("hi")
+        return 0
+
+    p.set_defaults(func=_run)
+
+
+def test_registry_accepts_lazy_entries(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "SUBCOMMANDS", cli.SUBCOMMANDS + ["tests.test_cli:_add_hello"])
+    rc, out, err = run(capsys, "hello")
+    assert rc == 0 and out == "hi\n"
+    rc, out, err = run(capsys, "hello", "--fail")  # an unexpected exception type names itself, one line
+    assert_one_line_error(rc, err, "KeyError", "--debug")
+
+
+def test_module_entry_point(minilm_packed):
+    r = subprocess.run([sys.executable, "-m", "sparserun.cli", "inspect", str(minilm_packed["2:4"]["dir"]),
+                        "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["layers"]) == 37
