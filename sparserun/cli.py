@@ -113,8 +113,28 @@ def add_inspect(sub) -> None:
 # list it here as "sparserun.module:add_parser". Planned: convert, eval, generate, bench, demo, finetune.
 SUBCOMMANDS: list = [
     add_inspect,
+    "sparserun.cli:add_bench",
     # --- other subcommands register here ---
 ]
+
+# `sparserun bench` is a group: each entry adds one sub-subcommand (`bench tune`, `bench kernels`, ...) to the
+# group's subparsers, same `add_parser(sub)` contract as above.
+BENCH_SUBCOMMANDS: list = [
+    "sparserun.runtime.tuning:add_bench_tune",
+]
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks and backend tuning (see `sparserun bench -h`)",
+                       description="Benchmarks and backend tuning.")
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND")
+    for entry in BENCH_SUBCOMMANDS:
+        _resolve(entry)(bsub)
+
+    def _no_sub(args) -> int:
+        p.print_help(sys.stderr)
+        return 2
+    p.set_defaults(func=_no_sub)
 
 
 def _resolve(entry):

@@ -1,19 +1,35 @@
 """Backend choice for SparseLinear.forward.
 
-Backends: "triton" (sparserun.kernels, CUDA, or CPU tensors under TRITON_INTERPRET=1), "dense" (the weight
-decompressed once and cached, cuBLAS / CPU BLAS), "reference" (pure torch, decompress per call: the
-oracle). `SPARSERUN_BACKEND` forces one; otherwise CUDA tensors use the kernels where a format has them and
-CPU tensors use the reference path.
+Backends:
+  "triton"      sparserun.kernels via sparserun.ops (CUDA, or CPU tensors under TRITON_INTERPRET=1)
+  "cuda"        the mma.sp 2:4 GEMM in csrc/ (runtime/cuda_ext.py); 2:4 only, fp16/bf16, sm_80+
+  "cusparselt"  torch's cuSPARSELt (torch._cslt_sparse_mm); 2:4 only, where this torch has it
+  "dense"       the weight decompressed once and cached (cuBLAS / CPU BLAS)
+  "reference"   pure torch, decompress per call: the oracle
+
+`SPARSERUN_BACKEND` forces one. Otherwise ("auto"): CPU tensors use the reference path (bitmask layers:
+dense); CUDA tensors of a kernel format use the measured choice of runtime/tuning.py: every available
+candidate is timed once per (format, N, K, M bucket, dtype, GPU, versions), the fastest is kept on disk,
+and a sparse backend must beat dense by more than 2 % to be chosen. Inside CUDA-graph capture or
+torch.compile tracing nothing is timed: the cached choice is used, else a static rule (Triton for M <= 64,
+dense above), and a backend whose prepared operands (repacked / compressed / decompressed weight) do not
+exist yet is replaced by Triton, which needs none. Warm up eagerly before capturing.
+
+Prepared operands live on the layer as plain attributes (`_dense_cache`, `_sr_cuda`, `_sr_cslt`), never
+buffers, so they never reach a checkpoint.
 """
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "triton", "cuda", "cusparselt", "dense", "reference")
 KERNEL_FORMATS = ("semi24", "bsr")
+STATIC_TRITON_MAX_M = 64
+_MMA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def forced_backend() -> str:
@@ -23,31 +39,124 @@ def forced_backend() -> str:
     return b
 
 
-def choose_backend(layer, x: torch.Tensor) -> str:
-    b = forced_backend()
-    if b == "auto":
-        if x.is_cuda and layer.format in KERNEL_FORMATS:
-            return "triton"
-        return "dense" if layer.format == "bitmask" else "reference"
-    if b in ("triton", "cuda", "cusparselt") and layer.format not in KERNEL_FORMATS:
-        return "dense"  # no kernel exists for this format: same math, decompressed once
-    return b
+def _cannot_time() -> bool:
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+
+
+def _needs_grad(layer, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (layer.bias is not None and layer.bias.requires_grad))
+
+
+# ---- availability -----------------------------------------------------------------------------------
+def cuda_kernel_ok(layer, x: torch.Tensor) -> bool:
+    if layer.format != "semi24" or not x.is_cuda or x.dtype not in _MMA_DTYPES:
+        return False
+    from . import cuda_ext
+
+    return cuda_ext.available()
+
+
+def cusparselt_ok(layer, x: torch.Tensor) -> bool:
+    # cuSPARSELt 16-bit: the sparse operand's rows and columns must be multiples of 16
+    return (layer.format == "semi24" and x.is_cuda and x.dtype in _MMA_DTYPES
+            and hasattr(torch, "_cslt_compress") and hasattr(torch, "_cslt_sparse_mm")
+            and layer.out_features % 16 == 0 and layer.in_features % 16 == 0
+            and not getattr(layer, "_sr_cslt_failed", False))
+
+
+def triton_ok(layer, x: torch.Tensor) -> bool:
+    if layer.format not in KERNEL_FORMATS:
+        return False
+    try:
+        from .. import ops
+    except Exception:  # triton missing or broken: the other backends still work
+        return False
+    return hasattr(ops, "sparse_linear_triton")
+
+
+# ---- prepared operands (plain attributes, not buffers) ---------------------------------------------
+def _data_key(layer):
+    v = layer.values
+    meta = getattr(layer, "meta", None)
+    return (v.device, v.dtype, v.data_ptr(), v._version, None if meta is None else meta._version)
 
 
 def dense_cached(layer) -> torch.Tensor:
     """Decompress once per (device, dtype, data version); the cache is not part of the state_dict."""
-    v = layer.values
-    key = (v.device, v.dtype, v.data_ptr(), v._version)
+    key = _data_key(layer)
     if layer._dense_cache is None or layer._dense_cache[0] != key:
         layer._dense_cache = (key, layer.dense_weight())
     return layer._dense_cache[1]
 
 
-def sparse_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    backend = choose_backend(layer, x)
-    if x.dtype != layer.values.dtype:
-        raise TypeError(f"SparseLinear({layer.out_features}x{layer.in_features}, {layer.format}): input dtype "
-                        f"{x.dtype} does not match the weight dtype {layer.values.dtype}")
+def cuda_cached(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (vf, ef) operands of csrc/semi24_gemm.cu, repacked once from the portable layout."""
+    from . import cuda_ext
+
+    key = _data_key(layer)
+    hit = getattr(layer, "_sr_cuda", None)
+    if hit is None or hit[0] != key:
+        vf, ef = cuda_ext.repack(layer.values, layer.meta, layer.out_features, layer.in_features)
+        layer._sr_cuda = hit = (key, vf, ef)
+    return hit[1], hit[2]
+
+
+def cslt_cached(layer) -> torch.Tensor:
+    """torch._cslt_compress of the dense weight, once."""
+    key = _data_key(layer)
+    hit = getattr(layer, "_sr_cslt", None)
+    if hit is None or hit[0] != key:
+        layer._sr_cslt = hit = (key, torch._cslt_compress(dense_cached(layer)))
+    return hit[1]
+
+
+_CACHE_ATTRS = {"dense": "_dense_cache", "cuda": "_sr_cuda", "cusparselt": "_sr_cslt"}
+
+
+def _has_cache(layer, backend: str) -> bool:
+    attr = _CACHE_ATTRS.get(backend)
+    if attr is None:
+        return True
+    hit = getattr(layer, attr, None)
+    return hit is not None and hit[0] == _data_key(layer)
+
+
+def release_unused_caches(layer) -> None:
+    """Drop prepared operands of backends no M bucket of this layer has chosen (tuning builds them all)."""
+    used = getattr(layer, "_sr_used", set())
+    for backend, attr in _CACHE_ATTRS.items():
+        if backend not in used and getattr(layer, attr, None) is not None:
+            if backend == "dense" and "cusparselt" in used and not _has_cache(layer, "cusparselt"):
+                continue  # cslt_cached needs the dense weight to (re)compress
+            setattr(layer, attr, None)
+
+
+# ---- backends -----------------------------------------------------------------------------------------
+def _cusparselt_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    packed = cslt_cached(layer)
+    n, k = layer.out_features, layer.in_features
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    mp = (m + 7) // 8 * 8  # cuSPARSELt's dense operand wants multiples of 8 (torch pads the same way)
+    if mp != m:
+        x2 = F.pad(x2, (0, 0, 0, mp - m))
+    y = torch._cslt_sparse_mm(packed, x2.t(), bias=layer.bias, transpose_result=True)
+    if tuple(y.shape) != (mp, n):
+        y = y.t()
+    return y[:m].reshape(*x.shape[:-1], n)
+
+
+def run_backend(backend: str, layer, x: torch.Tensor) -> torch.Tensor:
     if backend == "reference":
         return F.linear(x, layer.dense_weight(), layer.bias)
     if backend == "dense":
@@ -56,4 +165,143 @@ def sparse_linear(layer, x: torch.Tensor) -> torch.Tensor:
         from .. import ops
 
         return ops.sparse_linear_triton(layer, x)
-    raise NotImplementedError(f"backend {backend!r} is not available yet")
+    if backend == "cuda":
+        from . import cuda_ext
+
+        if not cuda_kernel_ok(layer, x):
+            raise RuntimeError(
+                f"SparseLinear({layer.out_features}x{layer.in_features}, {layer.format}): backend 'cuda' "
+                f"unavailable for a {x.dtype} tensor on {x.device}: "
+                f"{cuda_ext.why_unavailable() or 'needs format semi24, fp16/bf16, a CUDA tensor'}")
+        vf, ef = cuda_cached(layer)
+        return cuda_ext.semi24_gemm_cuda(x, vf, ef, layer.bias, layer.out_features)
+    if backend == "cusparselt":
+        if not cusparselt_ok(layer, x):
+            raise RuntimeError(
+                f"SparseLinear({layer.out_features}x{layer.in_features}, {layer.format}): backend "
+                f"'cusparselt' unavailable (needs format semi24, fp16/bf16 on CUDA, N and K multiples of 16, "
+                f"torch._cslt_sparse_mm; this torch has it: {hasattr(torch, '_cslt_sparse_mm')})")
+        return _cusparselt_linear(layer, x)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+# ---- the choice -------------------------------------------------------------------------------------
+_static_key: dict = {}
+_memo: dict[tuple, str] = {}
+_memo_lock = threading.Lock()
+
+
+def _software_key(device: torch.device) -> dict:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    hit = _static_key.get(idx)
+    if hit is None:
+        import sparserun
+
+        try:
+            import triton
+
+            tv = triton.__version__
+        except Exception:
+            tv = None
+        hit = {"gpu": torch.cuda.get_device_name(idx), "torch": torch.__version__, "cuda": torch.version.cuda,
+               "triton": tv, "sparserun": sparserun.__version__}
+        _static_key[idx] = hit
+    return hit
+
+
+def _format_detail(layer) -> dict:
+    if layer.format == "bsr":
+        nnz = int(layer.values.shape[0])
+        blocks = max(1, (layer.out_features // layer.block) * (layer.in_features // layer.block))
+        return {"block": layer.block, "density": round(nnz / blocks, 2)}
+    return {}
+
+
+def tuning_key(layer, m: int, dtype: torch.dtype, device: torch.device, grad: bool = False) -> dict:
+    from .tuning import SCHEMA, m_bucket
+
+    key = {"schema": SCHEMA, "format": layer.format, "N": layer.out_features, "K": layer.in_features,
+           "M_bucket": m_bucket(m), "dtype": str(dtype).replace("torch.", ""),
+           **_format_detail(layer), **_software_key(device)}
+    if grad:
+        key["autograd"] = True
+    return key
+
+
+def candidates(layer, x: torch.Tensor, grad: bool = False) -> dict:
+    """name -> zero-argument callable running that backend on x (only the backends usable here)."""
+    out = {}
+    if triton_ok(layer, x):
+        out["triton"] = lambda: run_backend("triton", layer, x)
+    if not grad:  # the CUDA and cuSPARSELt ops have no autograd formula
+        if cuda_kernel_ok(layer, x):
+            out["cuda"] = lambda: run_backend("cuda", layer, x)
+        if cusparselt_ok(layer, x):
+            out["cusparselt"] = lambda: run_backend("cusparselt", layer, x)
+    out["dense"] = lambda: run_backend("dense", layer, x)
+    return out
+
+
+def static_choice(layer, m: int) -> str:
+    """Used where timing is impossible and nothing is cached."""
+    if m <= STATIC_TRITON_MAX_M:
+        return "triton"
+    return "dense" if _has_cache(layer, "dense") else "triton"
+
+
+def auto_backend(layer, x: torch.Tensor, allow_timing: bool = True) -> str:
+    """The measured choice for a CUDA tensor x and a kernel-format layer."""
+    k = layer.in_features
+    m = x.numel() // k if k else 0
+    grad = _needs_grad(layer, x)
+    from .tuning import get_tuner, m_bucket
+
+    mk = (layer.format, layer.out_features, k, m_bucket(m), x.dtype, x.device, grad,
+          tuple(_format_detail(layer).items()))
+    choice = _memo.get(mk)
+    if choice is None:
+        if _compiling():
+            choice = None  # no file access while tracing
+        elif not allow_timing or _cannot_time():
+            choice = get_tuner().lookup(tuning_key(layer, m, x.dtype, x.device, grad))
+        else:
+            key = tuning_key(layer, m, x.dtype, x.device, grad)
+            choice = get_tuner().choose(key, candidates(layer, x, grad))
+            layer.__dict__.setdefault("_sr_used", set()).add(choice)
+            release_unused_caches(layer)
+        if choice is not None:
+            with _memo_lock:
+                _memo[mk] = choice
+    if choice is None:
+        choice = static_choice(layer, m)
+    if _cannot_time() and not _has_cache(layer, choice):
+        return "triton"  # preparing operands inside capture/tracing would record garbage or break graphs
+    if grad and choice in ("cuda", "cusparselt"):
+        return "triton"
+    return choice
+
+
+def choose_backend(layer, x: torch.Tensor) -> str:
+    b = forced_backend()
+    if b == "auto":
+        if x.is_cuda and layer.format in KERNEL_FORMATS:
+            return auto_backend(layer, x)
+        return "dense" if layer.format == "bitmask" else "reference"
+    if b in ("triton", "cuda", "cusparselt") and layer.format not in KERNEL_FORMATS:
+        return "dense"  # no kernel exists for this format: same math, decompressed once
+    if b in ("cuda", "cusparselt") and layer.format != "semi24":
+        return "triton"  # block-sparse has only the Triton kernel
+    return b
+
+
+def sparse_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != layer.values.dtype:
+        raise TypeError(f"SparseLinear({layer.out_features}x{layer.in_features}, {layer.format}): input dtype "
+                        f"{x.dtype} does not match the weight dtype {layer.values.dtype}")
+    return run_backend(choose_backend(layer, x), layer, x)
+
+
+def clear_memo() -> None:
+    """Forget in-process choices (tests; after changing the tuning cache)."""
+    with _memo_lock:
+        _memo.clear()

@@ -288,3 +288,33 @@ def test_cpu_auto_is_the_reference(monkeypatch):
     x = torch.randn(2, 3, 96)
     assert dispatch.choose_backend(layer, x) == "reference"
     torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight(), layer.bias))
+
+
+def test_cli_bench_group_and_tune(monkeypatch, tmp_path, capsys):
+    from sparserun import cli
+
+    assert cli.main(["bench"]) == 2  # a group without a sub-subcommand: help, usage error
+    assert cli.main(["bench", "tune", "--help"]) == 0
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "tune", str(tmp_path)]) == 1
+        assert "needs a CUDA device" in capsys.readouterr().err
+    # the command wires its options through to tune_dir and writes the rows
+    seen = {}
+
+    def fake_tune_dir(path, device, dtype, m_values, progress):
+        seen.update(path=path, device=device, dtype=dtype, m=list(m_values))
+        return [{"layer": "l", "format": "semi24", "N": 8, "K": 8, "M": 1, "choice": "dense",
+                 "times_ms": {"dense": 1.0}, "errors": {}}]
+
+    monkeypatch.setattr(tuning, "tune_dir", fake_tune_dir)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    tuning.set_tuner(Tuner(tmp_path / "c.json"))
+    try:
+        out = tmp_path / "rows.json"
+        assert cli.main(["bench", "tune", str(tmp_path), "--m", "1,16,4096", "--dtype", "bf16",
+                         "--json", str(out)]) == 0
+    finally:
+        tuning.set_tuner(None)
+    assert seen == {"path": str(tmp_path), "device": "cuda", "dtype": torch.bfloat16, "m": [1, 16, 4096]}
+    assert json.loads(out.read_text())[0]["choice"] == "dense"
+    assert "tuned 1 (shape, M) keys: dense 1" in capsys.readouterr().out

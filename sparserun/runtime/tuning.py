@@ -1,0 +1,322 @@
+"""The measured backend choice: time every candidate once per key, keep the fastest, remember it on disk.
+
+A key is a dict naming what decides speed: format, N, K, M bucket (next power of two of the token count),
+dtype, GPU name and the software versions (sparserun, torch, triton, CUDA, this cache's schema), plus
+format details for block-sparse layers. For a new key every candidate runs once (warm-up, compilation,
+first-use repacking), then is timed the way the benchmarks time (triton.testing.do_bench median, which
+also flushes L2 between runs); the fastest wins, except that a sparse candidate must beat dense by more
+than `margin` (2 %): dense wins ties, so a sparse path slower than dense is never chosen.
+
+Choices persist in one JSON file (`tuning-v{SCHEMA}.json` under $SPARSERUN_CACHE_DIR or
+~/.cache/sparserun): read-merge-write under an exclusive fcntl lock on a side file, written to a temp file
+and os.replace'd, so concurrent processes never lose each other's entries or see half a file. A corrupt or
+unreadable file is treated as empty (the keys are re-tuned and the file rewritten), never a crash.
+
+Timing cannot run inside CUDA-graph capture or torch.compile tracing: `Tuner.lookup` gives the cached
+choice there (or None, and the caller applies a static rule).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+DENSE = "dense"
+DEFAULT_MARGIN = 0.02
+M_BUCKETS = tuple(2**i for i in range(14))  # 1 .. 8192
+
+
+def m_bucket(m: int) -> int:
+    """Next power of two >= m (1 for m <= 1)."""
+    return 1 if m <= 1 else 1 << (int(m) - 1).bit_length()
+
+
+def key_string(key: dict) -> str:
+    return json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def default_cache_path() -> Path:
+    from .cuda_ext import cache_dir
+
+    return cache_dir() / f"tuning-v{SCHEMA}.json"
+
+
+def do_bench_timer(fn: Callable[[], object]) -> float:
+    """Median milliseconds of fn() by triton's do_bench (CUDA events, L2 flushed per run), after warm-up."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+class _FileLock:
+    """Exclusive advisory lock on `path` (fcntl.flock); a no-op where fcntl does not exist."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: atomic replace still prevents torn files
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class Tuner:
+    """choose(key, candidates) -> the name of the fastest candidate for `key`, timed once, cached on disk.
+
+    candidates: name -> zero-argument callable that runs that backend once. `timer(fn) -> ms` is injectable
+    (tests pass fake timings); `path=None` keeps choices in memory only.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, timer: Callable | None = None,
+                 margin: float = DEFAULT_MARGIN, dense: str = DENSE):
+        self.path = Path(path) if path is not None else None
+        self.timer = timer or do_bench_timer
+        self.margin = margin
+        self.dense = dense
+        self._mem: dict[str, dict] = {}
+        self._loaded = False
+        self._lock = threading.Lock()
+        self.tuned_now: list[str] = []  # keys timed by this process (reports, tests)
+
+    # ---- disk -------------------------------------------------------------------------------------
+    def _read_disk(self) -> dict[str, dict]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(
+                    data.get("entries"), dict):
+                raise ValueError("not a sparserun tuning cache of schema %d" % SCHEMA)
+            return {k: v for k, v in data["entries"].items() if isinstance(v, dict) and "choice" in v}
+        except Exception as e:  # corrupt, truncated, foreign: re-tune and overwrite, never crash
+            log.warning("sparserun: ignoring unreadable tuning cache %s (%s); re-tuning", self.path, e)
+            return {}
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._mem.update(self._read_disk())
+            self._loaded = True
+
+    def _write(self, new: dict[str, dict]) -> None:
+        if self.path is None:
+            return
+        try:
+            with _FileLock(self.path.with_name(self.path.name + ".lock")):
+                entries = self._read_disk()
+                entries.update(new)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump({"schema": SCHEMA, "entries": entries}, f, indent=1, sort_keys=True)
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+                    raise
+            self._mem.update(entries)
+        except OSError as e:  # read-only home, full disk: keep the choice in memory, warn, go on
+            log.warning("sparserun: could not write tuning cache %s: %s", self.path, e)
+
+    # ---- API --------------------------------------------------------------------------------------
+    def lookup(self, key: dict) -> str | None:
+        """The cached choice for `key`, or None. Never times anything (safe during capture/compile)."""
+        with self._lock:
+            self._load()
+            hit = self._mem.get(key_string(key))
+        return hit["choice"] if hit else None
+
+    def entries(self) -> dict[str, dict]:
+        with self._lock:
+            self._load()
+            return dict(self._mem)
+
+    def choose(self, key: dict, candidates: dict[str, Callable[[], object]]) -> str:
+        if not candidates:
+            raise ValueError("Tuner.choose: no candidates")
+        ks = key_string(key)
+        with self._lock:
+            self._load()
+            hit = self._mem.get(ks)
+            if hit is None:  # another process may have tuned it since we loaded
+                hit = self._read_disk().get(ks)
+                if hit is not None:
+                    self._mem[ks] = hit
+        if hit is not None and hit["choice"] in candidates:
+            return hit["choice"]
+        entry = self._measure(candidates)
+        entry["when"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        with self._lock:
+            self._mem[ks] = entry
+            self.tuned_now.append(ks)
+            self._write({ks: entry})
+        return entry["choice"]
+
+    def _measure(self, candidates: dict[str, Callable[[], object]]) -> dict:
+        times: dict[str, float] = {}
+        errors: dict[str, str] = {}
+        for name, fn in candidates.items():
+            try:
+                fn()  # first use: compile, repack, allocate (never timed)
+                ms = float(self.timer(fn))
+                if not math.isfinite(ms) or ms <= 0:
+                    raise ValueError(f"timer returned {ms!r}")
+                times[name] = ms
+            except Exception as e:  # a candidate that fails here is never chosen
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.info("sparserun: backend %s failed while tuning: %s", name, errors[name])
+        if not times:
+            raise RuntimeError("sparserun: every backend failed while tuning: " +
+                           "; ".join(f"{k}: {v}" for k, v in errors.items()))
+        choice = pick(times, self.dense, self.margin)
+        out = {"choice": choice, "times_ms": times}
+        if errors:
+            out["errors"] = errors
+        return out
+
+
+def pick(times: dict[str, float], dense: str = DENSE, margin: float = DEFAULT_MARGIN) -> str:
+    """Fastest candidate; dense unless a sparse one is faster than dense by more than `margin`."""
+    best = min(times, key=lambda n: (times[n], n != dense))
+    if dense in times and best != dense and not times[best] < times[dense] * (1.0 - margin):
+        return dense
+    return best
+
+
+# ---- process-wide tuner -------------------------------------------------------------------------------
+_tuner: Tuner | None = None
+_tuner_lock = threading.Lock()
+
+
+def get_tuner() -> Tuner:
+    global _tuner
+    if _tuner is None:
+        with _tuner_lock:
+            if _tuner is None:
+                _tuner = Tuner(default_cache_path())
+    return _tuner
+
+
+def set_tuner(tuner: Tuner | None) -> None:
+    """Replace the process-wide tuner (tests; None = the default on next use)."""
+    global _tuner
+    _tuner = tuner
+
+
+# ---- `sparserun bench tune DIR` -------------------------------------------------------------------------
+def tune_model(model, m_values: Iterable[int] = M_BUCKETS, progress: Callable[[str], None] | None = None
+               ) -> list[dict]:
+    """Tune every distinct SparseLinear shape of `model` (already on a CUDA device) for each M bucket.
+
+    Runs each layer shape once per M through the "auto" dispatcher (which times and caches); layers with
+    the same key share the entry. Returns one row per (layer shape, M): key fields, choice and timings.
+    """
+    import torch
+
+    from . import dispatch
+    from .linear import SparseLinear
+
+    tuner = get_tuner()
+    rows, seen = [], set()
+    layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
+    for name, layer in layers:
+        if layer.format not in dispatch.KERNEL_FORMATS:
+            continue
+        for m in m_values:
+            key = dispatch.tuning_key(layer, m, layer.values.dtype, layer.values.device)
+            ks = key_string(key)
+            if ks in seen:
+                continue
+            seen.add(ks)
+            x = torch.randn(m, layer.in_features, device=layer.values.device, dtype=layer.values.dtype)
+            with torch.no_grad():
+                choice = dispatch.auto_backend(layer, x, allow_timing=True)
+            entry = tuner.entries().get(ks, {})
+            rows.append({"layer": name, "format": layer.format, "N": layer.out_features,
+                         "K": layer.in_features, "M": m, "choice": choice,
+                         "times_ms": entry.get("times_ms", {}), "errors": entry.get("errors", {})})
+            if progress:
+                t = entry.get("times_ms", {})
+                progress(f"{layer.format} {layer.out_features}x{layer.in_features} M={m}: {choice}  " +
+                         "  ".join(f"{k}={v:.4f}ms" for k, v in sorted(t.items())))
+            dispatch.release_unused_caches(layer)
+            del x
+    return rows
+
+
+def tune_dir(path: str, device: str = "cuda", dtype=None, m_values: Iterable[int] = M_BUCKETS,
+             progress: Callable[[str], None] | None = print) -> list[dict]:
+    """Load the packed checkpoint at `path` on `device` and tune all its sparse layer shapes."""
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        raise RuntimeError(f"bench tune needs a CUDA device (got device={device!r}, "
+                           f"cuda available={torch.cuda.is_available()})")
+    from . import io
+
+    model = io.load(path, device=device, dtype=dtype)
+    return tune_model(model, m_values, progress)
+
+
+def _run_bench_tune(args) -> int:
+    import torch
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, None: None}[args.dtype]
+    m_values = [int(m) for m in args.m.split(",")] if args.m else list(M_BUCKETS)
+    if any(m < 1 for m in m_values):
+        raise ValueError(f"--m values must be >= 1, got {args.m!r}")
+    if not str(args.device).startswith("cuda") or not torch.cuda.is_available():
+        raise RuntimeError(f"bench tune times GPU kernels and needs a CUDA device (got --device {args.device}, "
+                           f"CUDA available: {torch.cuda.is_available()})")
+    tuner = get_tuner()
+    print(f"tuning cache: {tuner.path}", flush=True)
+    rows = tune_dir(args.dir, device=args.device, dtype=dtype, m_values=m_values,
+                    progress=None if args.quiet else (lambda line: print(line, flush=True)))
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["choice"]] = counts.get(r["choice"], 0) + 1
+    print(f"tuned {len(rows)} (shape, M) keys: " +
+          ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def add_bench_tune(sub) -> None:
+    p = sub.add_parser("tune", help="pre-tune the backend choice for every layer shape of a packed model",
+                       description="Time every available backend (triton, cuda, cusparselt, dense) once for "
+                                   "each distinct sparse layer shape of the packed checkpoint DIR and each M "
+                                   "bucket, and store the fastest in the tuning cache that SparseLinear reads "
+                                   "($SPARSERUN_CACHE_DIR or ~/.cache/sparserun). Needs a CUDA GPU.")
+    p.add_argument("dir", help="packed checkpoint directory")
+    p.add_argument("--device", default="cuda", help="CUDA device (default: cuda)")
+    p.add_argument("--dtype", choices=["fp16", "bf16"], default=None,
+                   help="cast the model to this dtype first (default: as stored)")
+    p.add_argument("--m", default=None,
+                   help="comma-separated token counts to tune (default: the buckets 1,2,4,...,8192)")
+    p.add_argument("--json", default=None, help="also write the per-key timings to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no per-key lines")
+    p.set_defaults(func=_run_bench_tune)
