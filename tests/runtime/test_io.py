@@ -192,3 +192,29 @@ def test_load_refusals(tmp_path, minilm_packed):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ck.CheckpointError, match="cannot build a transformers config"):
         sparserun.load(d, verify=False)
+
+
+@pytest.mark.gpu
+def test_load_to_cuda_allocates_only_the_packed_model(minilm_packed):
+    """Peak device memory during load == the loaded tensors themselves: no dense copy, no staging."""
+    info = minilm_packed["2:4"]
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = sparserun.load(info["dir"], device="cuda", dtype=torch.float16)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
+    assert all(t.is_cuda for t in tensors.values())
+    held = sum((t.numel() * t.element_size() + 511) // 512 * 512 for t in tensors.values())  # allocator rounds to 512
+    assert peak <= held + 64 * 1024, (peak, held)
+    dense_linear = sum(r["dense_nbytes"] // 2 for r in json.loads((info["dir"] / "sparserun.json").read_text())["layers"])
+    q = model.encoder.layer[0].attention.self.query
+    assert q.values.dtype == torch.float16 and q.meta.dtype == torch.uint8
+    assert held < sum(p.numel() * 2 for p in model.parameters()) + dense_linear  # smaller than the dense model
+    inputs = {k: v.cuda() for k, v in info["inputs"].items()}
+    with torch.no_grad():
+        out = model(**inputs).last_hidden_state.float().cpu()
+    ref = info["ref"][0]
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
