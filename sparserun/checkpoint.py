@@ -384,6 +384,7 @@ class CheckpointWriter:
             mpath = self.tmp / MANIFEST
             mpath.write_text(json.dumps(manifest, indent=1) + "\n")
             _fsync_file(mpath)
+            self._fix_permissions()
             _fsync_dir(self.tmp)
             self._move_into_place()
         except BaseException:
@@ -391,6 +392,16 @@ class CheckpointWriter:
             raise
         self._done = True
         return self.out
+
+    def _fix_permissions(self) -> None:
+        # mkdtemp makes the directory 0700 (and safetensors its files 0600); a checkpoint should get the modes
+        # any directory made with mkdir would get (e.g. readable by a serving user), i.e. follow the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)
+        for p in self.tmp.iterdir():
+            if p.is_file():
+                os.chmod(p, 0o666 & ~umask)
 
     def _rename_shards(self) -> dict[str, str]:
         n = len(self._shards)

@@ -90,6 +90,15 @@ def test_round_trip(ckpt):
         assert t["dense_tensors"] == 6
 
 
+def test_modes_follow_umask(ckpt):
+    out, _, _ = ckpt
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    for p in out.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p.name
+
+
 def test_dtype_cast_leaves_index_tensors(ckpt):
     out, layers, _ = ckpt
     with CheckpointReader(out) as r:
