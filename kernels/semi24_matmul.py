@@ -47,10 +47,13 @@ def candidate_configs(m: int, n: int, k: int, sms: int) -> list[dict]:
     out = []
     if m <= FMA_MAX_M:
         bm = triton.next_power_of_2(m)
-        for bn, bk in ((32, 256), (64, 256), (64, 512)):
+        for bn, bk in ((32, 256), (64, 256), (16, 512)):
             split = _split_for(triton.cdiv(n, bn), triton.cdiv(k, bk), sms)
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=False, num_warps=4,
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GEMV=True, num_warps=4,
                             num_stages=3))
+        split = _split_for(triton.cdiv(n, 32), triton.cdiv(k, 256), sms)
+        out.append(dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256, SPLIT_K=split, USE_DOT=False, num_warps=4,
+                        num_stages=3))
     if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
         # few candidates: each is a separate compile, and decode shapes are all alike (stream the weight)
@@ -71,7 +74,7 @@ def default_config(m: int, n: int, k: int, sms: int) -> dict:
     if m <= DECODE_MAX_M:
         fma = m <= FMA_MAX_M
         bm = triton.next_power_of_2(m) if fma else max(16, triton.next_power_of_2(m))
-        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=256, USE_DOT=not fma, num_warps=4, num_stages=3,
+        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=256, USE_DOT=not fma, GEMV=fma, num_warps=4, num_stages=3,
                     SPLIT_K=_split_for(triton.cdiv(m, bm) * triton.cdiv(n, 64), triton.cdiv(k, 256), sms))
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, USE_DOT=True, num_warps=8, num_stages=3)
 
@@ -82,7 +85,8 @@ def interpreter_config(m: int, n: int, k: int) -> dict:
     bk = 64 if k <= 128 else 128
     fma = m <= FMA_MAX_M
     return dict(BLOCK_M=triton.next_power_of_2(m) if fma else (16 if m <= 16 else 32),
-                BLOCK_N=16 if n <= 16 else 32, BLOCK_K=bk, SPLIT_K=2 if k > bk else 1, USE_DOT=not fma)
+                BLOCK_N=16 if n <= 16 else 32, BLOCK_K=bk, SPLIT_K=2 if k > bk else 1, USE_DOT=not fma,
+                GEMV=m <= 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,6 +188,85 @@ def _semi24_matmul_kernel(
 
 
 @triton.jit
+def _semi24_gemv_kernel(
+    x_ptr, vals_ptr, meta_ptr, bias_ptr, out_ptr, part_ptr,
+    M, N, K, NG, MB,
+    stride_xm, stride_xk, stride_vn, stride_mn, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, PAIRED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """The 1-4 token case: same inputs as _semi24_matmul_kernel, but every tile stays 2-D [BLOCK_N, G]
+    in one register layout (one accumulator per token, x read as 1-D slices), so nothing is broadcast
+    through a 3-D layout or reshuffled through shared memory; the rows of x are few enough to unroll."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m0 = tl.program_id(2) * BLOCK_M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k_steps = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_steps, SPLIT_K)
+    k_begin = pid_k * per_split
+    k_end = min(k_begin + per_split, k_steps)
+    G: tl.constexpr = BLOCK_K // 4
+    offs_g = tl.arange(0, G)
+    wdt = x_ptr.dtype.element_ty
+    acc0 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    for ks in range(k_begin, k_end):
+        g = ks * G + offs_g
+        mask_w = mask_n[:, None] & (g[None, :] < NG)
+        if PAIRED:
+            pair = tl.load(vals_ptr + offs_n[:, None] * stride_vn + g[None, :], mask=mask_w, other=0)
+            v0 = (pair & 0xFFFF).to(tl.uint16).to(wdt, bitcast=True)
+            v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(wdt, bitcast=True)
+        else:
+            vp = vals_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :]
+            v0 = tl.load(vp, mask=mask_w, other=0.0)
+            v1 = tl.load(vp + 1, mask=mask_w, other=0.0)
+        v0 = v0.to(tl.float32)
+        v1 = v1.to(tl.float32)
+        mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (g // 2)[None, :], mask=mask_w, other=0)
+        nib = (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF
+        i0 = nib & 3
+        i1 = nib >> 2
+        for j in tl.static_range(4):
+            w_j = tl.where(i0 == j, v0, tl.where(i1 == j, v1, 0.0))
+            kk = 4 * g + j
+            xp = x_ptr + kk * stride_xk
+            rows_left = kk * 0 + (M - m0)  # as a tensor (the interpreter rejects scalar masks); rows past M read 0
+            acc0 += w_j * tl.load(xp + m0 * stride_xm, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+            if BLOCK_M > 1:
+                acc1 += w_j * tl.load(xp + (m0 + 1) * stride_xm, mask=(kk < K) & (rows_left > 1),
+                                      other=0.0).to(tl.float32)[None, :]
+            if BLOCK_M > 2:
+                acc2 += w_j * tl.load(xp + (m0 + 2) * stride_xm, mask=(kk < K) & (rows_left > 2),
+                                      other=0.0).to(tl.float32)[None, :]
+                acc3 += w_j * tl.load(xp + (m0 + 3) * stride_xm, mask=(kk < K) & (rows_left > 3),
+                                      other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS and SPLIT_K == 1:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r in tl.static_range(BLOCK_M):
+        if r == 0:
+            y = tl.sum(acc0, axis=1) + b
+        elif r == 1:
+            y = tl.sum(acc1, axis=1) + b
+        elif r == 2:
+            y = tl.sum(acc2, axis=1) + b
+        else:
+            y = tl.sum(acc3, axis=1) + b
+        ok = mask_n & ((m0 + r + 0 * offs_n) < M)  # a tensor: the interpreter rejects a scalar mask
+        if SPLIT_K == 1:
+            tl.store(out_ptr + (m0 + r) * stride_om + offs_n * stride_on, y.to(out_ptr.dtype.element_ty),
+                     mask=ok)
+        else:
+            tl.store(part_ptr + pid_k * M * N + (m0 + r) * N + offs_n, y, mask=ok)
+
+
+@triton.jit
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on, SPLIT,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """out[m, n] = sum_s part[s, m, n] (+ bias[n]), cast to the output dtype."""
@@ -240,13 +323,20 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
         launch_kw = {kk: cfg.pop(kk) for kk in ("num_warps", "num_stages") if kk in cfg}
         split = cfg["SPLIT_K"]
         part = workspace((split, m, n), x.device) if split > 1 else out
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
-        _semi24_matmul_kernel[grid](
-            x2, vals_arg, meta, bias_arg, out, part,
-            m, n, k, kp2 // 2, meta.shape[1],
-            x2.stride(0), x2.stride(1), vals_arg.stride(0), meta.stride(0), out.stride(0), out.stride(1),
-            HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(x.dtype), PAIRED=paired, GROUP_M=8, **cfg,
-            **launch_kw)
+        if cfg.pop("GEMV", False):
+            cfg.pop("USE_DOT", None)
+            grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
+            _semi24_gemv_kernel[grid](
+                x2, vals_arg, meta, bias_arg, out, part, m, n, k, kp2 // 2, meta.shape[1],
+                x2.stride(0), x2.stride(1), vals_arg.stride(0), meta.stride(0), out.stride(0), out.stride(1),
+                HAS_BIAS=has_bias, PAIRED=paired, **cfg, **launch_kw)
+        else:
+            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+            _semi24_matmul_kernel[grid](
+                x2, vals_arg, meta, bias_arg, out, part, m, n, k, kp2 // 2, meta.shape[1],
+                x2.stride(0), x2.stride(1), vals_arg.stride(0), meta.stride(0), out.stride(0), out.stride(1),
+                HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(x.dtype), PAIRED=paired, GROUP_M=8, **cfg,
+                **launch_kw)
         if split > 1:
             block = 1024
             _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](

@@ -258,15 +258,22 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated indices into the shape list")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--kind", default="kernels", help="results file suffix")
+    ap.add_argument("--blocks", default="all", help="'none' to time only 2:4 (and the baselines)")
+    ap.add_argument("--m", default=None, help="comma-separated M values (default: the full sweep)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the kernel benchmark needs a CUDA GPU (CPU correctness lives in the tests)", file=sys.stderr)
         return 2
     dtypes = tuple(a.dtypes.split(","))
     shapes = ALL_SHAPES if a.shapes is None else [ALL_SHAPES[int(i)] for i in a.shapes.split(",")]
+    blocks = [] if a.blocks == "none" else BLOCK_VARIANTS
     if a.quick:
-        res = run(shapes=shapes[:2], m_values=[1, 16, 2048], dtypes=dtypes, rep_ms=20)
+        res = run(shapes=shapes[:2], m_values=[1, 16, 2048], dtypes=dtypes, rep_ms=20, block_variants=blocks)
+    elif a.m:
+        ms = [int(v) for v in a.m.split(",")]
+        res = run(shapes=shapes, m_values=ms, dtypes=dtypes, fp16_m_values=ms, block_variants=blocks)
     else:
-        res = run(shapes=shapes, dtypes=dtypes, fp16_m_values=[1, 4, 16, 64, 512, 2048, 8192])
+        res = run(shapes=shapes, dtypes=dtypes, fp16_m_values=[1, 4, 16, 64, 512, 2048, 8192],
+                  block_variants=blocks)
     write(res, a.out, a.kind)
     return 0
