@@ -107,7 +107,6 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: "str | Patte
         i2 = min(i1 + bs, k)
         cnt = i2 - i1
         w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         d1 = torch.diag(u1)
@@ -121,20 +120,23 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: "str | Patte
         elif plan is not None:
             m1.copy_(plan[:, i1:i2])
 
+        # e_i = (w_i − q_i) / U_ii is w_i / U_ii on pruned entries and 0 on kept ones: `scale` holds
+        # pruned / U_ii, so each column costs one multiply and one rank-1 update. After its own update
+        # column i equals q_i (kept values untouched, pruned ones ≈ 0, zeroed exactly below).
+        inv_d1 = 1.0 / d1
+        scale = m1.to(w1.dtype) * inv_d1 if pat.kind != "nm" else None
         for i in range(cnt):
             col = i1 + i
             if pat.kind == "nm" and col % pat.m == 0:
                 g = min(pat.m, k - col)  # the last group may be short (K padded with never-kept columns)
                 if g > pat.n:
-                    cost = w1[:, i:i + g].square() / d1[i:i + g].square().unsqueeze(0)
+                    cost = w1[:, i:i + g].square() * inv_d1[i:i + g].square().unsqueeze(0)
                     m1[:, i:i + g] = ~masks._keep_top(cost, pat.n)
-            wc = w1[:, i]
-            qc = wc.clone()
-            qc[m1[:, i]] = 0
-            q1[:, i] = qc
-            e = (wc - qc) / d1[i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+                g0, scale = i, m1[:, i:i + g].to(w1.dtype) * inv_d1[i:i + g]
+            e = w1[:, i] * (scale[:, i - g0] if pat.kind == "nm" else scale[:, i])
             err1[:, i] = e
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
+        q1 = w1.masked_fill(m1, 0.0)
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
 

@@ -1,0 +1,193 @@
+"""`sparserun.prune(model, method, pattern, ...)`: one-shot pruning in memory, with an honest report.
+
+The model is changed in place: every chosen Linear is left as a *masked dense* weight (sparsegpt also
+updates the kept weights), and the report holds the explicit masks, ready for
+`sparserun.sparsify_(model, pattern=..., masks=report.masks)` or `sparserun.save`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..patterns import parse
+from . import calibrate, masks, scores
+
+COLUMNS = ("layer", "pattern", "format", "sparsity", "rel.err", "before", "after", "note")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@dataclass
+class PruneReport:
+    """What pruning did, per Linear layer, and what it cost.
+
+    rows:   one dict per Linear in the repeated layers (and lm_head if asked): name, pattern, format, shape,
+            dtype, status ("pruned" | "dense": the pattern cannot hold its shape | "skipped": matched skip),
+            reason, sparsity (fraction of weights removed), rel_error (‖Wx − W'x‖ / ‖Wx‖ over the calibration
+            tokens, with x the inputs the layer sees in the already-pruned model), bytes_before (dense
+            weight), bytes_after (packed weight; = before for dense rows)
+    masks:  {layer name: bool mask (True = kept)} on the CPU (empty when a converter did not keep them)
+    """
+
+    method: str
+    pattern: str
+    sparsity: float
+    calib: dict
+    rows: list = field(default_factory=list)
+    masks: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def pruned(self) -> list:
+        return [r for r in self.rows if r["status"] == "pruned"]
+
+    def totals(self) -> dict:
+        pr = self.pruned
+        before = sum(r["bytes_before"] for r in self.rows)
+        after = sum(r["bytes_after"] for r in self.rows)
+        weights = sum(r["shape"][0] * r["shape"][1] for r in self.rows)
+        removed = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in pr)
+        errs = [r["rel_error"] for r in pr if r.get("rel_error") is not None]
+        return {"layers": len(self.rows), "pruned": len(pr),
+                "dense": sum(r["status"] == "dense" for r in self.rows),
+                "skipped": sum(r["status"] == "skipped" for r in self.rows),
+                "sparsity": round(removed / weights, 6) if weights else 0.0,
+                "mean_rel_error": round(sum(errs) / len(errs), 6) if errs else None,
+                "max_rel_error": round(max(errs), 6) if errs else None,
+                "bytes_before": before, "bytes_after": after,
+                "ratio": round(after / before, 4) if before else None}
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "pattern": self.pattern, "sparsity": self.sparsity,
+                "calibration": self.calib, **self.info, "totals": self.totals(), "layers": self.rows}
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self) -> str:
+        lines = [(r["name"], r["pattern"], r["format"], f"{100 * r['sparsity']:.1f}%",
+                  "-" if r.get("rel_error") is None else f"{r['rel_error']:.4f}",
+                  human_bytes(r["bytes_before"]), human_bytes(r["bytes_after"]),
+                  r["reason"] if r["status"] != "pruned" else "") for r in self.rows]
+        t = self.totals()
+        lines.append(("total", self.pattern, "", f"{100 * t['sparsity']:.1f}%",
+                      "-" if t["mean_rel_error"] is None else f"{t['mean_rel_error']:.4f} mean",
+                      human_bytes(t["bytes_before"]), human_bytes(t["bytes_after"]),
+                      f"{t['pruned']} pruned, {t['dense']} kept dense, {t['skipped']} skipped"))
+        rows = [COLUMNS] + lines
+        widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+        out = []
+        for j, r in enumerate(rows):
+            # text columns left, numbers right; no padding after the last column
+            cells = [c.ljust(w) if i in (0, 1, 2) else c.rjust(w) for i, (c, w) in
+                     enumerate(zip(r[:-1], widths[:-1]))] + [r[-1]]
+            out.append("  ".join(cells).rstrip())
+            if j == 0 or j == len(rows) - 2:
+                out.append("-" * min(sum(widths) + 2 * len(widths), 160))
+        src = self.calib.get("source", "?")
+        head = (f"{self.method} {self.pattern} at {100 * self.sparsity:.1f}% target; calibration: {src} "
+                f"({self.calib.get('nsamples')} x {self.calib.get('seqlen')} tokens)")
+        return head + "\n" + "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def check_args(method: str, pattern, sparsity) -> tuple[str, str, float]:
+    """Validate method / pattern / sparsity together; returns (method, pattern string, sparsity)."""
+    m = scores.check_method(method)
+    pat = parse(pattern)
+    s = masks.resolve_sparsity(pat, sparsity)
+    return m, str(pat), s
+
+
+_OPTION_NAMES = {"per_row", "balance_rows", "blocksize", "percdamp", "seed", "include_lm_head"}
+
+
+def prune(model: nn.Module, method: str, pattern, sparsity: float | None = None, calib=None, *,
+          nsamples: int = calibrate.DEFAULT_NSAMPLES, seqlen: int | None = None, tokenizer=None,
+          skip: str | None = None, device=None, progress: bool = True, **opts) -> PruneReport:
+    """Prune `model` in place, one repeated layer at a time; return a PruneReport.
+
+    method:    magnitude | wanda | sparsegpt | taylor | obd
+    pattern:   "unstructured", "N:M" (e.g. "2:4", "4:8"), "BxB" (e.g. "32x32")
+    sparsity:  fraction removed, in (0, 1); N:M implies 1 - N/M; unstructured and blocks need it
+    calib:     None (the shipped default text), a text / JSONL file, a list of strings, or a LongTensor
+               [n, T] of token ids (then nsamples / seqlen / tokenizer are not used)
+    seqlen:    default min(512, the model's max_position_embeddings)
+    tokenizer: needed for text calibration; default: AutoTokenizer of model.name_or_path if that is a
+               local directory
+    skip:      regex; Linear layers whose full name matches stay dense (and are reported as skipped)
+    device:    where each layer is processed (default: cuda if the model is there, else cpu)
+    opts:      per_row (unstructured: same sparsity in every row; default True for wanda, as in the
+               paper, and for taylor / obd, see calibrate.Options; False for magnitude and sparsegpt),
+               balance_rows (blocks: same number of kept blocks in every block-row), blocksize and
+               percdamp (sparsegpt), seed (calibration windows, encoder gradient directions),
+               include_lm_head (also prune the output projection; default False: it stays dense)
+    """
+    method, pattern, sparsity = check_args(method, pattern, sparsity)
+    unknown = set(opts) - _OPTION_NAMES
+    if unknown:
+        raise TypeError(f"prune() got unknown option(s) {', '.join(sorted(unknown))}; known: "
+                        f"{', '.join(sorted(_OPTION_NAMES))}")
+    include_lm_head = bool(opts.pop("include_lm_head", False))
+    options = calibrate.Options(**opts)
+    calibrate.find_layers(model)  # an unknown family fails before any data is read
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None and p.device.type == "cuda" else torch.device("cpu")
+    cal = load_calibration(model, calib, tokenizer, nsamples, seqlen, options.seed)
+    rows, kept, info = calibrate.prune_layerwise(
+        model, method, pattern, sparsity, cal, device=device, skip=skip, options=options,
+        include_lm_head=include_lm_head, progress=progress)
+    return PruneReport(method, pattern, sparsity, cal.describe(), rows, kept, info)
+
+
+def default_seqlen(config) -> int:
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(calibrate.DEFAULT_SEQLEN, int(limit)) if limit else calibrate.DEFAULT_SEQLEN
+
+
+def load_calibration(model, calib, tokenizer, nsamples, seqlen, seed) -> calibrate.CalibData:
+    """Calibration windows for `model` (checks seqlen against its position limit)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(calib, torch.Tensor):
+        cal = calibrate.calibration_data(calib, seed=seed)
+        seqlen = cal.seqlen
+    else:
+        seqlen = seqlen if seqlen is not None else default_seqlen(config)
+    if limit and seqlen > int(limit):
+        raise calibrate.CalibrationError(f"seqlen {seqlen} exceeds the model's max_position_embeddings "
+                                         f"{limit}")
+    if isinstance(calib, torch.Tensor):
+        return cal
+    if tokenizer is None:
+        tokenizer = _tokenizer_for(model)
+    return calibrate.calibration_data(calib, tokenizer, nsamples, seqlen, seed)
+
+
+def _tokenizer_for(model):
+    import os
+
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if path and os.path.isdir(path):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # transformers raises many types for a directory without tokenizer files
+            raise calibrate.CalibrationError(f"cannot load a tokenizer from {path} ({type(e).__name__}); "
+                                             f"pass tokenizer= or pre-tokenised calib=") from None
+    raise calibrate.CalibrationError("calibration text needs the model's tokenizer: pass tokenizer= (or "
+                                     "pre-tokenised input_ids as calib=)")
+

@@ -1,0 +1,225 @@
+"""sparserun.prune on tiny random models: every method x pattern, the report, bad input, the driver."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparserun
+from sparserun import formats
+from sparserun.prune import calibrate
+from sparserun.prune.calibrate import CalibrationError, UnknownModelFamily
+
+from ._models import make_llama, make_tokenizer
+
+METHODS = ["magnitude", "wanda", "sparsegpt", "taylor", "obd"]
+PATTERNS = [("2:4", None), ("4:8", None), ("unstructured", 0.5), ("32x32", 0.5)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def _prune(model, tok, method, pattern, sparsity=None, **kw):
+    kw.setdefault("nsamples", 4)
+    kw.setdefault("seqlen", 32)
+    return sparserun.prune(model, method, pattern, sparsity, tokenizer=tok, progress=False, **kw)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("pattern,sparsity", PATTERNS)
+def test_every_method_every_pattern(tok, method, pattern, sparsity):
+    model = make_llama(tok)
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    rep = _prune(model, tok, method, pattern, sparsity)
+    assert len(rep.rows) == 14 and all(r["status"] == "pruned" for r in rep.rows)
+    for r in rep.rows:
+        w = model.get_submodule(r["name"]).weight.detach()
+        mask = rep.masks[r["name"]]
+        assert (w[~mask] == 0).all()
+        if method != "sparsegpt":  # only sparsegpt changes the kept weights
+            assert torch.equal(w[mask], before[r["name"]][mask])
+        p = formats.pack(w, mask, pattern)
+        assert p.nbytes() == r["bytes_after"] < r["bytes_before"]
+        assert abs(r["sparsity"] - 0.5) < 1e-6
+        assert 0 < r["rel_error"] < 1.5
+    assert torch.equal(model.lm_head.weight, before["lm_head"])  # lm_head stays dense by default
+    out = json.loads(rep.to_json())
+    assert out["totals"]["pruned"] == 14 and out["calibration"]["nsamples"] == 4
+    assert "model.layers.1.mlp.down_proj" in rep.table()
+
+
+def test_rel_error_is_measured_on_the_pruned_models_inputs(tok):
+    model = make_llama(tok)
+    dense_w = model.model.layers[1].self_attn.q_proj.weight.detach().clone()
+    ids = torch.randint(3, len(tok), (3, 32), generator=torch.Generator().manual_seed(0))
+    rep = _prune(model, tok, "wanda", "2:4", calib=ids)
+    # the inputs layer 1 sees *after* layer 0 was pruned: layer-sequential calibration
+    xs = []
+    h = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: xs.append(i[0]))
+    with torch.no_grad():
+        for s in range(3):
+            model(input_ids=ids[s:s + 1])
+    h.remove()
+    x = torch.cat(xs)
+    w = model.model.layers[1].self_attn.q_proj.weight
+    want = float((x @ (dense_w - w.detach()).T).norm() / (x @ dense_w.T).norm())
+    row = next(r for r in rep.rows if r["name"] == "model.layers.1.self_attn.q_proj")
+    assert row["rel_error"] == pytest.approx(want, rel=1e-3)
+    assert rep.calib["source"].startswith("pre-tokenised")
+
+
+def test_one_layer_on_the_device_at_a_time(tok):
+    model = make_llama(tok, layers=3)
+    path, layers = calibrate.find_layers(model)
+    inner = calibrate.InMemoryLayers(layers)
+    loaded, log = set(), []
+
+    class Store:
+        def load(self, i, device):
+            assert not loaded, f"layer {i} loaded while {loaded} still is"
+            loaded.add(i)
+            log.append(("load", i))
+            return inner.load(i, device)
+
+        def unload(self, i):
+            loaded.discard(i)
+            inner.unload(i)
+
+    ids = torch.randint(3, len(tok), (2, 16))
+    cal = calibrate.calibration_data(ids)
+    calibrate.prune_layerwise(model, "obd", "2:4", 0.5, cal, device="cpu", store=Store(), progress=False)
+    # forward for gradients 0,1,2, backward 2,1,0, then pruning 0,1,2
+    assert [i for _, i in log] == [0, 1, 2, 2, 1, 0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("method", ["taylor", "obd"])
+def test_layerwise_gradients_equal_full_model_gradients(tok, method):
+    model = make_llama(tok, layers=2)
+    ids = torch.randint(3, len(tok), (3, 16), generator=torch.Generator().manual_seed(1))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    want = {n: torch.zeros_like(model.get_submodule(n).weight) for n in names}
+    for s in range(3):
+        model.zero_grad()
+        model(input_ids=ids[s:s + 1], labels=ids[s:s + 1]).loss.backward()
+        for n in names:
+            g = model.get_submodule(n).weight.grad
+            want[n] += g.abs() if method == "taylor" else g.square() / 3
+    model.zero_grad()
+    path, layers = calibrate.find_layers(model)
+    store = calibrate.InMemoryLayers(layers)
+    spill = calibrate.Spill()
+    with torch.no_grad():
+        inputs = calibrate.capture_inputs(model, layers, ids, "cpu")
+    sel = lambda i, layer: {f"{path}.{i}.{k}": m for k, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    calibrate.gradient_stats(model, path, layers, store, inputs, ids, "cpu", method, sel, spill, progress=False)
+    got = {**spill.pop("grad0"), **spill.pop("grad1")}
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-9)
+
+
+def test_skip_unsupported_shape_and_conv1d(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = make_llama(tok, hidden=64, intermediate=96)  # 96 is not a multiple of 64: MLP stays dense
+    mlp_before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    rep = _prune(model, tok, "magnitude", "64x64", 0.5, skip=r"k_proj$")
+    by = {r["name"]: r for r in rep.rows}
+    assert by["model.layers.0.self_attn.k_proj"]["status"] == "skipped"
+    assert "skip regex" in by["model.layers.0.self_attn.k_proj"]["reason"]
+    up = by["model.layers.0.mlp.up_proj"]
+    assert up["status"] == "dense" and "96x64 is not divisible by the 64x64" in up["reason"]
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, mlp_before)
+    assert by["model.layers.0.self_attn.q_proj"]["status"] == "pruned"
+    assert rep.totals()["skipped"] == 2 and "kept dense" in rep.table()
+    # GPT-2 keeps its Linear weights transposed (Conv1D): masks are in [out, in] like everywhere else
+    g = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    rep = _prune(g, tok, "sparsegpt", "2:4")
+    m = rep.masks["transformer.h.0.mlp.c_fc"]
+    assert m.shape == (256, 64)
+    formats.check_nm(m, 2, 4)
+    assert (g.transformer.h[0].mlp.c_fc.weight.t()[~m] == 0).all()
+
+
+def test_lm_head_only_when_asked(tok):
+    model = make_llama(tok)
+    rep = _prune(model, tok, "wanda", "2:4", include_lm_head=True)
+    assert rep.rows[-1]["name"] == "lm_head" and rep.rows[-1]["status"] == "pruned"
+    formats.check_nm(rep.masks["lm_head"], 2, 4)
+    assert (model.lm_head.weight[~rep.masks["lm_head"]] == 0).all()
+    tied = make_llama(tok, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="lm_head shares its weight with the input embeddings"):
+        _prune(tied, tok, "wanda", "2:4", include_lm_head=True)
+    with pytest.raises(ValueError, match="lm_head with taylor is not supported"):
+        _prune(make_llama(tok), tok, "taylor", "2:4", include_lm_head=True)
+
+
+@pytest.mark.parametrize("method,pattern,sparsity,err,msg", [
+    ("random", "2:4", None, ValueError, "unknown pruning method 'random'"),
+    ("wanda", "3x3", 0.5, ValueError, "unknown sparsity pattern '3x3'"),
+    ("wanda", "2:4", 0.6, ValueError, "sparsity is 0.5; got sparsity=0.6"),
+    ("wanda", "unstructured", 1.0, ValueError, r"sparsity must be in \(0, 1\)"),
+    ("wanda", "unstructured", 0.0, ValueError, r"sparsity must be in \(0, 1\)"),
+    ("wanda", "32x32", None, ValueError, "needs a target sparsity"),
+])
+def test_bad_arguments(tok, method, pattern, sparsity, err, msg):
+    model = make_llama(tok)
+    with pytest.raises(err, match=msg):
+        _prune(model, tok, method, pattern, sparsity)
+
+
+def test_unknown_option(tok):
+    with pytest.raises(TypeError, match="unknown option.*blocksz"):
+        _prune(make_llama(tok), tok, "wanda", "2:4", blocksz=64)
+
+
+def test_unknown_model_family():
+    class Weird(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+
+        def forward(self, input_ids):
+            return self.b(self.a(input_ids.float()))
+
+    with pytest.raises(UnknownModelFamily, match="Weird.*known layouts: model.layers.*transformer.h"):
+        sparserun.prune(Weird(), "magnitude", "2:4", calib=torch.ones(1, 8, dtype=torch.long))
+
+
+def test_calibration_files(tmp_path, tok):
+    with pytest.raises(CalibrationError, match="calibration file not found: .*nope.txt"):
+        _prune(make_llama(tok), tok, "wanda", "2:4", calib=tmp_path / "nope.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    with pytest.raises(CalibrationError, match="empty.txt is empty"):
+        _prune(make_llama(tok), tok, "wanda", "2:4", calib=empty)
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    with pytest.raises(CalibrationError, match="has only .* tokens; a window of seqlen 32"):
+        _prune(make_llama(tok), tok, "wanda", "2:4", calib=short)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    with pytest.raises(CalibrationError, match="bad.jsonl, line 2: expected an object with a string \"text\""):
+        calibrate.read_text(bad)
+    good = tmp_path / "good.jsonl"
+    text = calibrate.DEFAULT_CALIB.read_text()
+    good.write_text("\n".join(json.dumps({"text": p}) for p in text.split("\n\n")[:40]))
+    rep = _prune(make_llama(tok), tok, "wanda", "2:4", calib=good)
+    assert rep.calib["source"] == str(good)
+    with pytest.raises(CalibrationError, match="exceeds the model's max_position_embeddings 256"):
+        _prune(make_llama(tok), tok, "wanda", "2:4", seqlen=300)
+
+
+def test_default_calibration_windows(tok, minilm_dir):
+    from transformers import AutoTokenizer
+
+    cal = calibrate.calibration_data(None, tok, nsamples=5, seqlen=40, seed=3)
+    assert cal.input_ids.shape == (5, 40)
+    assert "calib_default.txt" in cal.source and cal.describe()["text_tokens"] > 3000
+    assert torch.equal(cal.input_ids, calibrate.calibration_data(None, tok, 5, 40, seed=3).input_ids)
+    bert = AutoTokenizer.from_pretrained(minilm_dir)
+    ids = calibrate.calibration_data(None, bert, nsamples=2, seqlen=16).input_ids
+    assert (ids[:, 0] == bert.cls_token_id).all() and (ids[:, -1] == bert.sep_token_id).all()
+    assert calibrate.DEFAULT_CALIB.read_text().count(" ") > 3000  # ~4k words of prose ship in the package
