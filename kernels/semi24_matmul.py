@@ -47,13 +47,12 @@ def candidate_configs(m: int, n: int, k: int, sms: int) -> list[dict]:
     out = []
     if m <= FMA_MAX_M:
         bm = triton.next_power_of_2(m)
-        for bn, bk in ((32, 256), (64, 256), (16, 512)):
+        # measured on H100 (benchmarks/results/*-semi24-decode-tune.log): few rows and a long K step per
+        # program stream the weight best; wide tiles (32-64 rows x 256) ran 2x slower
+        for bn, bk, warps in ((16, 512, 4), (8, 1024, 4), (16, 1024, 4), (8, 2048, 8), (4, 2048, 4)):
             split = _split_for(triton.cdiv(n, bn), triton.cdiv(k, bk), sms)
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GEMV=True, num_warps=4,
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GEMV=True, num_warps=warps,
                             num_stages=3))
-        split = _split_for(triton.cdiv(n, 32), triton.cdiv(k, 256), sms)
-        out.append(dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256, SPLIT_K=split, USE_DOT=False, num_warps=4,
-                        num_stages=3))
     if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
         # few candidates: each is a separate compile, and decode shapes are all alike (stream the weight)
@@ -74,8 +73,9 @@ def default_config(m: int, n: int, k: int, sms: int) -> dict:
     if m <= DECODE_MAX_M:
         fma = m <= FMA_MAX_M
         bm = triton.next_power_of_2(m) if fma else max(16, triton.next_power_of_2(m))
-        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=256, USE_DOT=not fma, GEMV=fma, num_warps=4, num_stages=3,
-                    SPLIT_K=_split_for(triton.cdiv(m, bm) * triton.cdiv(n, 64), triton.cdiv(k, 256), sms))
+        bn, bk = (16, 512) if fma else (128, 128)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=not fma, GEMV=fma, num_warps=4, num_stages=3,
+                    SPLIT_K=_split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), sms))
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, USE_DOT=True, num_warps=8, num_stages=3)
 
 
