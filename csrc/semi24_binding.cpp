@@ -19,9 +19,36 @@ const char* sparserun_semi24_error_string(int code);
 const char* sparserun_semi24_last_cuda_error(void);
 }
 
-#define SR_CHECK(cond, ...) TORCH_CHECK(cond, "semi24_gemm_cuda: ", __VA_ARGS__)
-
 namespace {
+
+// Error messages are assembled here with std::to_string and handed to TORCH_CHECK as one C string: streaming
+// an integer into TORCH_CHECK's ostream from this extension segfaulted on the GPU machine (nvcc's host
+// compiler /opt/gcc vs. torch's libstdc++: the crash was in std::ostream::_M_insert<long> resolved inside
+// the extension, seen on an H100 2026-11-22); C strings alone were fine.
+inline std::string piece(const char* s) { return s; }
+inline std::string piece(const std::string& s) { return s; }
+inline std::string piece(int64_t v) { return std::to_string(v); }
+inline std::string piece(int v) { return std::to_string(v); }
+inline std::string piece(c10::ScalarType t) { return c10::toString(t); }
+inline std::string piece(const c10::Device& d) { return d.str(); }
+inline std::string piece(c10::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::string s = "semi24_gemm_cuda: ";
+  ((s += piece(args)), ...);
+  return s;
+}
+#define SR_CHECK(cond, ...)                        \
+  do {                                             \
+    if (!(cond)) {                                 \
+      const std::string sr_msg_ = cat(__VA_ARGS__); \
+      TORCH_CHECK(false, sr_msg_.c_str());         \
+    }                                              \
+  } while (0)
 
 bool aligned16(const at::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0; }
 
