@@ -67,7 +67,7 @@ def backends(p, n, k, dtype):
     return out, dense
 
 
-def run(quick: bool, out_dir: str, dtype=torch.bfloat16, rep_ms: float = 60):
+def run(quick: bool, out_dir: str, dtype=torch.bfloat16, rep_ms: float = 40):
     env = environment()
     assert cuda_ext.load_extension() is not None, cuda_ext.why_unavailable()
     rows, failures = [], {}
