@@ -55,44 +55,64 @@ def bench_graph(fn, copies: int, calls: int = 64, replays: int = 7) -> float:
     return statistics.median(times)
 
 
-def random_mask_24(n: int, k: int) -> torch.Tensor:
-    score = torch.rand(n, k // 4, 4, device="cuda")
+def random_mask_24(n: int, k: int, device="cuda") -> torch.Tensor:
+    score = torch.rand(n, k // 4, 4, device=device)
     keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.argsort(-1)[..., :2], True)
     return keep.view(n, k)
 
 
-def random_block_mask(n: int, k: int, b: int, density: float) -> torch.Tensor:
+def random_block_mask(n: int, k: int, b: int, density: float, device="cuda") -> torch.Tensor:
     """Exactly round(density * blocks) blocks kept, placed uniformly at random (rows come out uneven)."""
     rb, cb = n // b, k // b
-    keep = torch.zeros(rb * cb, dtype=torch.bool, device="cuda")
-    keep[torch.randperm(rb * cb, device="cuda")[: round(density * rb * cb)]] = True
+    keep = torch.zeros(rb * cb, dtype=torch.bool, device=device)
+    keep[torch.randperm(rb * cb, device=device)[: round(density * rb * cb)]] = True
     return keep.view(rb, cb).repeat_interleave(b, 0).repeat_interleave(b, 1)
 
 
-def _layers(kind, n, k, dtype, copies):
+def _layers(kind, n, k, dtype, copies, device="cuda"):
     """`copies` SparseLinear layers of one kind (independent random weights), and their packed bytes."""
     from ..runtime.linear import SparseLinear
 
     out = []
     for _ in range(copies):
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=dtype)
+        lin = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
         torch.nn.init.normal_(lin.weight)
         if kind == "semi24":
-            mask, pat = random_mask_24(n, k), "2:4"
+            mask, pat = random_mask_24(n, k, device), "2:4"
         else:
             b, d = kind
-            mask, pat = random_block_mask(n, k, b, d), f"{b}x{b}"
+            mask, pat = random_block_mask(n, k, b, d, device), f"{b}x{b}"
         out.append(SparseLinear.from_linear(lin, mask, pat))
     return out, out[0].packed().nbytes()
 
 
+def _cpu_bench(fn, copies, rep_ms=None) -> float:
+    """Dry-run timer (CPU, Triton interpreter): median wall ms of a few calls. Proves the harness runs;
+    the numbers mean nothing about GPUs and are labelled so."""
+    import time
+
+    fn(0)
+    times = []
+    for i in range(3):
+        t = time.perf_counter()
+        fn(i % copies)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
 def run(shapes=ALL_SHAPES, m_values=M_VALUES, dtypes=("bf16", "fp16"), block_variants=BLOCK_VARIANTS,
-        rep_ms=40, fp16_m_values=None) -> dict:
+        rep_ms=40, fp16_m_values=None, dry_run=False) -> dict:
+    """Time every backend on every (dtype, shape, M). dry_run: CPU tensors through the Triton interpreter,
+    wall-clock timing, no copies rotated, no graphs (checks the harness end to end without a GPU)."""
     from ..kernels import _tuning
     from .. import ops
 
+    dev = "cpu" if dry_run else "cuda"
+    timer = _cpu_bench if dry_run else bench
     env = environment()
-    env["copy_gbs"] = copy_bandwidth_gbs()
+    env["copy_gbs"] = 1.0 if dry_run else copy_bandwidth_gbs()
+    if dry_run:
+        env["dry_run"] = "CPU + Triton interpreter: timings are not GPU numbers"
     print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  copy {env['copy_gbs']:.0f} GB/s",
           flush=True)
     rows, failures = [], {}
@@ -103,22 +123,25 @@ def run(shapes=ALL_SHAPES, m_values=M_VALUES, dtypes=("bf16", "fp16"), block_var
         for sname, n, k in shapes:
             dense_bytes = n * k * esize
             nc = n_copies(dense_bytes)
-            dense_w = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(nc)]
+            if dry_run:
+                nc = 1
+            dense_w = [torch.randn(n, k, device=dev, dtype=dtype) for _ in range(nc)]
             # candidates: name -> (weight bytes, per-copy callable factory, density)
             cands = {}
             try:
-                layers24, nb24 = _layers("semi24", n, k, dtype, n_copies(int(dense_bytes * 0.5625)))
+                layers24, nb24 = _layers("semi24", n, k, dtype, 1 if dry_run else n_copies(int(dense_bytes * 0.5625)),
+                                         dev)
                 cands["sparserun_2:4"] = (layers24, nb24, 0.5)
             except Exception as e:
                 failures[f"sparserun_2:4/{dname}/{sname}/pack"] = repr(e)[:300]
             for b, d in block_variants:
                 try:
-                    lays, nb = _layers((b, d), n, k, dtype, n_copies(int(dense_bytes * d)))
+                    lays, nb = _layers((b, d), n, k, dtype, 1 if dry_run else n_copies(int(dense_bytes * d)), dev)
                     cands[f"sparserun_{b}x{b}_d{d}"] = (lays, nb, d)
                 except Exception as e:
                     failures[f"bsr{b}/d{d}/{dname}/{sname}/pack"] = repr(e)[:300]
             torch24 = {}
-            for bname, conv in torch_24_backends():
+            for bname, conv in ([] if dry_run else torch_24_backends()):
                 try:
                     torch24[bname] = [conv(lay.dense_weight()) for lay in layers24]
                 except Exception as e:
@@ -126,7 +149,7 @@ def run(shapes=ALL_SHAPES, m_values=M_VALUES, dtypes=("bf16", "fp16"), block_var
             for m in ms_list:
                 io_bytes = (m * k + m * n) * esize
                 ncx = max(nc, max(len(v[0]) for v in cands.values()) if cands else 1)
-                xs = [torch.randn(m, k, device="cuda", dtype=dtype) for _ in range(min(ncx, 8))]
+                xs = [torch.randn(m, k, device=dev, dtype=dtype) for _ in range(1 if dry_run else min(ncx, 8))]
                 nx = len(xs)
                 fns = {"dense_cublas": (lambda i: F.linear(xs[i % nx], dense_w[i]), nc, dense_bytes, 1.0)}
                 for bname, sws in torch24.items():
@@ -147,9 +170,9 @@ def run(shapes=ALL_SHAPES, m_values=M_VALUES, dtypes=("bf16", "fp16"), block_var
                             rel = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
                             if not rel < 2e-2:
                                 raise RuntimeError(f"wrong result: relative error {rel:.3g}")
-                        ms = bench(fn, copies, rep_ms=rep_ms)
+                        ms = timer(fn, copies, rep_ms=rep_ms)
                         gms = None
-                        if m <= GRAPH_MAX_M:
+                        if m <= GRAPH_MAX_M and not dry_run:
                             try:
                                 gms = bench_graph(fn, copies)
                             except Exception as e:
@@ -157,7 +180,8 @@ def run(shapes=ALL_SHAPES, m_values=M_VALUES, dtypes=("bf16", "fp16"), block_var
                         res[name] = (ms, gms, wbytes, d)
                     except Exception as e:
                         failures[key] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                        torch.cuda.synchronize()
+                        if not dry_run:
+                            torch.cuda.synchronize()
                 dense_ms, dense_g = res.get("dense_cublas", (None, None, 0, 1))[:2]
                 t24 = res.get("torch_cusparselt", (None, None))
                 for name, (ms, gms, wbytes, d) in res.items():
@@ -176,7 +200,8 @@ def run(shapes=ALL_SHAPES, m_values=M_VALUES, dtypes=("bf16", "fp16"), block_var
                 print(f"{dname} {sname:24s} M={m:5d} us: {line}", flush=True)
                 del xs
             del dense_w, cands, torch24
-            torch.cuda.empty_cache()
+            if not dry_run:
+                torch.cuda.empty_cache()
     tuned = {repr(k_): v for k_, v in _tuning.tuned().items()}
     return {"env": env, "rows": rows, "failures": failures, "tuned_configs": tuned}
 
@@ -230,7 +255,10 @@ def write(result: dict, out_dir="benchmarks/results", kind="kernels") -> None:
     stem = results_stem(kind, result["env"], out_dir)
     write_json(stem.with_suffix(".json"), result)
     env = result["env"]
-    md = [f"# Kernel benchmark on {env['gpu']}", "",
+    md = [f"# Kernel benchmark on {env['gpu']}", ""]
+    if env.get("dry_run"):
+        md += [f"**DRY RUN** ({env['dry_run']}).", ""]
+    md += [
           f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env.get('sm_count')} SMs, "
           f"L2 {env.get('l2_mb')} MB, measured {env['date']}. Copy bandwidth (read + write): "
           f"**{env['copy_gbs']:.0f} GB/s**.", "",
@@ -260,7 +288,21 @@ def main(argv=None) -> int:
     ap.add_argument("--kind", default="kernels", help="results file suffix")
     ap.add_argument("--blocks", default="all", help="'none' to time only 2:4 (and the baselines)")
     ap.add_argument("--m", default=None, help="comma-separated M values (default: the full sweep)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU: tiny shapes on the CPU through the Triton interpreter (checks the harness)")
     a = ap.parse_args(argv)
+    return run_cli(a)
+
+
+def run_cli(a) -> int:
+    if a.dry_run:
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        res = run(shapes=[("tiny 64x128", 64, 128)], m_values=[1, 3, 33], dtypes=("fp16",),
+                  block_variants=[(32, 0.5)], dry_run=True)
+        write(res, a.out, a.kind + "-dryrun")
+        return 0
     if not torch.cuda.is_available():
         print("error: the kernel benchmark needs a CUDA GPU (CPU correctness lives in the tests)", file=sys.stderr)
         return 2
@@ -277,3 +319,18 @@ def main(argv=None) -> int:
                   block_variants=blocks)
     write(res, a.out, a.kind)
     return 0
+
+
+def add_bench_kernels(bsub) -> None:
+    """`sparserun bench kernels`: the same options as benchmarks/bench_kernels.py."""
+    p = bsub.add_parser("kernels", help="kernel benchmark vs cuBLAS and torch 2:4 (writes benchmarks/results)",
+                        description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--dtypes", default="bf16,fp16")
+    p.add_argument("--shapes", default=None)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--kind", default="kernels")
+    p.add_argument("--blocks", default="all")
+    p.add_argument("--m", default=None)
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=run_cli)
