@@ -15,10 +15,10 @@ _cache: dict[tuple, dict] = {}
 
 
 def _cannot_time() -> bool:
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return True
     compiler = getattr(torch, "compiler", None)
-    return bool(compiler and getattr(compiler, "is_compiling", lambda: False)())
+    if compiler is not None and getattr(compiler, "is_compiling", lambda: False)():
+        return True  # checked first: torch.compile cannot trace the capture query below
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def pick(key: tuple, candidates: list[dict], launch: Callable[[dict], None], default: dict) -> dict:

@@ -40,10 +40,8 @@ def forced_backend() -> str:
 
 
 def _cannot_time() -> bool:
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+    # is_compiling first: torch.compile cannot trace is_current_stream_capturing (it returns a bool)
+    return _compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def _compiling() -> bool:
@@ -83,6 +81,16 @@ def triton_ok(layer, x: torch.Tensor) -> bool:
 
 
 # ---- prepared operands (plain attributes, not buffers) ---------------------------------------------
+def _stale(hit, layer) -> bool:
+    """Is a cached (key, operands) entry missing or built from other weights? While torch.compile traces,
+    data pointers cannot be read, so an existing entry is trusted (eager calls keep entries fresh)."""
+    if hit is None:
+        return True
+    if _compiling():
+        return False
+    return hit[0] != _data_key(layer)
+
+
 def _data_key(layer):
     v = layer.values
     meta = getattr(layer, "meta", None)
@@ -91,9 +99,8 @@ def _data_key(layer):
 
 def dense_cached(layer) -> torch.Tensor:
     """Decompress once per (device, dtype, data version); the cache is not part of the state_dict."""
-    key = _data_key(layer)
-    if layer._dense_cache is None or layer._dense_cache[0] != key:
-        layer._dense_cache = (key, layer.dense_weight())
+    if _stale(layer._dense_cache, layer):
+        layer._dense_cache = (_data_key(layer), layer.dense_weight())
     return layer._dense_cache[1]
 
 
@@ -101,20 +108,18 @@ def cuda_cached(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """The (vf, ef) operands of csrc/semi24_gemm.cu, repacked once from the portable layout."""
     from . import cuda_ext
 
-    key = _data_key(layer)
     hit = getattr(layer, "_sr_cuda", None)
-    if hit is None or hit[0] != key:
+    if _stale(hit, layer):
         vf, ef = cuda_ext.repack(layer.values, layer.meta, layer.out_features, layer.in_features)
-        layer._sr_cuda = hit = (key, vf, ef)
+        layer._sr_cuda = hit = (_data_key(layer), vf, ef)
     return hit[1], hit[2]
 
 
 def cslt_cached(layer) -> torch.Tensor:
     """torch._cslt_compress of the dense weight, once."""
-    key = _data_key(layer)
     hit = getattr(layer, "_sr_cslt", None)
-    if hit is None or hit[0] != key:
-        layer._sr_cslt = hit = (key, torch._cslt_compress(dense_cached(layer)))
+    if _stale(hit, layer):
+        layer._sr_cslt = hit = (_data_key(layer), torch._cslt_compress(dense_cached(layer)))
     return hit[1]
 
 
@@ -126,7 +131,7 @@ def _has_cache(layer, backend: str) -> bool:
     if attr is None:
         return True
     hit = getattr(layer, attr, None)
-    return hit is not None and hit[0] == _data_key(layer)
+    return not _stale(hit, layer)
 
 
 def release_unused_caches(layer) -> None:
