@@ -29,10 +29,14 @@ def test_non_editable_install_ships_kernels(tmp_path):
     assert not (target / "kernels").exists(), "kernels/ must ship inside the package, not as a top-level one"
     kernel_files = sorted(p.name for p in (ROOT / "kernels").glob("*.py"))
     assert sorted(p.name for p in (target / "sparserun" / "kernels").glob("*.py")) == kernel_files
+    # the CUDA sources ship too, so the extension can be built on first use from a wheel install
+    assert (target / "sparserun" / "csrc" / "semi24_gemm.cu").is_file()
+    assert (target / "sparserun" / "csrc" / "semi24_binding.cpp").is_file()
 
     env = {**os.environ, "PYTHONPATH": str(target)}
     code = ("import sparserun, sparserun.kernels, sparserun.formats, sparserun.runtime.linear, sparserun.cli;"
-            "print(sparserun.__file__); print(sparserun.kernels.__file__)")
+            "from sparserun.runtime import cuda_ext;"
+            "print(sparserun.__file__); print(sparserun.kernels.__file__); print(cuda_ext._CSRC)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]

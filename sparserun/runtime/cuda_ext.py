@@ -36,7 +36,19 @@ ERROR_CODES = {0: "ok", 1: "bad shape", 2: "bad dtype", 3: "bad alignment", 4: "
                5: "bad config", 6: "launch failed", 7: "CUDA error"}
 NUM_CONFIGS = 3  # csrc/semi24_gemm.cu: 0 = decode (32x16), 1 = medium (64x64), 2 = prefill (128x128)
 
-_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+
+def _csrc_dir() -> Path:
+    """csrc/ ships as the data package sparserun.csrc (pyproject); a source checkout has it at the top."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sparserun.csrc")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parents[2] / "csrc"
+
+
+_CSRC = _csrc_dir()
 _SOURCES = ("semi24_gemm.cu", "semi24_binding.cpp")
 
 
