@@ -83,3 +83,13 @@ def sparse_linear_triton(layer, x: Tensor) -> Tensor:
         return bsr_linear(x, layer.crow_indices, layer.col_indices, layer.values, layer.bias,
                           layer.max_row_blocks)
     raise ValueError(f"no Triton kernel for format {layer.format!r}")
+
+
+# ---- CUDA 2:4 (csrc/) -----------------------------------------------------------------------------
+def semi24_gemm_cuda(x: Tensor, vf: Tensor, ef: Tensor, bias: Optional[Tensor], n: int) -> Tensor:
+    """The mma.sp kernel's op, `sparserun::semi24_gemm_cuda`. It is registered in runtime/cuda_ext.py next
+    to the just-in-time build it needs; this is its entry here so every kernel op is reachable from one
+    module. vf, ef: the operands of `cuda_ext.repack(values, meta, n, k)`."""
+    from .runtime.cuda_ext import semi24_gemm_cuda as op
+
+    return op(x, vf, ef, bias, n)
