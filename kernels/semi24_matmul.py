@@ -95,6 +95,24 @@ def interpreter_config(m: int, n: int, k: int) -> dict:
 
 
 @triton.jit
+def _load_groups(vals_ptr, meta_ptr, offs_n, g, mask_w, stride_vn, stride_mn, wdt, PAIRED: tl.constexpr):
+    """Rows offs_n, groups g: the two stored values (v0, v1) and their in-group positions (i0, i1), each a
+    [len(offs_n), len(g)] tile. PAIRED: values read as one 32-bit word per group (16-bit weights)."""
+    if PAIRED:
+        pair = tl.load(vals_ptr + offs_n[:, None] * stride_vn + g[None, :], mask=mask_w, other=0)
+        v0 = (pair & 0xFFFF).to(tl.uint16).to(wdt, bitcast=True)
+        v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(wdt, bitcast=True)
+    else:
+        vp = vals_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :]
+        v0 = tl.load(vp, mask=mask_w, other=0.0)
+        v1 = tl.load(vp + 1, mask=mask_w, other=0.0)
+    # group 2j's nibble is the low half of meta byte j
+    mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (g // 2)[None, :], mask=mask_w, other=0)
+    nib = (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF
+    return v0, v1, nib & 3, nib >> 2
+
+
+@triton.jit
 def _semi24_matmul_kernel(
     # pointers
     x_ptr, vals_ptr, meta_ptr, bias_ptr, out_ptr, part_ptr,
@@ -145,19 +163,8 @@ def _semi24_matmul_kernel(
         g = ks * G + offs_g  # group index along the row
         mask_w = mask_n[:, None] & (g[None, :] < NG)
         # -------------------------------------------------------------------------------------------
-        # compressed weight: the two values and the nibble of each group, as [BLOCK_N, G] tiles
-        if PAIRED:
-            pair = tl.load(vals_ptr + offs_n[:, None] * stride_vn + g[None, :], mask=mask_w, other=0)
-            v0 = (pair & 0xFFFF).to(tl.uint16).to(wdt, bitcast=True)
-            v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(wdt, bitcast=True)
-        else:
-            vp = vals_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :]
-            v0 = tl.load(vp, mask=mask_w, other=0.0)
-            v1 = tl.load(vp + 1, mask=mask_w, other=0.0)
-        mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (g // 2)[None, :], mask=mask_w, other=0)
-        nib = (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF
-        i0 = nib & 3
-        i1 = nib >> 2
+        # compressed weight: the two values and two positions of each group, as [BLOCK_N, G] tiles
+        v0, v1, i0, i1 = _load_groups(vals_ptr, meta_ptr, offs_n, g, mask_w, stride_vn, stride_mn, wdt, PAIRED)
         # -------------------------------------------------------------------------------------------
         # dense weight split by in-group position j: w_j[n, g] = W[n, 4g + j]; x_j[m, g] = x[m, 4g + j].
         # Four [*, G] tiles instead of one interleaved [*, 4G] tile: no register shuffles to expand.
@@ -217,20 +224,9 @@ def _semi24_gemv_kernel(
     for ks in range(k_begin, k_end):
         g = ks * G + offs_g
         mask_w = mask_n[:, None] & (g[None, :] < NG)
-        if PAIRED:
-            pair = tl.load(vals_ptr + offs_n[:, None] * stride_vn + g[None, :], mask=mask_w, other=0)
-            v0 = (pair & 0xFFFF).to(tl.uint16).to(wdt, bitcast=True)
-            v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(wdt, bitcast=True)
-        else:
-            vp = vals_ptr + offs_n[:, None] * stride_vn + 2 * g[None, :]
-            v0 = tl.load(vp, mask=mask_w, other=0.0)
-            v1 = tl.load(vp + 1, mask=mask_w, other=0.0)
+        v0, v1, i0, i1 = _load_groups(vals_ptr, meta_ptr, offs_n, g, mask_w, stride_vn, stride_mn, wdt, PAIRED)
         v0 = v0.to(tl.float32)
         v1 = v1.to(tl.float32)
-        mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (g // 2)[None, :], mask=mask_w, other=0)
-        nib = (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF
-        i0 = nib & 3
-        i1 = nib >> 2
         for j in tl.static_range(4):
             w_j = tl.where(i0 == j, v0, tl.where(i1 == j, v1, 0.0))
             kk = 4 * g + j

@@ -7,7 +7,6 @@ measured model speedup. Writes only under a temporary directory (removed at the 
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
 import torch
 import torch.nn.functional as F
 
 from .shapes import ALL_SHAPES, M_VALUES
-from .timing import (bench, copy_bandwidth_gbs, environment, markdown_table, n_copies,
+from .timing import (bench, copy_bandwidth_gbs, environment, finish_results, markdown_table, n_copies,
                      results_stem, write_json)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -141,15 +140,7 @@ def write(result: dict, out_dir="benchmarks/results") -> None:
           "",
           markdown_table(result["rows"], ["dtype", "shape", "M", "backend", "ms", "speedup_vs_dense",
                                           "tflops", "gbs", "frac_copy_bw"])]
-    if result["failures"]:
-        md += ["", "## Failures (recorded, not crashed)", ""]
-        md += [f"- `{k}`: {v}" for k, v in sorted(result["failures"].items())]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    try:
-        plot(result, stem.with_suffix(".png"))
-    except Exception:
-        traceback.print_exc()
-    print(f"wrote {stem}.json/.md/.png")
+    finish_results(stem, md, result, plot)
 
 
 def main(argv=None) -> int:

@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import traceback
 
 import torch
 import torch.nn.functional as F
 
 from .baselines import DTYPES, torch_24_backends
 from .shapes import ALL_SHAPES, M_VALUES
-from .timing import bench, copy_bandwidth_gbs, environment, markdown_table, n_copies, results_stem, write_json
+from .timing import (bench, copy_bandwidth_gbs, environment, finish_results, markdown_table, n_copies,
+                     results_stem, write_json)
 
 BLOCK_VARIANTS = [(32, 0.5), (32, 0.3), (32, 0.1), (64, 0.5), (64, 0.3), (64, 0.1)]
 GRAPH_MAX_M = 16
@@ -268,15 +268,7 @@ def write(result: dict, out_dir="benchmarks/results", kind="kernels") -> None:
           markdown_table(result["rows"], ["dtype", "shape", "M", "backend", "ms", "speedup_vs_dense",
                                           "speedup_vs_torch24", "frac_copy_bw", "graph_ms",
                                           "graph_speedup_vs_dense", "graph_frac_copy_bw"])]
-    if result["failures"]:
-        md += ["", "## Failures (recorded, not crashed)", ""]
-        md += [f"- `{k}`: {v}" for k, v in sorted(result["failures"].items())]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    try:
-        plot(result, stem.with_suffix(".png"))
-    except Exception:
-        traceback.print_exc()
-    print(f"wrote {stem}.json/.md/.png")
+    finish_results(stem, md, result, plot)
 
 
 def main(argv=None) -> int:

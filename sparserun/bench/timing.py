@@ -101,3 +101,19 @@ def markdown_table(rows: Sequence[dict], cols: Sequence[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def finish_results(stem: Path, md: list, result: dict, plot) -> None:
+    """Append recorded failures to the markdown lines, write the .md and the .png (a plotting error is
+    printed, never lost results), and say where they went."""
+    import traceback
+
+    if result["failures"]:
+        md += ["", "## Failures (recorded, not crashed)", ""]
+        md += [f"- `{k}`: {v}" for k, v in sorted(result["failures"].items())]
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    try:
+        plot(result, stem.with_suffix(".png"))
+    except Exception:
+        traceback.print_exc()
+    print(f"wrote {stem}.json/.md/.png")

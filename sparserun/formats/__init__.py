@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import bitmask, bsr, semi24
-from .common import Packed, PatternViolation, UnsupportedShape, check_weight
+from .common import Packed, PatternViolation, UnsupportedShape
 from ..patterns import Pattern, parse
 
 FORMATS = {"semi24": semi24, "bsr": bsr, "bitmask": bitmask}
