@@ -37,7 +37,6 @@ GPU numbers and its files say so.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -52,7 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .timing import environment, markdown_table, results_stem, write_json
+from .timing import environment, finish_results, markdown_table, results_stem, write_json
 
 # Llama-3.1-8B's shapes (rope scaling left at the config default: it changes no shape and no kernel)
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -234,6 +233,13 @@ def prepared_bytes(model) -> int:
     return total
 
 
+def release_prepared(model) -> None:
+    for m in model.modules():
+        for attr in ("_dense_cache", "_sr_cuda", "_sr_cslt"):
+            if getattr(m, attr, None) is not None:
+                setattr(m, attr, None)
+
+
 def kv_cache_bytes(cfg, batch: int, max_len: int, dtype) -> int:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     esize = torch.empty((), dtype=dtype).element_size()
@@ -323,21 +329,36 @@ def measure(model, variant: Variant, batch: int, prompt: int, modes, *, decode_t
     dtype = model.model.embed_tokens.weight.dtype
     gen = torch.Generator(device=dev).manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=dev, generator=gen)
-    # eager warm-up decode (2 steps) + per-mode warm-up + timed steps, all after the prompt
+    # after the prompt: 2 eager dispatcher warm-up steps, the mode's warm-up steps, the timed steps
     max_len = prompt + 2 + warmup + decode_tokens
     kv = kv_cache_bytes(cfg, batch, max_len, dtype)
     failures: dict[str, str] = {}
+    # operands the dispatcher prepared for an earlier shape (e.g. a dense copy chosen at a large prefill) would
+    # count in this shape's memory; dropped here, they are rebuilt on demand during the untimed warm-ups
+    release_prepared(model)
     torch._dynamo.reset()
     _free()
     _mem_reset(cuda)
     cache = StaticCache(config=cfg, max_cache_len=max_len)
     prompt_pos = torch.arange(prompt, device=dev)
+    # one contiguous tensor per step, made before any timing: plain inputs for CUDA graphs to copy from
+    cps = [torch.full((1,), prompt + i, device=dev, dtype=torch.long) for i in range(max_len - prompt)]
+    pids = [torch.full((batch, 1), prompt + i, device=dev, dtype=torch.long) for i in range(max_len - prompt)]
 
     def prefill():
+        # reset() zeroes the cache in place (graphs keep its addresses). Newer transformers track the write
+        # position inside StaticCache and ignore cache_position, so every prefill must start from a reset.
+        cache.reset()
         return model(input_ids=ids, past_key_values=cache, cache_position=prompt_pos, use_cache=True,
                      logits_to_keep=1).logits
 
-    # prefill: one warm-up (tunes the dispatcher for this M, fills the cache), then timed repetitions
+    def step(fwd, nxt, i):
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
+        logits = fwd(input_ids=nxt, past_key_values=cache, cache_position=cps[i], position_ids=pids[i],
+                     use_cache=True).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    # prefill: one warm-up (tunes the dispatcher for this M), then timed repetitions
     with torch.no_grad():
         prefill()
         clock.sync()
@@ -357,22 +378,9 @@ def measure(model, variant: Variant, batch: int, prompt: int, modes, *, decode_t
                 block=variant.block, batch=batch, prompt=prompt, prefill_ms=statistics.median(prefill_ms),
                 ttft_ms=statistics.median(ttft_ms), kv_bytes=kv, peak_prefill_bytes=peak_prefill,
                 prefill_tok_s=batch * prompt / (statistics.median(prefill_ms) * 1e-3))
-    positions = torch.arange(prompt, max_len, device=dev)
-
-    def step(fwd, nxt, i):
-        cp = positions[i:i + 1]
-        torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
-        logits = fwd(input_ids=nxt, past_key_values=cache, cache_position=cp,
-                     position_ids=cp[None].expand(batch, 1), use_cache=True).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
 
     rows = []
     with torch.no_grad():
-        # eager decode steps first: the dispatcher measures and caches its choice for the decode M bucket
-        # outside any capture or trace (dispatch.py: "warm up eagerly before capturing")
-        nxt = step(model.forward, first, 0)
-        nxt = step(model.forward, nxt, 1)
-        clock.sync()
         for mode in modes:
             try:
                 from torch._dynamo.utils import counters
@@ -380,10 +388,14 @@ def measure(model, variant: Variant, batch: int, prompt: int, modes, *, decode_t
                 torch._dynamo.reset()
                 counters.clear()
                 _free()
-                _mem_reset(cuda)
+                first = prefill()[:, -1].argmax(-1, keepdim=True)
+                # eager steps first: the dispatcher measures and caches its choice for the decode M bucket
+                # outside any capture or trace (dispatch.py: "warm up eagerly before capturing")
+                x = step(model.forward, first, 0)
+                x = step(model.forward, x, 1)
+                _mem_reset(cuda)  # the decode-phase peak starts here (the prefill's is peak_prefill_bytes)
                 fwd, impl = _forward_fn(model, mode, dry_run)
                 t0 = time.perf_counter()
-                x = nxt
                 for i in range(warmup):
                     x = step(fwd, x, 2 + i)
                 clock.sync()
@@ -392,22 +404,19 @@ def measure(model, variant: Variant, batch: int, prompt: int, modes, *, decode_t
                 for i in range(decode_tokens):
                     x = step(fwd, x, 2 + warmup + i)
                 ms = clock.ms_since(s)
-                skips = int(sum(counters["inductor"].get(k, 0) for k in counters["inductor"]
-                                if "cudagraph_skips" in k))
-                row = dict(base, mode=mode, mode_impl=impl, decode_tokens=decode_tokens,
-                           decode_ms=ms / decode_tokens, decode_tok_s=batch * decode_tokens / (ms * 1e-3),
-                           decode_tok_s_per_seq=decode_tokens / (ms * 1e-3), compile_s=compile_s,
-                           cudagraph_skips=skips, peak_decode_bytes=_mem_peak(cuda),
-                           extra_bytes=prepared_bytes(model), backends=backend_choices(variant))
-                row["mem_ok"] = None
-                rows.append(row)
+                skips = int(sum(v for k, v in counters["inductor"].items() if "cudagraph_skips" in k))
+                rows.append(dict(base, mode=mode, mode_impl=impl, decode_tokens=decode_tokens,
+                                 decode_ms=ms / decode_tokens, decode_tok_s=batch * decode_tokens / (ms * 1e-3),
+                                 decode_tok_s_per_seq=decode_tokens / (ms * 1e-3), compile_s=compile_s,
+                                 cudagraph_skips=skips, peak_decode_bytes=_mem_peak(cuda),
+                                 extra_bytes=prepared_bytes(model), backends=backend_choices(variant)))
                 del fwd
             except Exception as e:  # recorded, never crashes the run: the other modes and variants still run
                 failures[mode] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]
                 if os.environ.get("SPARSERUN_BENCH_DEBUG"):
                     traceback.print_exc()
                 _free()
-    del cache
+    cache = None  # free the KV cache before the next shape
     torch._dynamo.reset()
     _free()
     return rows, failures
@@ -437,9 +446,13 @@ def run(*, config_kw: dict | None = None, variants=None, batches=BATCHES, prompt
     env["transformers"] = transformers.__version__
     if dry_run:
         env["dry_run"] = "CPU, tiny config, compile stand-ins without CUDA graphs: timings are not GPU numbers"
-    old_backend = os.environ.get("SPARSERUN_BACKEND")
+    old_backend, old_threads = os.environ.get("SPARSERUN_BACKEND"), torch.get_num_threads()
     if backend:
         os.environ["SPARSERUN_BACKEND"] = backend
+    if device.type == "cpu":
+        # tiny CPU ops: with several intra-op threads on a busy machine, OpenMP's waiting threads stalled
+        # every step by ~100 ms (measured); one thread keeps the dry run fast and its timings stable
+        torch.set_num_threads(1)
     from ..runtime.dispatch import forced_backend
 
     result = {"kind": "e2e", "env": env, "config": config_kw,
@@ -458,7 +471,8 @@ def run(*, config_kw: dict | None = None, variants=None, batches=BATCHES, prompt
         result["failures"] = prev.get("failures", {})
     say(f"# e2e: {env['gpu']}  torch {env['torch']}  transformers {env['transformers']}  "
         f"{config_kw['num_hidden_layers']} layers x hidden {config_kw['hidden_size']}  "
-        f"backend {forced_backend()}{'  DRY RUN' if dry_run else ''}")
+        f"backend {forced_backend()}"
+        + ("  DRY RUN (*: dynamo eager/aot_eager stand-ins, no CUDA graphs)" if dry_run else ""))
     try:
         model = build_skeleton(config_kw, device, dtype)
         for variant in variants:
@@ -478,12 +492,15 @@ def run(*, config_kw: dict | None = None, variants=None, batches=BATCHES, prompt
                                               warmup=warmup, prefill_reps=prefill_reps, device=device,
                                               dry_run=dry_run)
                     except Exception as e:  # prefill failed (e.g. out of memory): record, go on
+                        if os.environ.get("SPARSERUN_BENCH_DEBUG"):
+                            traceback.print_exc()
                         rows, fails = [], {"prefill": f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]}
                         _free()
                     for r in rows:
                         r.update(sizes, weights_bytes=weights, run_id=run_id)
                         r["mem_ok"] = _mem_ok(r)
-                        say(f"{variant.name:9s} b={batch:<3d} p={prompt:<5d} {r['mode']:10s} "
+                        say(f"{variant.name:9s} b={batch:<3d} p={prompt:<5d} "
+                            f"{r['mode'] + ('*' if dry_run and r['mode'] != 'eager' else ''):11s} "
                             f"decode {r['decode_tok_s']:9.1f} tok/s ({r['decode_ms']:.2f} ms/step)  "
                             f"prefill {r['prefill_ms']:.1f} ms  ttft {r['ttft_ms']:.1f} ms"
                             + (f"  peak {r['peak_decode_bytes'] / 2**30:.2f} GiB" if r["peak_decode_bytes"]
@@ -500,6 +517,7 @@ def run(*, config_kw: dict | None = None, variants=None, batches=BATCHES, prompt
                 write(result, stem)
         result["complete"] = True
     finally:
+        torch.set_num_threads(old_threads)
         if backend:
             if old_backend is None:
                 os.environ.pop("SPARSERUN_BACKEND", None)
@@ -508,7 +526,6 @@ def run(*, config_kw: dict | None = None, variants=None, batches=BATCHES, prompt
     summarize(result)
     if stem is not None:
         write(result, stem)
-        say(f"wrote {stem}.json/.md/.png")
     return result
 
 
@@ -545,6 +562,12 @@ def _best_tok_s(rows, r) -> float:
                and x["batch"] == r["batch"] and x["prompt"] == r["prompt"])
 
 
+def _row_order(r: dict):
+    order = {v.name: i for i, v in enumerate(all_variants())}
+    return (r["prompt"], r["batch"], order.get(r["variant"], 99), MODES.index(r["mode"]) if r["mode"] in MODES
+            else 99)
+
+
 def best_rows(result: dict) -> list[dict]:
     """One row per (variant, batch, prompt): its best decode mode."""
     best: dict = {}
@@ -552,8 +575,7 @@ def best_rows(result: dict) -> list[dict]:
         k = (r["variant"], r["batch"], r["prompt"])
         if k not in best or r["decode_tok_s"] > best[k]["decode_tok_s"]:
             best[k] = r
-    order = {v.name: i for i, v in enumerate(all_variants())}
-    return sorted(best.values(), key=lambda r: (r["prompt"], r["batch"], order.get(r["variant"], 99)))
+    return sorted(best.values(), key=_row_order)
 
 
 TARGETS = [  # (variant, what, target speedup): DESIGN.md / issue 7, batch-1 decode vs dense
@@ -570,7 +592,8 @@ def targets(result: dict) -> list[str]:
             lines.append(f"- {what}: target >= {target}x dense: **not measured**")
             continue
         for r in sorted(rows, key=lambda r: r["prompt"]):
-            ok = "met" if r["speedup"] >= target else "not met"
+            ok = ("dry run: no verdict" if result["env"].get("dry_run")
+                  else "met" if r["speedup"] >= target else "not met")
             lines.append(f"- {what}, prompt {r['prompt']}: **{r['speedup']:.2f}x** dense tokens/s "
                          f"(target >= {target}x: {ok}; {r['mode']} vs dense {r['dense_best_mode']})")
     mem = [r for r in result["rows"] if r.get("mem_ok") is not None and r["variant"] != "dense"]
@@ -603,7 +626,7 @@ def headline_table(result: dict) -> str:
                                  "prefill speedup", "TTFT ms", "peak GiB", "checkpoint GiB"])
 
 
-def to_markdown(result: dict) -> str:
+def markdown_lines(result: dict) -> list[str]:
     env, st, cfg = result["env"], result["settings"], result["config"]
     md = [f"# End-to-end decode benchmark on {env['gpu']}", ""]
     if env.get("dry_run"):
@@ -627,8 +650,7 @@ def to_markdown(result: dict) -> str:
                                 peak_prefill_gib=_gib(r["peak_prefill_bytes"]), extra_gib=_gib(r["extra_bytes"]),
                                 kv_gib=_gib(r["kv_bytes"]), weights_gib=_gib(r["weights_bytes"]),
                                 checkpoint_gib=_gib(r["checkpoint_bytes"]))
-                           for r in sorted(result["rows"], key=lambda r: (r["prompt"], r["batch"], r["variant"],
-                                                                          r["mode"]))],
+                           for r in sorted(result["rows"], key=_row_order)],
                           ["prompt", "batch", "variant", "mode", "decode_tok_s", "decode_ms", "speedup_same_mode",
                            "prefill_ms", "ttft_ms", "compile_s", "cudagraph_skips", "weights_gib", "kv_gib",
                            "extra_gib", "peak_decode_gib", "peak_prefill_gib", "mem_ok", "checkpoint_gib"])]
@@ -636,10 +658,7 @@ def to_markdown(result: dict) -> str:
     if choices:
         md += ["", "## Backends the dispatcher chose", ""]
         md += [f"- {v}: {'; '.join(c)}" for v, c in choices.items()]
-    if result["failures"]:
-        md += ["", "## Failures (recorded, not crashed)", ""]
-        md += [f"- `{k}`: {v}" for k, v in sorted(result["failures"].items())]
-    return "\n".join(md) + "\n"
+    return md  # finish_results appends the failures
 
 
 def plot(result: dict, path) -> None:
@@ -651,38 +670,44 @@ def plot(result: dict, path) -> None:
 
     rows = best_rows(result)
     prompts = sorted({r["prompt"] for r in rows})
+    if not rows:
+        return
     fig, axes = plt.subplots(2, len(prompts), figsize=(5.5 * len(prompts), 8), squeeze=False)
     for col, p in enumerate(prompts):
         top, bottom = axes[0][col], axes[1][col]
-        for batch in sorted({r["batch"] for r in rows if r["prompt"] == p}):
+        for ci, batch in enumerate(sorted({r["batch"] for r in rows if r["prompt"] == p})):
+            color = f"C{ci}"
             sel = [r for r in rows if r["prompt"] == p and r["batch"] == batch]
             dense = [r for r in sel if r["variant"] == "dense"]
-            for fam, marker in (("32x32", "o"), ("64x64", "s")):
+            for fam, marker, ls in (("32x32", "o", "-"), ("64x64", "s", "--")):
                 pts = sorted((r["sparsity"], r["decode_tok_s"], r["speedup"]) for r in sel if r["pattern"] == fam)
                 if dense:
                     pts = [(0.0, dense[0]["decode_tok_s"], 1.0)] + pts
                 if len(pts) > 1:
-                    top.plot([x[0] for x in pts], [x[1] for x in pts], marker=marker, label=f"{fam}, batch {batch}")
+                    kw = dict(marker=marker, ls=ls, color=color, label=f"{fam}, batch {batch}")
+                    top.plot([x[0] for x in pts], [x[1] for x in pts], **kw)
                     if all(x[2] for x in pts):
-                        bottom.plot([x[0] for x in pts], [x[2] for x in pts], marker=marker,
-                                    label=f"{fam}, batch {batch}")
+                        bottom.plot([x[0] for x in pts], [x[2] for x in pts], **kw)
             for r in sel:
                 if r["pattern"] == "2:4":
-                    top.plot([0.5], [r["decode_tok_s"]], marker="*", ms=12, ls="", label=f"2:4, batch {batch}")
+                    kw = dict(marker="*", ms=12, ls="", color=color, label=f"2:4, batch {batch}")
+                    top.plot([0.5], [r["decode_tok_s"]], **kw)
                     if r["speedup"]:
-                        bottom.plot([0.5], [r["speedup"]], marker="*", ms=12, ls="", label=f"2:4, batch {batch}")
+                        bottom.plot([0.5], [r["speedup"]], **kw)
         top.set_yscale("log")
         top.set_title(f"prompt {p}: decode tokens/s (best mode)", fontsize=9)
         top.set_xlabel("sparsity of the decoder Linears")
         top.set_ylabel("tokens/s (batch total)")
-        top.legend(fontsize=6)
+        if top.get_legend_handles_labels()[0]:
+            top.legend(fontsize=6)
         dd = [0.5, 0.7, 0.9]
         bottom.axhline(1.0, color="k", lw=0.8)
         bottom.set_title(f"prompt {p}: speedup over the best dense mode", fontsize=9)
         bottom.set_xlabel("sparsity of the decoder Linears")
         bottom.set_ylabel("x dense tokens/s")
-        bottom.plot(dd, [1 / (1 - s) for s in dd], "g--", lw=0.8, label="1/density (Linear bytes)")
-        bottom.legend(fontsize=6)
+        bottom.plot(dd, [1 / (1 - s) for s in dd], "g--", lw=0.8, label="1/density (decoder Linear bytes only)")
+        if bottom.get_legend_handles_labels()[0]:
+            bottom.legend(fontsize=6)
     env = result["env"]
     fig.suptitle(f"sparserun end to end, {result['settings']['dtype']} - {env['gpu']}"
                  + (" - DRY RUN (CPU, not GPU numbers)" if env.get("dry_run") else ""), fontsize=10)
@@ -692,12 +717,9 @@ def plot(result: dict, path) -> None:
 
 
 def write(result: dict, stem: Path) -> None:
+    """JSON first (the numbers), then markdown and PNG; a plotting error is printed, never loses results."""
     write_json(stem.with_suffix(".json"), result)
-    stem.with_suffix(".md").write_text(to_markdown(result))
-    try:
-        plot(result, stem.with_suffix(".png"))
-    except ImportError:
-        print("note: matplotlib is not installed (pip install 'sparserun[bench]'): no PNG written", file=sys.stderr)
+    finish_results(stem, markdown_lines(result), result, plot)
 
 
 def latest_results(out_dir="benchmarks/results") -> Path | None:

@@ -1,0 +1,111 @@
+"""`sparserun generate`: streams the completion, reports time to first token and decode tokens/s, and fails
+with one line (no traceback) when it cannot run."""
+import pytest
+import torch
+
+import sparserun
+from sparserun.cli import main
+
+from ._tiny import make_tokenizer, packed_pair
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    return packed_pair(tmp_path_factory.mktemp("gen"), "2:4")
+
+
+def _one_line_error(capsys, rc, match):
+    out, err = capsys.readouterr()
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_streams_the_greedy_completion_and_reports_speed(packed, capsys):
+    dense, path = packed
+    tok = make_tokenizer()
+    prompt = "The ferry leaves the"
+    rc = main(["generate", str(path), "--prompt", prompt, "--max-new-tokens", "12", "--ignore-eos"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = dense.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    # what was streamed, piece by piece, is the masked dense model's greedy completion
+    assert out == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+    assert "12 new tokens" in err and "time to first token" in err and "tokens/s" in err
+    assert "not GPU speed" in err  # a CPU number is labelled as such
+
+
+def test_python_api_timings(packed):
+    import io
+
+    from sparserun.generate import generate
+
+    _, path = packed
+    buf = io.StringIO()
+    res = generate(path, "Memory bandwidth", max_new_tokens=6, ignore_eos=True, out=buf)
+    assert res["new_tokens"] == 6 and buf.getvalue() == res["text"] + "\n"
+    assert res["ttft_s"] > 0 and res["decode_tokens_per_s"] > 0 and res["total_s"] >= res["ttft_s"]
+    assert res["device"] == "cpu" and res["dtype"] == "float32"
+
+
+def test_sampling_is_reproducible_with_a_seed(packed, capsys):
+    _, path = packed
+    args = ["generate", str(path), "--prompt", "Sparse", "--max-new-tokens", "8", "--sample", "--seed", "7",
+            "--temperature", "1.5", "--ignore-eos"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and first.strip()
+
+
+def test_errors_are_one_line(packed, tmp_path, capsys):
+    _, path = packed
+    cases = [
+        (["generate", str(tmp_path / "missing"), "--prompt", "x"], "no such checkpoint directory"),
+        (["generate", str(path), "--prompt", ""], "--prompt is empty"),
+        (["generate", str(path), "--prompt", "x", "--max-new-tokens", "0"], "at least 1"),
+        (["generate", str(path), "--prompt", "x", "--dtype", "int8"], "--dtype 'int8'"),
+        (["generate", str(path), "--prompt", "x", "--device", "cuda:0"] if not torch.cuda.is_available()
+         else ["generate", str(path), "--prompt", "x", "--device", "nonsense"], "--device"),
+        (["generate", str(path), "--prompt", "x", "--chat"], "no chat template"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["generate", str(path), "--prompt", "x", "--compile"], "--compile needs a CUDA device"))
+    for argv, match in cases:
+        _one_line_error(capsys, main(argv), match)
+
+
+def test_missing_tokenizer_is_one_line(tmp_path, capsys):
+    _, path = packed_pair(tmp_path, "2:4", with_tokenizer=False)
+    _one_line_error(capsys, main(["generate", str(path), "--prompt", "x"]), "has no tokenizer files")
+    # --tokenizer points elsewhere and then it works
+    make_tokenizer().save_pretrained(tmp_path / "tok")
+    rc = main(["generate", str(path), "--prompt", "The", "--max-new-tokens", "2", "--tokenizer",
+               str(tmp_path / "tok")])
+    assert rc == 0
+
+
+def test_not_a_causal_lm_is_one_line(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=len(make_tokenizer()), hidden_size=64, num_hidden_layers=1,
+                                num_attention_heads=4, intermediate_size=128)).eval()
+    sparserun.sparsify_(bert, "2:4")
+    make_tokenizer().save_pretrained(tmp_path / "src")
+    sparserun.save(bert, tmp_path / "p", source_dir=tmp_path / "src")
+    _one_line_error(capsys, main(["generate", str(tmp_path / "p"), "--prompt", "x"]), "cannot generate text")
+
+
+@pytest.mark.gpu
+def test_generate_on_gpu_compiled(packed, capsys):
+    """--compile: static cache + CUDA graphs; bf16; the completion streams and tokens/s is printed."""
+    _, path = packed
+    rc = main(["generate", str(path), "--prompt", "The ferry", "--max-new-tokens", "16", "--ignore-eos",
+               "--device", "cuda", "--compile"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "16 new tokens" in err and "cuda" in err and "bfloat16" in err and out.strip()
