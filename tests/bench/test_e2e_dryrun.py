@@ -130,11 +130,11 @@ def test_e2e_gpu_path_small_model(tmp_path):
     measured, every mode of every variant kind produces a row. Run this before a long Llama-8B run."""
     cfg = dict(e2e.LLAMA_31_8B, num_hidden_layers=4, hidden_size=1024, intermediate_size=3584,
                num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
-    variants = e2e.parse_variants("2:4,64x64-90,32x32-50")
-    res = e2e.run(config_kw=cfg, variants=variants, batches=(1, 8), prompts=(64,), decode_tokens=16,
+    variants = e2e.parse_variants("2:4,64x64-90")  # + dense: 6 compiles of a 4-layer model
+    res = e2e.run(config_kw=cfg, variants=variants, batches=(1,), prompts=(64,), decode_tokens=16,
                   out_dir=tmp_path)
     assert res["failures"] == {}, res["failures"]
-    assert len(res["rows"]) == 4 * 2 * len(e2e.MODES)
+    assert len(res["rows"]) == 3 * len(e2e.MODES)
     for r in res["rows"]:
         if r["mode"] != "eager":
             assert r["cudagraph_skips"] == 0, r
