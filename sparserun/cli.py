@@ -114,13 +114,20 @@ def add_inspect(sub) -> None:
 SUBCOMMANDS: list = [
     add_inspect,
     "sparserun.cli:add_bench",
+    "sparserun.convert:add_parser",
+    "sparserun.eval:add_parser",
+    "sparserun.demo:add_parser",
+    "sparserun.generate:add_parser",
+    "sparserun.finetune:add_parser",
     # --- other subcommands register here ---
 ]
 
 # `sparserun bench` is a group: each entry adds one sub-subcommand (`bench tune`, `bench kernels`, ...) to the
 # group's subparsers, same `add_parser(sub)` contract as above.
 BENCH_SUBCOMMANDS: list = [
+    "sparserun.bench.kernels:add_bench_kernels",
     "sparserun.runtime.tuning:add_bench_tune",
+    "sparserun.bench.e2e:add_bench_e2e",
 ]
 
 

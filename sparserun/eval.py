@@ -1,0 +1,189 @@
+"""How much did pruning cost? Perplexity (causal LMs) and output agreement with another model (any model).
+
+    sparserun eval DIR --text FILE [--against SRC]
+
+DIR and SRC may each be a packed checkpoint (has sparserun.json: loaded with sparserun.load) or a plain
+Hugging Face directory. The text is cut into consecutive, non-overlapping windows of `seqlen` tokens (each
+wrapped in the tokenizer's special tokens, like the calibration windows), so every token is used once and
+the numbers are deterministic.
+
+    perplexity   exp(mean next-token negative log-likelihood over all predicted tokens), causal LMs only
+    cosine       cosine similarity of the last hidden state (the encoder output, or the hidden state fed to
+                 the LM head) of DIR and of SRC at each token, averaged over tokens and windows
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .prune import calibrate
+
+MANIFEST = "sparserun.json"
+
+
+class EvalError(ValueError):
+    """Evaluation cannot run (one line naming the directory or file)."""
+
+
+def load_model(path, device="cpu", dtype=None) -> nn.Module:
+    """A packed checkpoint via sparserun.load, or a Hugging Face directory via from_pretrained."""
+    p = Path(path)
+    if not p.is_dir():
+        raise EvalError(f"model directory not found: {p}")
+    if (p / MANIFEST).is_file():
+        from .runtime.io import load
+
+        return load(p, device=device, dtype=dtype)
+    if not (p / "config.json").is_file():
+        raise EvalError(f"{p} has no config.json (neither a packed checkpoint nor a Hugging Face directory)")
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(p))
+    cls = next((getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)), None)
+    kw = {"dtype": dtype} if dtype is not None else {}
+    if cls is None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(p), **kw)
+        except ValueError:
+            model = AutoModel.from_pretrained(str(p), **kw)
+    else:
+        model = cls.from_pretrained(str(p), **kw)
+    return model.to(device).eval()
+
+
+def load_tokenizer(*dirs):
+    from transformers import AutoTokenizer
+
+    errors = []
+    for d in dirs:
+        if d is None:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(str(d))
+        except Exception as e:  # many error types for a directory without tokenizer files
+            errors.append(f"{d}: {type(e).__name__}")
+    raise EvalError(f"no tokenizer found in {', '.join(str(d) for d in dirs if d is not None)}")
+
+
+def windows(tokenizer, text: str, seqlen: int, nsamples: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows [n, seqlen] (a text shorter than one window gives one shorter
+    window), each wrapped in the tokenizer's special tokens."""
+    ids = calibrate.tokenize_text(text, tokenizer)
+    pre, post = calibrate._special_wrap(tokenizer)
+    body = seqlen - len(pre) - len(post)
+    if body < 1:
+        raise EvalError(f"seqlen {seqlen} leaves no room for text next to the special tokens")
+    if not ids:
+        raise EvalError("the evaluation text has no tokens")
+    body = min(body, len(ids))
+    n = len(ids) // body
+    if nsamples is not None:
+        n = min(n, nsamples)
+    return torch.tensor([pre + ids[j * body:(j + 1) * body] + post for j in range(n)], dtype=torch.long)
+
+
+def last_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The last hidden state [1, T, H]: what the LM head reads, or an encoder's output."""
+    fkw = calibrate._forward_kwargs(model)
+    if calibrate.is_causal_lm(model):
+        out = model(input_ids=ids, output_hidden_states=True, **fkw)
+        return out.hidden_states[-1]
+    out = model(input_ids=ids, **fkw)
+    return calibrate._model_output(out)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, device="cpu") -> float:
+    nll, count = 0.0, 0
+    for s in range(ids.shape[0]):
+        x = ids[s:s + 1].to(device)
+        logits = model(input_ids=x, **calibrate._forward_kwargs(model)).logits.float()
+        nll += float(F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
+        count += x.shape[1] - 1
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def cosine(model: nn.Module, other: nn.Module, ids: torch.Tensor, device="cpu", other_device=None) -> float:
+    """Mean over tokens and windows of cos(h_model, h_other) of the last hidden states."""
+    total, count = 0.0, 0
+    for s in range(ids.shape[0]):
+        a = last_hidden(model, ids[s:s + 1].to(device)).float()
+        b = last_hidden(other, ids[s:s + 1].to(other_device or device)).float().to(a.device)
+        if a.shape != b.shape:
+            raise EvalError(f"the two models' outputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+        c = F.cosine_similarity(a, b, dim=-1)
+        total += float(c.sum())
+        count += c.numel()
+    return total / count
+
+
+def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsamples: int | None = None,
+             device="cpu", dtype=None) -> dict:
+    """Perplexity of DIR (causal LMs) and, with `against`, cosine similarity of outputs to that model."""
+    if isinstance(dtype, str):
+        from .convert import DTYPES
+
+        if dtype not in DTYPES:
+            raise EvalError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    text = calibrate.read_text(text_file, what="evaluation text")
+    model = load_model(path, device, dtype)
+    tok = load_tokenizer(path, against)
+    from .prune.api import default_seqlen
+
+    seqlen = seqlen or default_seqlen(getattr(model, "config", None))
+    ids = windows(tok, text, seqlen, nsamples)
+    result = {"model": str(path), "text": str(text_file), "windows": ids.shape[0], "seqlen": ids.shape[1],
+              "tokens": int(ids.numel()), "causal_lm": calibrate.is_causal_lm(model)}
+    if result["causal_lm"]:
+        result["perplexity"] = perplexity(model, ids, device)
+    if against is not None:
+        ref = load_model(against, device, dtype)
+        result["against"] = str(against)
+        result["cosine"] = cosine(model, ref, ids, device)
+        if calibrate.is_causal_lm(ref):
+            result["against_perplexity"] = perplexity(ref, ids, device)
+    return result
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity and output agreement of a (packed) model",
+                       description="Perplexity of DIR on a text (causal LMs) and, with --against, the mean "
+                                   "cosine similarity of DIR's last hidden states to another model's.")
+    p.add_argument("dir", help="packed checkpoint or Hugging Face model directory")
+    p.add_argument("--text", required=True, help="evaluation text (plain or JSONL with a \"text\" field)")
+    p.add_argument("--against", default=None, help="compare outputs with this model directory (HF or packed)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default min(512, model limit))")
+    p.add_argument("--nsamples", type=int, default=None, help="at most this many windows (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    r = evaluate(args.dir, args.text, args.against, seqlen=args.seqlen, nsamples=args.nsamples,
+                 device=args.device, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    print(f"{r['model']}: {r['windows']} window(s) x {r['seqlen']} tokens of {r['text']}")
+    if "perplexity" in r:
+        line = f"perplexity: {r['perplexity']:.4f}"
+        if "against_perplexity" in r:
+            line += f" (against {r['against']}: {r['against_perplexity']:.4f})"
+        print(line)
+    else:
+        print("perplexity: n/a (not a causal language model)")
+    if "cosine" in r:
+        print(f"output cosine similarity to {r['against']}: {r['cosine']:.6f}")
+    return 0
