@@ -96,20 +96,20 @@ class CalibData:
         return d
 
 
-def read_text(path) -> str:
+def read_text(path, what: str = "calibration") -> str:
     """Plain text, or JSONL with a "text" field per line (.jsonl / .json lines, detected by content)."""
     p = Path(path)
     if not p.exists():
-        raise CalibrationError(f"calibration file not found: {p}")
+        raise CalibrationError(f"{what} file not found: {p}")
     if not p.is_file():
-        raise CalibrationError(f"calibration path is not a file: {p}")
+        raise CalibrationError(f"{what} path is not a file: {p}")
     try:
         raw = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise CalibrationError(f"calibration file {p} is not UTF-8 text: {e}") from None
+        raise CalibrationError(f"{what} file {p} is not UTF-8 text: {e}") from None
     lines = [ln for ln in raw.splitlines() if ln.strip()]
     if not lines:
-        raise CalibrationError(f"calibration file {p} is empty")
+        raise CalibrationError(f"{what} file {p} is empty")
     if p.suffix.lower() == ".jsonl" or lines[0].lstrip().startswith("{"):
         texts = []
         for no, ln in enumerate(raw.splitlines(), 1):
@@ -118,14 +118,14 @@ def read_text(path) -> str:
             try:
                 obj = json.loads(ln)
             except ValueError as e:
-                raise CalibrationError(f"calibration file {p}, line {no}: not valid JSON ({e})") from None
+                raise CalibrationError(f"{what} file {p}, line {no}: not valid JSON ({e})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise CalibrationError(f"calibration file {p}, line {no}: expected an object with a string "
+                raise CalibrationError(f"{what} file {p}, line {no}: expected an object with a string "
                                        f"\"text\" field")
             texts.append(obj["text"])
         raw = "\n\n".join(texts)
         if not raw.strip():
-            raise CalibrationError(f"calibration file {p} has no text in its \"text\" fields")
+            raise CalibrationError(f"{what} file {p} has no text in its \"text\" fields")
     return raw
 
 
@@ -564,7 +564,7 @@ class _ErrorMeter:
 def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, calib: CalibData, *,
                     device, store=None, skip: str | None = None, options: Options | None = None,
                     on_layer=None, keep_masks: bool = True, packable_only: bool = False,
-                    include_lm_head: bool = False, spill_dir=None, progress: bool = True):
+                    include_lm_head: bool = False, spill_dir=None, progress: bool = True, release=None):
     """Prune every Linear in the repeated layers (see module doc). Returns (rows, masks, info).
 
     store:        a LayerStore (default InMemoryLayers over the model's own layers)
@@ -573,6 +573,7 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
     keep_masks:   return the bool masks (a converter turns this off: they would grow with depth)
     packable_only: Conv1D (GPT-2) layers are kept dense (sparserun.load swaps only nn.Linear)
     include_lm_head: also prune the output projection (after the layers, on the final hidden states)
+    release:      called after each Linear is pruned and packed (a converter returns freed memory to the OS)
     """
     from tqdm.auto import tqdm
 
@@ -663,6 +664,9 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
                 layer_rows[name] = row
                 if keep_masks:
                     kept_masks[name] = mask.cpu()
+                del w, new_w, mask, p
+                if release is not None:
+                    release()
             del stats
 
             handles = [mods[name].register_forward_hook(meters[name]) for name in meters]
