@@ -302,12 +302,16 @@ def estimate_memory(model, path, layers, src: SourceTensors, keymap: dict, dtype
         stats = sum(ks) * 4
     # the dense copy kept for the error measurement + the packed form (≤ dense)
     work = 2 * layer
+    # scratch while one Linear is scored, selected and packed: fp32 score, int64 top-k / sort indices, the
+    # mask and the packing temporaries, about 5 fp32 copies of the largest Linear (measured)
+    largest = max((calibrate.get_weight(m).numel() for m in lin), default=0)
     return {"layer": layer, "outside_layers": outside, "activations": act, "statistics": stats,
-            "layer_work": work, "shard_buffer": min(max_shard_bytes, sum(per_layer) + outside)}
+            "layer_work": work, "scratch": 5 * 4 * largest,
+            "shard_buffer": min(max_shard_bytes, sum(per_layer) + outside)}
 
 
 def check_memory(est: dict, device: torch.device) -> None:
-    on_dev = est["layer"] + est["activations"] + est["statistics"] + est["layer_work"]
+    on_dev = est["layer"] + est["activations"] + est["statistics"] + est["layer_work"] + est["scratch"]
     host = est["outside_layers"] + est["shard_buffer"]
     if device.type == "cpu":
         needs = {"cpu": on_dev + host}
@@ -315,7 +319,8 @@ def check_memory(est: dict, device: torch.device) -> None:
         needs = {str(device): on_dev + est["outside_layers"], "cpu": host + est["layer"]}
     parts = (f"one decoder layer {human_bytes(est['layer'])} (x3 while pruning: weights, dense copy, packed), "
              f"weights outside the layers {human_bytes(est['outside_layers'])}, calibration activations "
-             f"{human_bytes(est['activations'])}, pruning statistics {human_bytes(est['statistics'])}, "
+             f"{human_bytes(est['activations'])}, pruning statistics and scratch "
+             f"{human_bytes(est['statistics'] + est['scratch'])}, "
              f"shard buffer {human_bytes(est['shard_buffer'])}")
     for dev, need in needs.items():
         free = free_memory(torch.device(dev))

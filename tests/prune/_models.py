@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from sparserun.prune.calibrate import DEFAULT_CALIB
@@ -47,3 +48,55 @@ def save_llama_dir(path: Path, layers: int = 2, seed: int = 0, **kw) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)
+
+
+def write_random_llama_dir(path: Path, layers: int, hidden: int, intermediate: int, *, seed: int = 0,
+                           shard_bytes: int = 64 * 1024 * 1024, **kw) -> Path:
+    """A HF Llama directory with random fp32 weights written straight to sharded safetensors (with an
+    index), without ever building the model: cheap even when the model is large."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer()
+    cfg = llama_config(len(tok), layers, hidden, intermediate, num_attention_heads=8, num_key_value_heads=8,
+                       **kw)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(path)
+    tok.save_pretrained(path)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    shards, cur, cur_bytes = [], {}, 0
+    for k, shape in shapes.items():
+        t = torch.ones(shape) if k.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.05
+        cur[k] = t
+        cur_bytes += t.numel() * 4
+        if cur_bytes >= shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+    if cur:
+        shards.append(cur)
+    weight_map = {}
+    for i, sh in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sh, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in sh})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Run a module's tests with one intra-op thread (restored afterwards).
+
+    These tests run many small ops (tiny models, per-window forwards); on a machine whose cores are
+    shared with other jobs, intra-op threads make each op wait for descheduled threads (measured: MiniLM
+    conversions 20-40x slower with 2 threads on a loaded 2-core machine, about equal when idle)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,7 +10,7 @@ from sparserun import formats
 from sparserun.prune import calibrate
 from sparserun.prune.calibrate import CalibrationError, UnknownModelFamily
 
-from ._models import make_llama, make_tokenizer
+from ._models import one_cpu_thread, make_llama, make_tokenizer  # noqa: F401 (autouse fixture)
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "taylor", "obd"]
 PATTERNS = [("2:4", None), ("4:8", None), ("unstructured", 0.5), ("32x32", 0.5)]

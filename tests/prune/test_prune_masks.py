@@ -9,6 +9,8 @@ from sparserun.formats import UnsupportedShape
 from sparserun.patterns import parse
 from sparserun.prune import masks, scores
 
+from ._models import one_cpu_thread  # noqa: F401 (autouse fixture)
+
 PATTERNS = [("unstructured", 0.5), ("unstructured", 0.73), ("2:4", None), ("4:8", None), ("1:3", None),
             ("16x16", 0.5), ("32x32", 0.75)]
 

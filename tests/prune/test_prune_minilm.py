@@ -7,6 +7,8 @@ import torch
 
 import sparserun
 
+from ._models import one_cpu_thread  # noqa: F401 (autouse fixture)
+
 HELDOUT = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "heldout.txt"
 
 

@@ -7,6 +7,8 @@ from sparserun.formats import UnsupportedShape
 from sparserun.prune import masks, scores
 from sparserun.prune.sparsegpt import HessianError, sparsegpt
 
+from ._models import one_cpu_thread  # noqa: F401 (autouse fixture)
+
 
 def correlated_inputs(t=2048, k=128, seed=0):
     g = torch.Generator().manual_seed(seed)

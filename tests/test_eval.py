@@ -1,0 +1,70 @@
+"""sparserun eval: perplexity (causal LMs) and output cosine similarity against another directory."""
+import json
+import math
+
+import pytest
+import torch
+
+from sparserun import eval as ev
+from sparserun.convert import convert
+
+from .prune._models import one_cpu_thread, save_llama_dir  # noqa: F401 (autouse fixture)
+from .test_convert import run_cli
+
+TEXT = ("The harbourmaster wrote the ferry times on the chalkboard every morning at six. Visitors learned "
+        "to trust the board, not the printed timetable, after missing their first crossing. ") * 12
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    src = save_llama_dir(root / "src", layers=2)
+    convert(src, root / "packed", "wanda", "2:4", nsamples=2, seqlen=32, progress=False)
+    text = root / "text.txt"
+    text.write_text(TEXT)
+    return src, root / "packed", text
+
+
+def test_perplexity_matches_a_direct_computation(dirs):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    src, _, text = dirs
+    r = ev.evaluate(src, text, seqlen=32)
+    tok = AutoTokenizer.from_pretrained(src)
+    model = LlamaForCausalLM.from_pretrained(src).eval()
+    ids = ev.windows(tok, TEXT, 32)
+    assert r["windows"] == ids.shape[0] > 3 and r["seqlen"] == 32
+    nll = 0.0
+    with torch.no_grad():
+        for row in ids:
+            nll += float(model(input_ids=row[None], labels=row[None]).loss) * (len(row) - 1)
+    assert r["perplexity"] == pytest.approx(math.exp(nll / (ids.shape[0] * 31)), rel=1e-5)
+
+
+def test_packed_against_source(dirs):
+    src, packed, text = dirs
+    same = ev.evaluate(src, text, src, seqlen=32)
+    assert same["cosine"] == pytest.approx(1.0, abs=1e-6)
+    r = ev.evaluate(packed, text, src, seqlen=32)
+    assert 0.0 < r["cosine"] < 0.9999 and r["against_perplexity"] == pytest.approx(same["perplexity"])
+    assert r["perplexity"] != r["against_perplexity"]
+
+
+def test_encoder_cosine_and_cli(tmp_path, minilm_dir):
+    text = tmp_path / "t.jsonl"
+    text.write_text("\n".join(json.dumps({"text": TEXT[i * 100:(i + 1) * 100]}) for i in range(10)))
+    rc, out, err = run_cli("eval", minilm_dir, "--text", text, "--against", minilm_dir, "--seqlen", "32",
+                           "--json", split=True)
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["causal_lm"] is False and "perplexity" not in r and r["cosine"] == pytest.approx(1.0, abs=1e-5)
+    rc, out = run_cli("eval", minilm_dir, "--text", text, "--seqlen", "32")
+    assert rc == 0 and "perplexity: n/a (not a causal language model)" in out
+
+
+def test_eval_errors(tmp_path, dirs):
+    src, packed, text = dirs
+    rc, out = run_cli("eval", packed, "--text", tmp_path / "missing.txt")
+    assert rc == 1 and f"evaluation text file not found: {tmp_path / 'missing.txt'}" in out
+    rc, out = run_cli("eval", tmp_path / "nowhere", "--text", text)
+    assert rc == 1 and "model directory not found" in out
