@@ -4,7 +4,8 @@ Backends:
   "triton"      sparserun.kernels via sparserun.ops (CUDA, or CPU tensors under TRITON_INTERPRET=1)
   "cuda"        the mma.sp 2:4 GEMM in csrc/ (runtime/cuda_ext.py); 2:4 only, fp16/bf16, sm_80+
   "cusparselt"  torch's cuSPARSELt (torch._cslt_sparse_mm); 2:4 only, where this torch has it
-  "dense"       the weight decompressed once and cached (cuBLAS / CPU BLAS)
+  "dense"       cuBLAS / CPU BLAS on the decompressed weight: decompressed per call for kernel formats
+                (no resident dense copy, see `keeps_dense`), cached with SPARSERUN_KEEP_DENSE=1
   "reference"   pure torch, decompress per call: the oracle
 
 `SPARSERUN_BACKEND` forces one. Otherwise ("auto"): CPU tensors use the reference path (bitmask layers:
@@ -97,8 +98,24 @@ def _data_key(layer):
     return (v.device, v.dtype, v.data_ptr(), v._version, None if meta is None else meta._version)
 
 
+def keeps_dense(layer) -> bool:
+    """Does the "dense" backend keep a decompressed copy of this layer on its device?
+
+    Not by default for kernel formats: a resident dense copy next to the packed weight gives back the memory
+    the pruning saved (the layer would hold 1.56x the dense bytes, not 0.56x). The tuner times the dense
+    backend as it runs here (decompress + GEMM), so it is chosen only where that still wins, i.e. at large M
+    where the GEMM dwarfs the decompression. SPARSERUN_KEEP_DENSE=1 (or forcing SPARSERUN_BACKEND=dense)
+    trades that memory for cuBLAS speed at every M; formats without a kernel (bitmask) always cache."""
+    if layer.format not in KERNEL_FORMATS:
+        return True
+    return os.environ.get("SPARSERUN_KEEP_DENSE", "0").strip() == "1" or forced_backend() == "dense"
+
+
 def dense_cached(layer) -> torch.Tensor:
-    """Decompress once per (device, dtype, data version); the cache is not part of the state_dict."""
+    """The dense weight: decompressed once per (device, dtype, data version) where `keeps_dense`, else per
+    call (transient). The cache is not part of the state_dict."""
+    if not keeps_dense(layer):
+        return layer.dense_weight()
     if _stale(layer._dense_cache, layer):
         layer._dense_cache = (_data_key(layer), layer.dense_weight())
     return layer._dense_cache[1]
@@ -128,7 +145,7 @@ _CACHE_ATTRS = {"dense": "_dense_cache", "cuda": "_sr_cuda", "cusparselt": "_sr_
 
 def _has_cache(layer, backend: str) -> bool:
     attr = _CACHE_ATTRS.get(backend)
-    if attr is None:
+    if attr is None or (backend == "dense" and not keeps_dense(layer)):
         return True
     hit = getattr(layer, attr, None)
     return not _stale(hit, layer)
@@ -193,6 +210,7 @@ def run_backend(backend: str, layer, x: torch.Tensor) -> torch.Tensor:
 # ---- the choice -------------------------------------------------------------------------------------
 _static_key: dict = {}
 _memo: dict[tuple, str] = {}
+_memo_times: dict[tuple, dict] = {}  # the timings behind choices made in this process (reports)
 _memo_lock = threading.Lock()
 
 
@@ -272,6 +290,7 @@ def auto_backend(layer, x: torch.Tensor, allow_timing: bool = True) -> str:
         else:
             key = tuning_key(layer, m, x.dtype, x.device, grad)
             choice = get_tuner().choose(key, candidates(layer, x, grad))
+            _memo_times[mk] = get_tuner().times(key)
             layer.__dict__.setdefault("_sr_used", set()).add(choice)
             release_unused_caches(layer)
         if choice is not None:
@@ -310,3 +329,4 @@ def clear_memo() -> None:
     """Forget in-process choices (tests; after changing the tuning cache)."""
     with _memo_lock:
         _memo.clear()
+        _memo_times.clear()

@@ -3,8 +3,9 @@
 A key is a dict naming what decides speed: format, N, K, M bucket (next power of two of the token count),
 dtype, GPU name and the software versions (sparserun, torch, triton, CUDA, this cache's schema), plus
 format details for block-sparse layers. For a new key every candidate runs once (warm-up, compilation,
-first-use repacking), then is timed the way the benchmarks time (triton.testing.do_bench median, which
-also flushes L2 between runs); the fastest wins, except that a sparse candidate must beat dense by more
+first-use repacking), then is timed on the GPU alone (`graph_timer`: replayed from a CUDA graph with L2
+flushed before each call, because decode is served from graphs and host launch cost must not decide); the
+fastest wins, except that a sparse candidate must beat dense by more
 than `margin` (2 %): dense wins ties, so a sparse path slower than dense is never chosen.
 
 Choices persist in one JSON file (`tuning-v{SCHEMA}.json` under $SPARSERUN_CACHE_DIR or
@@ -29,7 +30,7 @@ from typing import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: GPU-only graph timing (schema 1 entries were host-bound at small M)
 DENSE = "dense"
 DEFAULT_MARGIN = 0.02
 M_BUCKETS = tuple(2**i for i in range(14))  # 1 .. 8192
@@ -51,10 +52,81 @@ def default_cache_path() -> Path:
 
 
 def do_bench_timer(fn: Callable[[], object]) -> float:
-    """Median milliseconds of fn() by triton's do_bench (CUDA events, L2 flushed per run), after warm-up."""
+    """Median milliseconds of fn() by triton's do_bench (CUDA events, L2 flushed per run), after warm-up.
+
+    Host launch cost is inside this number whenever it exceeds the L2 flush (~0.1 ms): at decode sizes it
+    measures Python, not the GPU. Fallback only; `graph_timer` is the default."""
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def _flush_buffer(device) -> "torch.Tensor":
+    """2x L2 of int32: writing it evicts every weight line the previous call left in L2. Allocated per
+    timing and dropped after, so no tuning scratch stays in the model's memory."""
+    import torch
+
+    idx = torch.device(device).index
+    idx = torch.cuda.current_device() if idx is None else idx
+    l2 = getattr(torch.cuda.get_device_properties(idx), "L2_cache_size", 0) or 50 * 2**20
+    return torch.empty(2 * l2 // 4, dtype=torch.int32, device=f"cuda:{idx}")
+
+
+def _graph_ms(body: Callable[[], None], calls: int, replays: int) -> float:
+    import statistics
+
+    import torch
+
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            body()
+    g.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del g
+    return statistics.median(times) / calls
+
+
+def graph_timer(fn: Callable[[], object], calls: int = 16, replays: int = 9) -> float:
+    """GPU milliseconds of fn(): `calls` x (L2 flush, fn) captured in one CUDA graph, minus the same graph
+    of flushes alone.
+
+    Why graphs: decode is served from CUDA graphs (or torch.compile's), where the host launch cost that
+    do_bench would include at small M is gone; timing it would make dense win every decode shape on host
+    overhead alone. Why the flush: in a model every other layer's weights evict this one's from L2, so a
+    weight small enough to stay cached between replays must not be timed from L2. Falls back to do_bench
+    when fn cannot be captured."""
+    import torch
+
+    try:
+        flush = _flush_buffer(torch.cuda.current_device())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # capture needs a warm, non-default stream history
+            fn()
+            flush.zero_()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+
+        def both():
+            flush.zero_()
+            fn()
+
+        with_fn = _graph_ms(both, calls, replays)
+        alone = _graph_ms(flush.zero_, calls, replays)
+        # a GPU op never costs nothing: floor at 1 us so a noisy subtraction cannot yield <= 0
+        return max(with_fn - alone, 1e-3)
+    except Exception as e:  # not capturable (a host sync inside, an allocator quirk): time it eagerly
+        log.info("sparserun: graph timing failed (%s: %s); using do_bench", type(e).__name__, e)
+        torch.cuda.synchronize()
+        return do_bench_timer(fn)
 
 
 class _FileLock:
@@ -93,7 +165,7 @@ class Tuner:
     def __init__(self, path: str | os.PathLike | None = None, timer: Callable | None = None,
                  margin: float = DEFAULT_MARGIN, dense: str = DENSE):
         self.path = Path(path) if path is not None else None
-        self.timer = timer or do_bench_timer
+        self.timer = timer or graph_timer
         self.margin = margin
         self.dense = dense
         self._mem: dict[str, dict] = {}
@@ -148,6 +220,13 @@ class Tuner:
             self._load()
             hit = self._mem.get(key_string(key))
         return hit["choice"] if hit else None
+
+    def times(self, key: dict) -> dict[str, float]:
+        """The measured milliseconds per backend behind the cached choice for `key` ({} if none)."""
+        with self._lock:
+            self._load()
+            hit = self._mem.get(key_string(key))
+        return dict(hit.get("times_ms", {})) if hit else {}
 
     def entries(self) -> dict[str, dict]:
         with self._lock:

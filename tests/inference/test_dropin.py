@@ -181,8 +181,9 @@ GPU_PROMPTS = ("The ferry leaves the harbour", "Sparse weights keep only", "Memo
                "A good unit test fails when")
 
 
-def _gpu_pair(tmp_path, pattern, sparsity):
-    """A larger tiny Llama (4 layers, hidden 256) so the kernels see more than one tile, on the GPU."""
+def _gpu_pair(tmp_path, pattern, sparsity, fp32_too=False):
+    """A larger tiny Llama (4 layers, hidden 256) so the kernels see more than one tile, on the GPU: the masked
+    dense model in bf16 and the loaded sparse one (and the masked dense model in fp32 if asked)."""
     import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -190,7 +191,7 @@ def _gpu_pair(tmp_path, pattern, sparsity):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.2, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                      initializer_range=0.02, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
                       eos_token_id=2)
     model = LlamaForCausalLM(cfg).eval()
     sparserun.sparsify_(model, pattern=pattern, sparsity=sparsity)
@@ -201,8 +202,10 @@ def _gpu_pair(tmp_path, pattern, sparsity):
             if isinstance(mod, SparseLinear):
                 dense.get_submodule(name).weight.copy_(mod.dense_weight())
     sparserun.save(model, tmp_path / "p")
+    dense32 = copy.deepcopy(dense).to("cuda", torch.float32) if fp32_too else None
     dense = copy.deepcopy(dense).to("cuda", torch.bfloat16)
-    return dense, sparserun.load(tmp_path / "p", device="cuda", dtype=torch.bfloat16)
+    sparse = sparserun.load(tmp_path / "p", device="cuda", dtype=torch.bfloat16)
+    return (dense, sparse, dense32) if fp32_too else (dense, sparse)
 
 
 def _gpu_ids(i):
@@ -210,29 +213,51 @@ def _gpu_ids(i):
     return torch.randint(3, 1024, (1, 8 + 3 * i), generator=g).cuda()
 
 
+def _forced_agreement(model, seq, start):
+    """Teacher forcing: how many of seq[start:] are `model`'s own greedy choice given the tokens before them,
+    and the logits at those positions."""
+    with torch.no_grad():
+        logits = model(input_ids=seq).logits[0, start - 1:-1].float()
+    return int((logits.argmax(-1) == seq[0, start:]).sum()), logits
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("pattern, sparsity", [("2:4", None), ("64x64", 0.5), ("32x32", 0.9)],
                          ids=["2:4", "64x64-50", "32x32-90"])
 def test_gpu_bf16_generate_agrees_with_masked_dense(tmp_path, monkeypatch, backend, pattern, sparsity):
-    """bf16 on the GPU: greedy tokens agree with the masked dense model for >= 95 % of 64 new tokens, over
-    four prompts (free-running: a token that differs also changes everything after it)."""
+    """bf16 on the GPU: the masked dense model's 64 greedy tokens (fp32) are the bf16 sparse model's own greedy
+    choice at >= 95 % of positions over four prompts, and its logits are no further from fp32 than the bf16
+    dense model's are.
+
+    Teacher-forced (the model sees the reference prefix): free-running, one bf16 near-tie flip changes every
+    later token, and the count measures the chaos of a random model rather than the kernels. Where bf16
+    itself cannot reach 95 % on this random model, the sparse model must match the dense bf16 model's rate
+    within 2 points; the logits bound catches a wrong kernel either way."""
     monkeypatch.setenv("SPARSERUN_BACKEND", backend)
-    dense, model = _gpu_pair(tmp_path, pattern, sparsity)
-    n, same, total = 64, 0, 0
+    dense, model, dense32 = _gpu_pair(tmp_path, pattern, sparsity, fp32_too=True)
+    n, total = 64, 0
+    agree = {"sparse": 0, "dense": 0}
+    errs = {"sparse": [], "dense": []}
     for i in range(len(GPU_PROMPTS)):
         ids = _gpu_ids(i)
-        ref = _greedy(dense, {"input_ids": ids}, n)[0, ids.shape[1]:]
-        got = _greedy(model, {"input_ids": ids}, n)[0, ids.shape[1]:]
-        same += int((ref == got).sum())
+        ref = _greedy(dense32, {"input_ids": ids}, n)
+        _, ref_logits = _forced_agreement(dense32, ref, ids.shape[1])
+        for name, m in (("sparse", model), ("dense", dense)):
+            a, logits = _forced_agreement(m, ref, ids.shape[1])
+            agree[name] += a
+            errs[name].append(((logits - ref_logits).norm() / ref_logits.norm()).item())
         total += n
-    assert same / total >= 0.95, f"{same}/{total} tokens agree"
+    rate = {k: v / total for k, v in agree.items()}
+    msg = f"agreement with fp32 {rate}; logits rel. error vs fp32 {errs}"
+    assert rate["sparse"] >= min(0.95, rate["dense"] - 0.02), msg
+    assert max(errs["sparse"]) <= 1.5 * max(errs["dense"]) + 1e-3, msg
 
 
 @pytest.mark.gpu
 def test_gpu_generate_static_cache_compiled_with_cuda_graphs(tmp_path):
     """generate(cache_implementation="static") compiles the decode step (mode reduce-overhead = CUDA graphs);
-    its tokens agree with eager generation of the same model."""
+    each token it produces is the eager model's greedy choice given the same prefix (>= 95 %)."""
     from transformers import CompileConfig
 
     _, model = _gpu_pair(tmp_path, "2:4", None)
@@ -240,12 +265,14 @@ def test_gpu_generate_static_cache_compiled_with_cuda_graphs(tmp_path):
     n, same, total = 64, 0, 0
     for i in range(2):
         ids = _gpu_ids(i)
-        eager = _greedy(model, {"input_ids": ids}, n)  # also warms up the dispatcher outside capture
+        _greedy(model, {"input_ids": ids}, 4)  # warms up the dispatcher outside capture
         comp = _greedy(model, {"input_ids": ids}, n, cache_implementation="static",
                        compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
-        same += int((eager[0, ids.shape[1]:] == comp[0, ids.shape[1]:]).sum())
+        assert comp.shape[1] == ids.shape[1] + n
+        agree, _ = _forced_agreement(model, comp, ids.shape[1])
+        same += agree
         total += n
-    assert same / total >= 0.95, f"{same}/{total} tokens agree"
+    assert same / total >= 0.95, f"{same}/{total} compiled tokens are the eager model's choice"
     torch._dynamo.reset()
 
 

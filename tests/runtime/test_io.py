@@ -201,8 +201,10 @@ def test_load_to_cuda_allocates_only_the_packed_model(tmp_path):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=128,
+                      tie_word_embeddings=True)  # the tie must survive the load (not the default everywhere)
     model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     sparserun.sparsify_(model, "2:4")
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -209,23 +209,30 @@ def test_auto_dense_when_sparse_is_not_faster(fake_gpu):
     assert dispatch.auto_backend(layer, torch.randn(300, 96)) == "dense"
 
 
-def test_prepared_operands_never_reach_the_state_dict(fake_gpu):
+def test_prepared_operands_never_reach_the_state_dict(fake_gpu, monkeypatch):
     layer = _layer()
     before = set(layer.state_dict())
     dispatch.cuda_cached(layer)
+    monkeypatch.setenv("SPARSERUN_KEEP_DENSE", "1")
     dispatch.dense_cached(layer)
+    assert layer._dense_cache is not None
     assert set(layer.state_dict()) == before == {"values", "meta", "bias"}
 
 
 def test_capture_or_compile_uses_cache_or_static_rule(fake_gpu, monkeypatch):
     layer = _layer()
     monkeypatch.setattr(dispatch, "_cannot_time", lambda: True)
-    # nothing cached: static rule (Triton for small M; dense only if its weight is already decompressed)
+    # nothing cached: static rule (Triton for small M; dense above, which by default decompresses per call)
     assert dispatch.auto_backend(layer, torch.randn(8, 96)) == "triton"
+    assert dispatch.auto_backend(layer, torch.randn(500, 96)) == "dense"
+    # with a resident dense copy asked for, dense only once that copy exists (never built inside capture)
+    monkeypatch.setenv("SPARSERUN_KEEP_DENSE", "1")
+    dispatch.clear_memo()
     assert dispatch.auto_backend(layer, torch.randn(500, 96)) == "triton"
     dispatch.dense_cached(layer)
     dispatch.clear_memo()
     assert dispatch.auto_backend(layer, torch.randn(500, 96)) == "dense"
+    monkeypatch.delenv("SPARSERUN_KEEP_DENSE")
     assert fake_gpu["ran"] == []  # nothing was timed
     # a cached choice is used, but only if its operands exist already
     monkeypatch.setattr(dispatch, "_cannot_time", lambda: False)
@@ -240,7 +247,8 @@ def test_capture_or_compile_uses_cache_or_static_rule(fake_gpu, monkeypatch):
     # while tracing (torch.compile) nothing is read from disk either: memo or static rule
     monkeypatch.setattr(dispatch, "_compiling", lambda: True)
     dispatch.clear_memo()
-    assert dispatch.auto_backend(layer, torch.randn(2000, 96)) == "triton"
+    assert dispatch.auto_backend(layer, torch.randn(2000, 96)) == "dense"  # static rule, not the disk's "cuda"
+    assert dispatch.auto_backend(layer, torch.randn(3, 96)) == "triton"
 
 
 def test_autograd_excludes_backends_without_a_backward(fake_gpu):
@@ -318,3 +326,40 @@ def test_cli_bench_group_and_tune(monkeypatch, tmp_path, capsys):
     assert seen == {"path": str(tmp_path), "device": "cuda", "dtype": torch.bfloat16, "m": [1, 16, 4096]}
     assert json.loads(out.read_text())[0]["choice"] == "dense"
     assert "tuned 1 (shape, M) keys: dense 1" in capsys.readouterr().out
+
+
+def test_dense_backend_holds_no_resident_copy_by_default(monkeypatch):
+    """The dense fallback of a kernel format decompresses per call: no dense copy stays beside the packed
+    weight unless SPARSERUN_KEEP_DENSE=1 asks for one (formats without a kernel always keep theirs)."""
+    monkeypatch.delenv("SPARSERUN_KEEP_DENSE", raising=False)
+    monkeypatch.delenv("SPARSERUN_BACKEND", raising=False)
+    layer = _layer()
+    x = torch.randn(3, 96)
+    ref = F.linear(x.double(), layer.dense_weight().double(), layer.bias.double())
+    y = dispatch.run_backend("dense", layer, x)
+    assert layer._dense_cache is None
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+    monkeypatch.setenv("SPARSERUN_KEEP_DENSE", "1")
+    dispatch.run_backend("dense", layer, x)
+    assert layer._dense_cache is not None and torch.equal(layer._dense_cache[1], layer.dense_weight())
+
+
+@pytest.mark.gpu
+def test_graph_timer_times_gpu_work_not_host_launches():
+    """graph_timer: positive, grows with the work, and a launch-heavy but tiny op stays far below do_bench's
+    host-bound number (the reason it is the default)."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    x1 = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    xb = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    small = tuning.graph_timer(lambda: x1 @ a.t())
+    big = tuning.graph_timer(lambda: xb @ a.t())
+    assert 0 < small < big
+    tiny = torch.randn(8, device="cuda")
+
+    def many_launches():
+        y = tiny
+        for _ in range(50):
+            y = y + 1
+        return y
+
+    assert tuning.graph_timer(many_launches) < tuning.do_bench_timer(many_launches)
