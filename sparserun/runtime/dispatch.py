@@ -8,7 +8,8 @@ Backends:
                 (no resident dense copy, see `keeps_dense`), cached with SPARSERUN_KEEP_DENSE=1
   "reference"   pure torch, decompress per call: the oracle
 
-`SPARSERUN_BACKEND` forces one. Otherwise ("auto"): CPU tensors use the reference path (bitmask layers:
+`SPARSERUN_BACKEND` forces one; `SPARSERUN_BACKENDS` (e.g. "triton,dense") limits what auto may choose.
+Otherwise ("auto"): CPU tensors use the reference path (bitmask layers:
 dense); CUDA tensors of a kernel format use the measured choice of runtime/tuning.py: every available
 candidate is timed once per (format, N, K, M bucket, dtype, GPU, versions), the fastest is kept on disk,
 and a sparse backend must beat dense by more than 2 % to be chosen. Inside CUDA-graph capture or
@@ -251,8 +252,24 @@ def tuning_key(layer, m: int, dtype: torch.dtype, device: torch.device, grad: bo
     return key
 
 
+def allowed_backends() -> frozenset[str]:
+    """SPARSERUN_BACKENDS: the backends auto may choose among (default: all). "triton,dense" keeps every layer
+    on the checkpoint's own packed tensors: "cuda" and "cusparselt" each build a second copy of a 2:4 weight
+    in their own layout once the tuner picks them for any M (on the 8B shape that was +7.3 GB)."""
+    raw = os.environ.get("SPARSERUN_BACKENDS", "").strip().lower()
+    if not raw:
+        return frozenset(("triton", "cuda", "cusparselt", "dense"))
+    names = frozenset(b.strip() for b in raw.split(",") if b.strip())
+    bad = sorted(names - {"triton", "cuda", "cusparselt", "dense"})
+    if bad:
+        raise ValueError(f"SPARSERUN_BACKENDS={raw!r}: unknown {', '.join(bad)}; choose among triton, cuda, "
+                         f"cusparselt, dense")
+    return names | {"dense"}  # dense is the floor every choice is measured against
+
+
 def candidates(layer, x: torch.Tensor, grad: bool = False) -> dict:
-    """name -> zero-argument callable running that backend on x (only the backends usable here)."""
+    """name -> zero-argument callable running that backend on x (only the backends usable and allowed here)."""
+    allowed = allowed_backends()
     out = {}
     if triton_ok(layer, x):
         out["triton"] = lambda: run_backend("triton", layer, x)
@@ -262,7 +279,7 @@ def candidates(layer, x: torch.Tensor, grad: bool = False) -> dict:
         if cusparselt_ok(layer, x):
             out["cusparselt"] = lambda: run_backend("cusparselt", layer, x)
     out["dense"] = lambda: run_backend("dense", layer, x)
-    return out
+    return {k: v for k, v in out.items() if k in allowed}
 
 
 def static_choice(layer, m: int) -> str:

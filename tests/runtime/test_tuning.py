@@ -363,3 +363,16 @@ def test_graph_timer_times_gpu_work_not_host_launches():
         return y
 
     assert tuning.graph_timer(many_launches) < tuning.do_bench_timer(many_launches)
+
+
+def test_allowed_backends_limit_the_choice(fake_gpu, monkeypatch):
+    """SPARSERUN_BACKENDS keeps auto off backends that would build a second copy of the weight."""
+    monkeypatch.setenv("SPARSERUN_BACKENDS", "triton,dense")
+    layer = _layer()
+    assert dispatch.auto_backend(layer, torch.randn(5, 96)) == "triton"  # cuda (0.3) would have won
+    assert set(fake_gpu["ran"]) == {"dense", "triton"}
+    assert getattr(layer, "_sr_cuda", None) is None and getattr(layer, "_sr_cslt", None) is None
+    monkeypatch.setenv("SPARSERUN_BACKENDS", "triton,cudnn")
+    dispatch.clear_memo()
+    with pytest.raises(ValueError, match="SPARSERUN_BACKENDS='triton,cudnn': unknown cudnn"):
+        dispatch.auto_backend(layer, torch.randn(300, 96))
