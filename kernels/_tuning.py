@@ -1,7 +1,7 @@
 """Per-shape kernel config tuning: time every candidate config of a launch once, keep the fastest.
 
 Keyed by (op, N, K, M bucket, dtype, bias, device): the M bucket (next power of two) keeps a new batch
-size from re-tuning. Whole launches are timed (matmul + split-K reduce), with triton's do_bench median.
+size from re-tuning. Whole launches are timed (matmul + split-K reduce) on the GPU alone (runtime/tuning.py graph_timer).
 Capture-safe: inside CUDA-graph capture or torch.compile tracing nothing is timed; the cached choice
 (or the op's default) is used.
 """
@@ -27,12 +27,15 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[[dict], None], def
         return hit
     if _cannot_time() or len(candidates) <= 1:
         return candidates[0] if len(candidates) == 1 else default
-    import triton.testing
+    # GPU time only (CUDA-graph replay, L2 flushed per call), as the backend choice is timed: with do_bench,
+    # a decode-size launch measures the host's launch cost, identical for every config, and noise decides
+    from ..runtime.tuning import graph_timer
 
     best, best_ms = default, float("inf")
     for cfg in candidates:
         try:
-            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+            launch(cfg)  # compile (and fail, for a config that does not fit) outside any capture
+            ms = graph_timer(lambda: launch(cfg), calls=8, replays=5)
         except Exception:  # a config that does not fit this GPU (shared memory, registers) is skipped
             continue
         if ms < best_ms:
