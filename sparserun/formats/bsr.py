@@ -51,7 +51,10 @@ def unpack(p: Packed) -> torch.Tensor:
     n, k = p.shape
     b = p.meta["block"]
     crow, col, values = (p.tensors[t] for t in ("crow_indices", "col_indices", "values"))
-    rows = torch.repeat_interleave(torch.arange(n // b, device=values.device), (crow[1:] - crow[:-1]).long())
+    # output_size: without it repeat_interleave reads the total back from the device, a sync that is illegal
+    # inside CUDA-graph capture (the dense fallback can run there, and the tuner times it in a graph)
+    rows = torch.repeat_interleave(torch.arange(n // b, device=values.device), (crow[1:] - crow[:-1]).long(),
+                                   output_size=values.shape[0])
     out = torch.zeros(n // b, k // b, b, b, dtype=values.dtype, device=values.device)
     out[rows, col.long()] = values
     return out.permute(0, 2, 1, 3).reshape(n, k).contiguous()

@@ -105,15 +105,27 @@ def graph_timer(fn: Callable[[], object], calls: int = 16, replays: int = 9) -> 
     when fn cannot be captured."""
     import torch
 
+    flush = _flush_buffer(torch.cuda.current_device())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    # Preflight outside capture: a host sync inside fn would break the capture, and a capture that breaks
+    # leaves the CUDA RNG in capture mode (the next torch.randn fails: "Offset increment outside graph
+    # capture"), so fn must prove it has none before it is captured.
+    old_mode = torch.cuda.get_sync_debug_mode()
     try:
-        flush = _flush_buffer(torch.cuda.current_device())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        torch.cuda.set_sync_debug_mode("error")
         with torch.cuda.stream(side):  # capture needs a warm, non-default stream history
             fn()
             flush.zero_()
-        torch.cuda.current_stream().wait_stream(side)
+    except RuntimeError as e:
+        log.info("sparserun: %s syncs with the host (%s); timing it with do_bench", fn, e)
         torch.cuda.synchronize()
+        return do_bench_timer(fn)
+    finally:
+        torch.cuda.set_sync_debug_mode(old_mode)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    try:
 
         def both():
             flush.zero_()
