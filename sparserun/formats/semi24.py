@@ -68,9 +68,16 @@ def unpack(p: Packed) -> torch.Tensor:
     """The dense [N, K] weight, bit-exact (kept -0.0 stays -0.0)."""
     n, k = p.shape
     kp = _padded_k(k)
-    vals = p.tensors["values"].view(n, kp // GROUP, 2)
-    out = torch.zeros(n, kp // GROUP, GROUP, dtype=vals.dtype, device=vals.device)
-    out.scatter_(-1, positions(p), vals)
+    g = kp // GROUP
+    vals = p.tensors["values"].view(n, g, 2)
+    # Selects in uint8 instead of scatter_ with int64 positions: the runtime's dense fallback runs this per
+    # call, and the int64 index tensor (4x the weight's size in bf16) made it 1.3 ms for a 14336x4096 layer
+    # on an H100. torch.where keeps the stored values bit-exact (-0.0 stays -0.0); dropped entries are +0.0.
+    meta = p.tensors["meta"]
+    nib = torch.stack([meta & 0xF, meta >> 4], dim=-1).view(n, -1)[:, :g, None]  # [n, g, 1] uint8
+    j = torch.arange(GROUP, dtype=torch.uint8, device=meta.device)
+    zero = torch.zeros((), dtype=vals.dtype, device=vals.device)
+    out = torch.where((nib & 3) == j, vals[..., :1], torch.where((nib >> 2) == j, vals[..., 1:], zero))
     return out.view(n, kp)[:, :k].contiguous()
 
 
