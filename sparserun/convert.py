@@ -413,6 +413,10 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     tokenizer = None
     if not isinstance(calib, torch.Tensor):
         tokenizer = _tokenizer(src)
+    # calibration problems (missing / empty / too short text) fail before any weight is read
+    cal = load_calibration(model, calib, tokenizer, nsamples, seqlen_eff, options.seed)
+    if include_lm_head:
+        calibrate.check_head(model, method)  # raises now, not after every layer, if it cannot be pruned
     # everything outside the repeated layers: read once, kept for the capture and the LM head
     outside = {k: sk for k, sk in keymap.items() if not k.startswith(path + ".")}
     loaded = tensors.read(list(outside.values()), dtype=dtype)
@@ -423,7 +427,6 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(path + ".")]
     if left:
         raise ConvertError(f"{src}: no data for {', '.join(left[:4])}")
-    cal = load_calibration(model, calib, tokenizer, nsamples, seqlen_eff, options.seed)
 
     store = StreamingLayers(model, path, layers, tensors, keymap, dtype)
     extra = {"architecture": type(model).__name__, "model_type": getattr(config, "model_type", None),

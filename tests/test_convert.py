@@ -122,14 +122,16 @@ def test_minilm_every_method_and_pattern(tmp_path, minilm_dir, minilm_ref, metho
 def test_cli_convert_prints_table_and_inspect_reads_it(tmp_path, llama_src):
     out = tmp_path / "out"
     rc, text = run_cli("convert", llama_src, out, "--method", "wanda", "--pattern", "4:8", "--nsamples", "2",
-                       "--seqlen", "32", "--skip", r"mlp\.down_proj$")
+                       "--seqlen", "32", "--skip", r"mlp\.down_proj$", "--include-lm-head")
     assert rc == 0, text
     assert re.search(r"model\.layers\.0\.self_attn\.q_proj\s+4:8\s+bitmask\s+50\.0%", text)
-    assert "matches skip regex" in text and "12 pruned, 0 kept dense, 2 skipped" in text
+    assert re.search(r"\nlm_head\s+4:8\s+bitmask\s+50\.0%", text)
+    assert "matches skip regex" in text and "13 pruned, 0 kept dense, 2 skipped" in text
     rc, text = run_cli("inspect", out)
-    assert rc == 0 and "sparse linear layers: 12" in text
+    assert rc == 0 and "sparse linear layers: 13" in text
     model = sparserun.load(out)
     assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert isinstance(model.lm_head, sparserun.SparseLinear)
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -163,6 +165,37 @@ def test_empty_calibration_file(tmp_path, llama_src):
     rc, text = run_cli("convert", llama_src, tmp_path / "out", "--method", "sparsegpt", "--pattern", "2:4",
                        "--calib", empty)
     assert rc == 1 and f"calibration file {empty} is empty" in text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    """Fail the test if convert reads any weight from SRC (errors that can be known must come first)."""
+    monkeypatch.setattr(cv.SourceTensors, "read", lambda *a, **k: pytest.fail("read weights before the check"))
+
+
+@pytest.mark.parametrize("text,msg", [(None, "calibration file not found"), ("\n \n", "is empty"),
+                                      ("only a few words", "has only .* tokens; a window of seqlen 32")])
+def test_calibration_errors_before_weights_are_read(tmp_path, llama_src, no_weight_reads, text, msg):
+    calib = tmp_path / "calib.txt"
+    if text is not None:
+        calib.write_text(text)
+    rc, text = run_cli("convert", llama_src, tmp_path / "out", "--method", "wanda", "--pattern", "2:4",
+                       "--calib", calib, "--nsamples", "2", "--seqlen", "32")
+    assert rc == 1 and re.search(msg, text.strip().splitlines()[-1]), text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method,tied,msg", [
+    ("wanda", True, "lm_head shares its weight with the input embeddings"),
+    ("taylor", False, "pruning the lm_head with taylor is not supported"),
+])
+def test_lm_head_that_cannot_be_pruned_fails_before_weights_are_read(tmp_path, no_weight_reads, method, tied,
+                                                                     msg):
+    src = save_llama_dir(tmp_path / "src", layers=2, tie_word_embeddings=tied)
+    rc, text = run_cli("convert", src, tmp_path / "out", "--method", method, "--pattern", "2:4",
+                       "--nsamples", "2", "--seqlen", "32", "--include-lm-head")
+    assert rc == 1 and msg in text.strip().splitlines()[-1], text
     assert not (tmp_path / "out").exists()
 
 

@@ -497,7 +497,9 @@ def gradient_stats(model, path, layers, store, inputs: LayerInputs, input_ids, d
             for k in acc:
                 acc[k] /= n
         spill.put(f"grad{i}", {k: v.cpu() for k, v in acc.items()} if spill.dir is not None else acc)
-        del act
+        # drop this layer's statistics, last gradients and activations before the next layer arrives, or
+        # they would sit next to it (two layers' worth of fp32 at the peak)
+        act = acc = grads = out = x = g = None  # (not `del`: the window loop may not have bound them all)
         store.unload(i)
 
 
@@ -588,9 +590,8 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
     rows: list[dict] = []
     kept_masks: dict[str, torch.Tensor] = {}
     stat_kind = scores.STAT[method]
-    if include_lm_head and stat_kind == "grad":
-        raise ValueError(f"pruning the lm_head with {method} is not supported (its gradient pass covers the "
-                         f"repeated layers only); use magnitude, wanda or sparsegpt, or keep lm_head dense")
+    if include_lm_head:
+        check_head(model, method)  # fail before any work if the head cannot be pruned
     was_training = model.training
     model.eval()
 
@@ -717,17 +718,32 @@ def _row(name, m, pat, status, reason) -> dict:
             "bytes_before": w.numel() * w.element_size(), "bytes_after": w.numel() * w.element_size()}
 
 
-def _prune_head(model, path, layers, h, calib, method, pat, sparsity, opts, per_row, device, keep_masks,
-                kept_masks):
-    """Prune the output projection on the final hidden states (the layers are stubbed out)."""
+def output_projection(model: nn.Module) -> tuple[str, nn.Linear]:
+    """(name, module) of the output projection (lm_head) if it can be pruned on its own, else ValueError."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not isinstance(head, nn.Linear):
         raise ValueError(f"{type(model).__name__} has no nn.Linear output projection (lm_head) to prune")
     name = next(n for n, m in model.named_modules() if m is head)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is head.weight:
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if (emb is not None and getattr(emb, "weight", None) is head.weight) or tied:
         raise ValueError(f"{name} shares its weight with the input embeddings (tie_word_embeddings): pruning "
                          f"it would prune the embeddings too; keep it dense")
+    return name, head
+
+
+def check_head(model: nn.Module, method: str) -> tuple[str, nn.Linear]:
+    """(name, module) of the lm_head if `method` can prune it (include_lm_head=True), else ValueError."""
+    if scores.STAT[scores.check_method(method)] == "grad":
+        raise ValueError(f"pruning the lm_head with {method} is not supported (its gradient pass covers the "
+                         f"repeated layers only); use magnitude, wanda or sparsegpt, or keep lm_head dense")
+    return output_projection(model)
+
+
+def _prune_head(model, path, layers, h, calib, method, pat, sparsity, opts, per_row, device, keep_masks,
+                kept_masks):
+    """Prune the output projection on the final hidden states (the layers are stubbed out)."""
+    name, head = output_projection(model)
     kind = scores.STAT[method]
     holder: dict = {"tuple": False}
     fkw = _forward_kwargs(model)
