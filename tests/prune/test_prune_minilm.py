@@ -38,6 +38,6 @@ def test_wanda_and_sparsegpt_beat_magnitude(minilm_dir, setup, pattern, sparsity
         with torch.no_grad():
             out = model(input_ids=ids).last_hidden_state
         cos[method] = torch.nn.functional.cosine_similarity(out, ref, dim=-1).mean().item()
-    # margins well inside what docs/prune_quality.md measures (magnitude ~0.58 / 0.68, the others ≥ 0.69)
+    # margins well inside what docs/prune_quality.md measures (magnitude 0.60 / 0.70, the others ≥ 0.72)
     assert cos["wanda"] > cos["magnitude"] + 0.05, cos
     assert cos["sparsegpt"] > cos["magnitude"] + 0.05, cos
