@@ -367,3 +367,43 @@ def test_bert_checkpoint_with_teacher(tmp_path, packed_bert):
                             progress=False)
     assert r["mode"] == "lora" and r["sparse_layers"] == 6
     assert _patterns(tmp_path / "o") == _patterns(packed)
+
+
+# ---- on a GPU (skipped without one) -------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_training_paths_on_cuda(tmp_path, tok, windows, packed_llama):
+    """Masked fine-tuning, LoRA recovery with distillation, movement pruning and `finetune_checkpoint`, all
+    on a CUDA device: every pattern still packs and validates afterwards."""
+    from sparserun.prune.movement import MovementPruner
+
+    dev = torch.device("cuda")
+    teacher = make_llama(tok, layers=1).to(dev).requires_grad_(False)
+    for lora_rank in (None, 4):
+        model = copy.deepcopy(teacher).requires_grad_(True)
+        masks = decoder_masks(model, "16x16", 0.5)
+        recover(model, masks, windows, steps=3, lr=1e-2, weight_decay=0.1, lora_rank=lora_rank, batch_size=2,
+                teacher=teacher, progress=False)
+        for name, mask in masks.items():
+            w = model.get_submodule(name).weight.detach()
+            assert w.is_cuda and not (w[~mask.to(dev)] != 0).any(), name
+            formats.validate(formats.pack(w.cpu(), mask.cpu(), "16x16", name=name), name)
+
+    model = copy.deepcopy(teacher).requires_grad_(True)
+    pr = MovementPruner(model, "16x16", 0.5, total_steps=4, warmup_steps=1)
+    train_loop(model, model.parameters(), windows, steps=4, lr=1e-3, batch_size=2, teacher=teacher,
+               after_backward=lambda s: pr.step(), progress=False)
+    masks = pr.finalize()
+    for name, mask in masks.items():
+        w = model.get_submodule(name).weight.detach()
+        assert w.is_cuda
+        formats.validate(formats.pack(w.cpu(), mask, "16x16", name=name), name)
+        assert 1 - mask.float().mean().item() == pytest.approx(0.5)
+
+    src, packed = packed_llama
+    r = finetune_checkpoint(packed, tmp_path / "out", DEFAULT_CALIB, steps=2, lr=1e-2, seqlen=32, batch_size=2,
+                            lora_rank=4, distill=src, device="cuda", progress=False)
+    assert r["mode"] == "lora" and _patterns(tmp_path / "out") == _patterns(packed)
+    for name, mod in sparserun.load(tmp_path / "out").named_modules():
+        if isinstance(mod, SparseLinear):
+            formats.validate(mod.packed(), name)
