@@ -249,18 +249,25 @@ def tuning_key(layer, m: int, dtype: torch.dtype, device: torch.device, grad: bo
            **_format_detail(layer), **_software_key(device)}
     if grad:
         key["autograd"] = True
+    allowed = allowed_backends()
+    if allowed != ALL_BACKENDS:  # a restricted choice must not answer for an unrestricted process, or back
+        key["backends"] = sorted(allowed)
     return key
+
+
+ALL_BACKENDS = frozenset(("triton", "cuda", "cusparselt", "dense"))
 
 
 def allowed_backends() -> frozenset[str]:
     """SPARSERUN_BACKENDS: the backends auto may choose among (default: all). "triton,dense" keeps every layer
     on the checkpoint's own packed tensors: "cuda" and "cusparselt" each build a second copy of a 2:4 weight
-    in their own layout once the tuner picks them for any M (on the 8B shape that was +7.3 GB)."""
+    in their own layout once the tuner picks them for any M (on the 8B shape that was +7.3 GB). Read when a
+    shape is first chosen in this process: set it before the first forward (or call clear_memo())."""
     raw = os.environ.get("SPARSERUN_BACKENDS", "").strip().lower()
     if not raw:
-        return frozenset(("triton", "cuda", "cusparselt", "dense"))
+        return ALL_BACKENDS
     names = frozenset(b.strip() for b in raw.split(",") if b.strip())
-    bad = sorted(names - {"triton", "cuda", "cusparselt", "dense"})
+    bad = sorted(names - ALL_BACKENDS)
     if bad:
         raise ValueError(f"SPARSERUN_BACKENDS={raw!r}: unknown {', '.join(bad)}; choose among triton, cuda, "
                          f"cusparselt, dense")

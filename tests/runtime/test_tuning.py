@@ -372,6 +372,10 @@ def test_allowed_backends_limit_the_choice(fake_gpu, monkeypatch):
     assert dispatch.auto_backend(layer, torch.randn(5, 96)) == "triton"  # cuda (0.3) would have won
     assert set(fake_gpu["ran"]) == {"dense", "triton"}
     assert getattr(layer, "_sr_cuda", None) is None and getattr(layer, "_sr_cslt", None) is None
+    # the restricted choice is cached under its own key: an unrestricted process still gets the fastest
+    monkeypatch.delenv("SPARSERUN_BACKENDS")
+    dispatch.clear_memo()
+    assert dispatch.auto_backend(layer, torch.randn(5, 96)) == "cuda"
     monkeypatch.setenv("SPARSERUN_BACKENDS", "triton,cudnn")
     dispatch.clear_memo()
     with pytest.raises(ValueError, match="SPARSERUN_BACKENDS='triton,cudnn': unknown cudnn"):
