@@ -38,6 +38,23 @@ from .prune.api import PruneReport, check_args, human_bytes, load_calibration
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def resolve_dtype(dtype, error=ValueError):
+    """A name from DTYPES as its torch dtype (a torch.dtype or None passes through); `error` names the valid
+    ones. Shared by convert, eval and finetune so their --dtype accepts and rejects the same names."""
+    if not isinstance(dtype, str):
+        return dtype
+    if dtype not in DTYPES:
+        raise error(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device, error=ValueError) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise error("--device cuda requested but CUDA is not available (use --device cpu)")
+    return device
+
+
 class ConvertError(ValueError):
     """The conversion cannot start or cannot finish (one line naming the file, layer or value)."""
 
@@ -367,13 +384,8 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
         raise ConvertError(f"output {out} contains the source directory {src}; choose another output")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConvertError(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ConvertError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConvertError("--device cuda requested but CUDA is not available (use --device cpu)")
+    dtype = resolve_dtype(dtype, ConvertError)
+    device = resolve_device(device, ConvertError)
     if skip:
         import re
 

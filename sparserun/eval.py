@@ -127,12 +127,9 @@ def cosine(model: nn.Module, other: nn.Module, ids: torch.Tensor, device="cpu", 
 def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsamples: int | None = None,
              device="cpu", dtype=None) -> dict:
     """Perplexity of DIR (causal LMs) and, with `against`, cosine similarity of outputs to that model."""
-    if isinstance(dtype, str):
-        from .convert import DTYPES
+    from .convert import resolve_dtype
 
-        if dtype not in DTYPES:
-            raise EvalError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    dtype = resolve_dtype(dtype, EvalError)
     text = calibrate.read_text(text_file, what="evaluation text")
     model = load_model(path, device, dtype)
     tok = load_tokenizer(path, against)

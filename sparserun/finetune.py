@@ -40,11 +40,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import _is_within
 from .formats import PatternViolation
 from .prune import calibrate
+from .prune.movement import _callback_base
 
 DEFAULT_SEQLEN = 128  # training windows: short keeps a CPU step cheap; recovery needs many steps, not long ones
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class FinetuneError(ValueError):
@@ -186,14 +187,6 @@ class SparsityGuard:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-
-def _callback_base():
-    try:
-        from transformers import TrainerCallback
-        return TrainerCallback
-    except Exception:  # transformers missing: the class still works when driven by hand
-        return object
 
 
 class SparsityGuardCallback(_callback_base()):
@@ -543,14 +536,6 @@ def recover(model: nn.Module, masks: dict[str, torch.Tensor], data, *, steps: in
 
 # ---- from a packed checkpoint -------------------------------------------------------------------------
 
-def _is_within(a: Path, b: Path) -> bool:
-    try:
-        a.relative_to(b)
-        return True
-    except ValueError:
-        return False
-
-
 def _stored_dtype(src: Path) -> torch.dtype:
     from .checkpoint import CheckpointReader, dtype_from_name
 
@@ -611,13 +596,10 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
         raise OutputExists(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
     if distill is not None and not Path(distill).is_dir():
         raise FinetuneError(f"teacher directory not found: {distill}")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise FinetuneError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError("--device cuda requested but CUDA is not available (use --device cpu)")
+    from .convert import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(dtype, FinetuneError)
+    device = resolve_device(device, FinetuneError)
     body = calibrate.read_text(text, what="training text")
     out_dtype = dtype or _stored_dtype(src)
 
