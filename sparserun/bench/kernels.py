@@ -30,6 +30,8 @@ GRAPH_MAX_M = 16
 
 def bench_graph(fn, copies: int, calls: int = 64, replays: int = 7) -> float:
     """Median ms per call of `calls` calls captured in one CUDA graph (warm-up and tuning run first)."""
+    from ..runtime.tuning import graph_replay_ms
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -37,22 +39,8 @@ def bench_graph(fn, copies: int, calls: int = 64, replays: int = 7) -> float:
             fn(i)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for j in range(calls):
-            fn(j % copies)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    del g
-    return statistics.median(times)
+    nxt = iter(range(calls))  # body runs only while capturing: call j uses operand copy j % copies
+    return graph_replay_ms(lambda: fn(next(nxt) % copies), calls, replays)
 
 
 def random_mask_24(n: int, k: int, device="cuda") -> torch.Tensor:
