@@ -43,13 +43,27 @@ def _split_for(tiles: int, k_steps: int, sms: int) -> int:
 FMA_MAX_M = 4  # up to here CUDA-core FMAs are candidates; tensor cores would pad M to 16
 
 
-def candidate_configs(m: int, n: int, k: int, sms: int) -> list[dict]:
+def units_ok(k: int, dtype: torch.dtype) -> bool:
+    """Can the unit GEMV run? It reads 16-bit weights as 64-bit words of 8 columns, so K % 8 == 0."""
+    return k % 8 == 0 and dtype in (torch.float16, torch.bfloat16)
+
+
+def candidate_configs(m: int, n: int, k: int, sms: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     out = []
     if m <= FMA_MAX_M:
         bm = triton.next_power_of_2(m)
+        if units_ok(k, dtype):
+            # BLOCK_U = 64 units: one warp spans a step's columns (2 units per thread, 16-byte value loads), warps
+            # split the rows; x's 1-D slices then share the tile's layout (any other width showed a
+            # shared-memory shuffle per step in the SASS). 16-17 instructions per group of 4 at M = 1 (sm_90
+            # SASS), against 39-45 for the 2-D GEMV below: that kernel is issue-bound (NOTES.md)
+            for bn, warps in ((16, 4), (32, 8), (8, 4), (64, 8)):
+                split = _split_for(triton.cdiv(n, bn), triton.cdiv(k // 8, 64), sms)
+                out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_U=64, SPLIT_K=split, UNITS=True, num_warps=warps,
+                                num_stages=3))
         # measured on H100 (benchmarks/results/*-semi24-decode-tune.log): few rows and a long K step per
         # program stream the weight best; wide tiles (32-64 rows x 256) ran 2x slower
-        for bn, bk, warps in ((16, 512, 4), (8, 1024, 4), (16, 1024, 4), (8, 2048, 8), (4, 2048, 4)):
+        for bn, bk, warps in ((8, 1024, 4), (16, 512, 4)):
             split = _split_for(triton.cdiv(n, bn), triton.cdiv(k, bk), sms)
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GEMV=True, num_warps=warps,
                             num_stages=3))
@@ -79,9 +93,14 @@ def default_config(m: int, n: int, k: int, sms: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, USE_DOT=True, num_warps=8, num_stages=3)
 
 
-def interpreter_config(m: int, n: int, k: int) -> dict:
+def interpreter_config(m: int, n: int, k: int, dtype: torch.dtype = torch.float32) -> dict:
     """One modest config for the CPU interpreter; split K when there is K to split, so the split path and
-    the reduce kernel are exercised by the CPU tests too; FMA for a few rows, tensor-core dot above."""
+    the reduce kernel are exercised by the CPU tests too; the unit GEMV where it can run and M <= 4, the 2-D
+    GEMV for other few-row cases, tensor-core dot above."""
+    if m <= FMA_MAX_M and units_ok(k, dtype):
+        bu = 4
+        return dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=16, BLOCK_U=bu, UNITS=True,
+                    SPLIT_K=2 if k // 8 > bu else 1)
     bk = 64 if k <= 128 else 128
     fma = m <= FMA_MAX_M
     return dict(BLOCK_M=triton.next_power_of_2(m) if fma else (16 if m <= 16 else 32),
@@ -263,6 +282,128 @@ def _semi24_gemv_kernel(
 
 
 @triton.jit
+def _halves(word, IS_BF16: tl.constexpr):
+    """The two 16-bit floats packed in int32 `word` (low half first), as fp32."""
+    if IS_BF16:
+        # a bf16 is the top half of the fp32 of the same value: moving the bits is the whole conversion
+        lo = (word << 16).to(tl.float32, bitcast=True)
+        hi = (word & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _kept_x(nib, xa, xb, xc, xd):
+    """x at a group's two kept positions, from the group's four x values and its nibble (i0 | i1 << 2).
+    i0 is 0, 1 or 2 and i1 is 1, 2 or 3 (i0 < i1), so each is two bit tests and two selects: selecting x
+    costs half of expanding the weight to all four positions."""
+    x_first = tl.where((nib & 2) != 0, xc, tl.where((nib & 1) != 0, xb, xa))
+    x_second = tl.where((nib & 8) != 0, tl.where((nib & 4) != 0, xd, xc), xb)
+    return x_first, x_second
+
+
+@triton.jit
+def _unit_dot(acc, x_ptr, row, u, mask_u, va0, va1, vb0, vb1, na, nb, IS_BF16: tl.constexpr):
+    """acc + one token's products over this step's units; x read as two int64 words (8 columns) per unit."""
+    xw0 = tl.load(x_ptr + row + 2 * u, mask=mask_u, other=0)
+    xw1 = tl.load(x_ptr + row + 2 * u + 1, mask=mask_u, other=0)
+    x0, x1 = _halves(xw0.to(tl.int32), IS_BF16)
+    x2, x3 = _halves((xw0 >> 32).to(tl.int32), IS_BF16)
+    x4, x5 = _halves(xw1.to(tl.int32), IS_BF16)
+    x6, x7 = _halves((xw1 >> 32).to(tl.int32), IS_BF16)
+    f0, s0 = _kept_x(na, x0[None, :], x1[None, :], x2[None, :], x3[None, :])
+    f1, s1 = _kept_x(nb, x4[None, :], x5[None, :], x6[None, :], x7[None, :])
+    # one chain of FMAs into the accumulator (a sum of products first would cost a multiply and an add more)
+    acc += va0 * f0
+    acc += va1 * s0
+    acc += vb0 * f1
+    acc += vb1 * s1
+    return acc
+
+
+@triton.jit
+def _semi24_gemv_units_kernel(
+    x_ptr, vals_ptr, meta_ptr, bias_ptr, out_ptr, part_ptr,
+    M, N, KU,
+    stride_xm, stride_vn, stride_mn, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """The 1-4 token case of 16-bit weights with K % 8 == 0, in *units* of 8 columns (2 groups):
+    x int64 [M, 2*KU] (4 x values per word), values int64 [N, KU] (a unit's 4 kept values), meta uint8 [N, KU]
+    (a unit's two nibbles), bias [N], out [M, N], part [SPLIT_K, M, N] fp32 when SPLIT_K > 1.
+    Whole-word loads and bit moves instead of per-group byte gathers and converts; x selected at the kept
+    positions instead of the weight expanded to all four (see _kept_x)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m0 = tl.program_id(2) * BLOCK_M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    steps = tl.cdiv(KU, BLOCK_U)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    k_begin = pid_k * per_split
+    k_end = min(k_begin + per_split, steps)
+    offs_u = tl.arange(0, BLOCK_U)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_U), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_U), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_U), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_U), dtype=tl.float32)
+    for ks in range(k_begin, k_end):
+        u = ks * BLOCK_U + offs_u
+        if EVEN_K:
+            mask_u = tl.full((BLOCK_U,), 1, tl.int1)  # constant: the masks fold away
+        else:
+            mask_u = u < KU
+        vp = vals_ptr + offs_n[:, None] * stride_vn + u[None, :]
+        # meta offsets claim runs of 2 only: the byte load then takes the values' per-thread layout (2 units)
+        # instead of a 16-byte vector that would need a shuffle through shared memory to line up with them
+        mp = meta_ptr + offs_n[:, None] * stride_mn + tl.max_contiguous(u, 2)[None, :]
+        if EVEN_N and EVEN_K:
+            w = tl.load(vp)
+            mb = tl.load(mp)
+        else:
+            mw = mask_n[:, None] & mask_u[None, :]
+            w = tl.load(vp, mask=mw, other=0)
+            mb = tl.load(mp, mask=mw, other=0)
+        va0, va1 = _halves(w.to(tl.int32), IS_BF16)  # group 2u: the low word
+        vb0, vb1 = _halves((w >> 32).to(tl.int32), IS_BF16)  # group 2u + 1
+        nib = mb.to(tl.int32)
+        na = nib & 15
+        nb = nib >> 4
+        acc0 = _unit_dot(acc0, x_ptr, m0 * stride_xm, u, mask_u, va0, va1, vb0, vb1, na, nb, IS_BF16)
+        # rows m0 + r >= M (M = 3 in a tile of 4) read zeros: the row test is a tensor, as the interpreter wants
+        if BLOCK_M > 1:
+            acc1 = _unit_dot(acc1, x_ptr, (m0 + 1) * stride_xm, u, mask_u & (m0 + 1 + 0 * u < M),
+                             va0, va1, vb0, vb1, na, nb, IS_BF16)
+        if BLOCK_M > 2:
+            acc2 = _unit_dot(acc2, x_ptr, (m0 + 2) * stride_xm, u, mask_u & (m0 + 2 + 0 * u < M),
+                             va0, va1, vb0, vb1, na, nb, IS_BF16)
+            acc3 = _unit_dot(acc3, x_ptr, (m0 + 3) * stride_xm, u, mask_u & (m0 + 3 + 0 * u < M),
+                             va0, va1, vb0, vb1, na, nb, IS_BF16)
+    if HAS_BIAS and SPLIT_K == 1:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r in tl.static_range(BLOCK_M):
+        if r == 0:
+            y = tl.sum(acc0, axis=1) + b
+        elif r == 1:
+            y = tl.sum(acc1, axis=1) + b
+        elif r == 2:
+            y = tl.sum(acc2, axis=1) + b
+        else:
+            y = tl.sum(acc3, axis=1) + b
+        ok = mask_n & ((m0 + r + 0 * offs_n) < M)  # a tensor: the interpreter rejects a scalar mask
+        if SPLIT_K == 1:
+            tl.store(out_ptr + (m0 + r) * stride_om + offs_n * stride_on, y.to(out_ptr.dtype.element_ty),
+                     mask=ok)
+        else:
+            tl.store(part_ptr + pid_k * M * N + (m0 + r) * N + offs_n, y, mask=ok)
+
+
+@triton.jit
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on, SPLIT,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """out[m, n] = sum_s part[s, m, n] (+ bias[n]), cast to the output dtype."""
@@ -280,6 +421,15 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_o
 # ----------------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------------
+
+
+def _as_words(x2: torch.Tensor) -> torch.Tensor:
+    """x [M, K] 16-bit as int64 [M, K/4] (4 values per word) for the unit GEMV; rows that are not whole
+    aligned words (a column slice, a transposed x) are copied first: at decode that is a few KB."""
+    try:
+        return x2.view(torch.int64)
+    except RuntimeError:
+        return x2.clone(memory_format=torch.contiguous_format).view(torch.int64)
 
 
 def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: int,
@@ -319,7 +469,19 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
         launch_kw = {kk: cfg.pop(kk) for kk in ("num_warps", "num_stages") if kk in cfg}
         split = cfg["SPLIT_K"]
         part = workspace((split, m, n), x.device) if split > 1 else out
-        if cfg.pop("GEMV", False):
+        if cfg.pop("UNITS", False):
+            if not units_ok(k, x.dtype):
+                raise ValueError(f"semi24_matmul: the unit GEMV needs float16/bfloat16 and in_features % 8 == 0, "
+                                 f"got {x.dtype}, {k}")
+            xw = _as_words(x2)
+            ku = k // 8
+            grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
+            _semi24_gemv_units_kernel[grid](
+                xw, values.view(torch.int64), meta, bias_arg, out, part, m, n, ku,
+                xw.stride(0), ku, meta.stride(0), out.stride(0), out.stride(1),
+                HAS_BIAS=has_bias, IS_BF16=x.dtype == torch.bfloat16, EVEN_N=n % cfg["BLOCK_N"] == 0,
+                EVEN_K=ku % cfg["BLOCK_U"] == 0, **cfg, **launch_kw)
+        elif cfg.pop("GEMV", False):
             cfg.pop("USE_DOT", None)
             grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
             _semi24_gemv_kernel[grid](
@@ -341,11 +503,11 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
 
     if config is None:
         if interpreting():
-            config = interpreter_config(m, n, k)
+            config = interpreter_config(m, n, k, x.dtype)
         else:
             sms = num_sms(x)
             key = ("semi24", n, k, m_bucket(m), x.dtype, has_bias, str(x.device))
-            config = pick(key, candidate_configs(m_bucket(m), n, k, sms), launch,
+            config = pick(key, candidate_configs(m_bucket(m), n, k, sms, x.dtype), launch,
                           default_config(m_bucket(m), n, k, sms))
     launch(config)
     return out.reshape(*x.shape[:-1], n)

@@ -5,7 +5,7 @@ import torch
 import sparserun.kernels._common as kcommon
 from sparserun import formats
 from sparserun.kernels.semi24_matmul import (candidate_configs, semi24_matmul, semi24_matmul_ref,
-                                             semi24_unpack_ref)
+                                             semi24_unpack_ref, units_ok)
 
 from ._data import TOL, device, dtypes, random_24, rel_err
 
@@ -80,17 +80,69 @@ def test_bad_inputs_raise_clear_errors():
         semi24_matmul(x, v, meta.to(torch.int32), 16)
 
 
+# ---- the unit GEMV (16-bit, K % 8 == 0, M <= 4): no tl.dot, so bf16 runs under the interpreter too ----------
+def _unit_cfg(m, bu, split, bn=16):
+    return dict(BLOCK_M=min(4, 1 << (m - 1).bit_length()), BLOCK_N=bn, BLOCK_U=bu, SPLIT_K=split, UNITS=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,k,bu", [(48, 80, 4), (33, 256, 8), (16, 64, 8)])  # uneven K steps; odd N; even both
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_unit_gemv_matches_float64_reference(m, n, k, bu, dtype):
+    gen = torch.Generator().manual_seed(31 * m + n + k)
+    dev = device()
+    p = random_24(n, k, dtype, dev, gen)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(dev)
+    b = torch.randn(n, generator=gen).to(dtype).to(dev)
+    ref = x.double() @ formats.unpack(p).double().T
+    for split, bias in ((1, True), (3, False), (2, True)):
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=dev)
+        y = semi24_matmul(x, p.tensors["values"], p.tensors["meta"], k, b if bias else None,
+                          config=_unit_cfg(m, bu, split), out=out)
+        assert rel_err(y, ref + (b.double() if bias else 0)) < TOL[dtype], (m, n, k, split, bias)
+
+
+@pytest.mark.parametrize("layout", ["offset", "transposed", "row_stride"])
+def test_unit_gemv_inputs_not_made_of_whole_words(layout):
+    """x whose rows are not aligned 64-bit words (a column slice, a transpose, a row stride not a multiple of
+    4) is copied, not misread."""
+    gen = torch.Generator().manual_seed(11)
+    dev = device()
+    n, k, m = 24, 64, 3
+    p = random_24(n, k, torch.float16, dev, gen)
+    if layout == "offset":
+        x = torch.randn(m, k + 1, generator=gen).half().to(dev)[:, 1:]
+    elif layout == "transposed":
+        x = torch.randn(k, m, generator=gen).half().to(dev).T
+    else:
+        x = torch.randn(m, k + 2, generator=gen).half().to(dev)[:, :k]
+    y = semi24_matmul(x, p.tensors["values"], p.tensors["meta"], k, config=_unit_cfg(m, 4, 2))
+    assert rel_err(y, x.double() @ formats.unpack(p).double().T) < TOL[torch.float16]
+
+
+def test_unit_gemv_refuses_what_it_cannot_read():
+    p = random_24(8, 20, torch.float16, device(), torch.Generator().manual_seed(2))  # K = 20: not 8 | K
+    x = torch.randn(1, 20, device=device()).half()
+    with pytest.raises(ValueError, match="in_features % 8 == 0"):
+        semi24_matmul(x, p.tensors["values"], p.tensors["meta"], 20, config=_unit_cfg(1, 4, 1))
+    assert not units_ok(20, torch.float16) and not units_ok(64, torch.float32) and units_ok(64, torch.bfloat16)
+    assert not any(c.get("UNITS") for c in candidate_configs(1, 64, 20, 132, torch.float16))
+    assert any(c.get("UNITS") for c in candidate_configs(1, 64, 64, 132, torch.bfloat16))
+    assert not any(c.get("UNITS") for c in candidate_configs(16, 64, 64, 132, torch.bfloat16))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("m", [1, 16, 64, 129, 2048])
-@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 14336), (4099, 1030)])
+@pytest.mark.parametrize("m", [1, 3, 4, 16, 64, 129, 2048])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 14336), (4099, 1030), (4099, 1032)])
 def test_every_candidate_config_on_gpu(m, n, k, dtype):
     gen = torch.Generator().manual_seed(m + n)
     p = random_24(n, k, dtype, "cuda", gen)
     x = torch.randn(m, k, generator=gen).to(dtype).cuda()
     b = torch.randn(n, generator=gen).to(dtype).cuda()
     ref = semi24_matmul_ref(x, p.tensors["values"], p.tensors["meta"], k, b)
-    for cfg in candidate_configs(max(m, 1), n, k, torch.cuda.get_device_properties(0).multi_processor_count):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for cfg in candidate_configs(max(m, 1), n, k, sms, dtype):
         out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
         y = semi24_matmul(x, p.tensors["values"], p.tensors["meta"], k, b, config=cfg, out=out)
         assert rel_err(y, ref) < TOL[dtype], cfg
