@@ -52,9 +52,13 @@ def candidate_configs(m: int, b: int) -> list[dict]:
     """Tuned choices; SEG (blocks per program) is derived at launch from the layer's row counts."""
     out = []
     if m <= FMA_MAX_M:
+        bm = triton.next_power_of_2(m)
         for u in sorted({max(1, 64 // b), max(1, 128 // b)}):
-            out.append(dict(BLOCK_M=triton.next_power_of_2(m), UNROLL=u, USE_DOT=False,
-                            num_warps=8 if b * b * u >= 8192 else 4, num_stages=3))
+            warps = 8 if b * b * u >= 8192 else 4
+            # the 3-D accumulator lives in registers: past 128 fp32 per thread it spills (B = 128 at M = 4 needs
+            # 256 and spilled 504 bytes per thread in the sm_90 SASS: python -m sparserun.bench.offline)
+            if bm * b * b * u <= 128 * 32 * warps:
+                out.append(dict(BLOCK_M=bm, UNROLL=u, USE_DOT=False, num_warps=warps, num_stages=3))
     if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
         for u in sorted({max(1, 64 // b), max(1, 128 // b)}):
