@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 from .kernels.bsr_matmul import bsr_dense_ref, bsr_matmul
+from .kernels.bsr_unpack import bsr_unpack
 from .kernels.semi24_matmul import semi24_matmul, semi24_unpack_ref
+from .kernels.semi24_unpack import semi24_unpack
 
 
 # ---- 2:4 ------------------------------------------------------------------------------------------
@@ -99,6 +101,40 @@ def sparse_linear_triton(layer, x: Tensor) -> Tensor:
         return bsr_linear(x, layer.crow_indices, layer.col_indices, layer.values, layer.bias,
                           layer.max_row_blocks)
     raise ValueError(f"no Triton kernel for format {layer.format!r}")
+
+
+# ---- decompression for the dense fallback -----------------------------------------------------------
+@torch.library.custom_op("sparserun::semi24_unpack", mutates_args=())
+def semi24_unpack_op(values: Tensor, meta: Tensor, k: int) -> Tensor:
+    return semi24_unpack(values, meta, k)
+
+
+@semi24_unpack_op.register_fake
+def _(values, meta, k):
+    return values.new_empty((values.shape[0], k))
+
+
+@torch.library.custom_op("sparserun::bsr_unpack", mutates_args=())
+def bsr_unpack_op(crow: Tensor, col: Tensor, values: Tensor, k: int) -> Tensor:
+    return bsr_unpack(crow, col, values, k)
+
+
+@bsr_unpack_op.register_fake
+def _(crow, col, values, k):
+    return values.new_empty(((crow.shape[0] - 1) * values.shape[-1], k))
+
+
+def unpack_triton(layer) -> Tensor:
+    """The layer's dense weight through the Triton unpack kernels (bit-exact with formats.unpack): one read
+    of the packed tensors and one write of W. Through the custom op only while torch.compile traces."""
+    op = torch.compiler.is_compiling()
+    if layer.format == "semi24":
+        f = semi24_unpack_op if op else semi24_unpack
+        return f(layer.values, layer.meta, layer.in_features)
+    if layer.format == "bsr":
+        f = bsr_unpack_op if op else bsr_unpack
+        return f(layer.crow_indices, layer.col_indices, layer.values, layer.in_features)
+    raise ValueError(f"no Triton unpack kernel for format {layer.format!r}")
 
 
 # ---- CUDA 2:4 (csrc/) -----------------------------------------------------------------------------

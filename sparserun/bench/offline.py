@@ -224,6 +224,17 @@ def sweep(n: int = 4096, k: int = 4096, dtype: str = "bfloat16", arch: int = 90,
                 row["instructions_per_group_token"] = round(sum(loop.values()) / per_thread, 2)
             yield row
 
+    from ..kernels import bsr_unpack as bsr_unpack_mod
+    from ..kernels import semi24_unpack as s24_unpack_mod
+
+    # the dense fallback's decompression kernels (no M)
+    yield from run("semi24 unpack", s24_unpack_mod,
+                   lambda: s24_unpack_mod.semi24_unpack(p24.tensors["values"], p24.tensors["meta"], k), {}, 0, None)
+    for b in blocks:
+        pb = formats.pack(w, random_block_mask(n, k, b, density, "cpu"), f"{b}x{b}").tensors
+        yield from run(f"bsr B={b} unpack", bsr_unpack_mod,
+                       lambda: bsr_unpack_mod.bsr_unpack(pb["crow_indices"], pb["col_indices"], pb["values"], k),
+                       {}, 0, None)
     for m in ms:
         x = torch.randn(m, k, generator=gen).to(dt)
         seen = set()

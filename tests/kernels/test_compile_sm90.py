@@ -33,7 +33,7 @@ def test_every_kernel_family_compiles_for_sm90(sm90_rows):
     assert not failed, "\n".join(failed)
     kinds = {r["kernel"] for r in sm90_rows}
     assert {"_semi24_gemv_units_kernel", "_semi24_gemv_kernel", "_semi24_matmul_kernel", "_splitk_reduce_kernel",
-            "_bsr_matmul_kernel"} <= kinds
+            "_bsr_matmul_kernel", "_semi24_unpack_kernel", "_bsr_unpack_kernel"} <= kinds
 
 
 def test_decode_kernels_do_not_spill(sm90_rows):
