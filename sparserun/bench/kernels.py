@@ -146,12 +146,16 @@ def run(shapes=ALL_SHAPES, m_values=M_VALUES, dtypes=("bf16", "fp16"), block_var
                 for cname, (lays, nb, d) in cands.items():
                     fns[cname] = ((lambda lays: lambda i: ops.sparse_linear_triton(lays[i], xs[i % nx]))(lays),
                                   len(lays), nb, d)
+                    # the layer as a user runs it: the dispatcher's measured choice among the allowed backends
+                    # (env: SPARSERUN_BACKENDS, SPARSERUN_KEEP_DENSE), tuned by the correctness call below
+                    fns[cname + "_auto"] = ((lambda lays: lambda i: lays[i](xs[i % nx]))(lays), len(lays), nb, d)
                 res = {}
                 for name, (fn, copies, wbytes, d) in fns.items():
                     key = f"{name}/{dname}/{sname}/M={m}"
                     try:
                         if name != "dense_cublas":  # correctness before speed
-                            lay_w = (cands[name][0][0].dense_weight() if name in cands
+                            base = name[:-len("_auto")] if name.endswith("_auto") else name
+                            lay_w = (cands[base][0][0].dense_weight() if base in cands
                                      else torch24[name][0].to_dense())
                             ref = F.linear(xs[0].float(), lay_w.float())
                             got = fn(0).float()

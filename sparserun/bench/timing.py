@@ -60,6 +60,10 @@ def environment() -> dict:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        # the runtime settings that change what a SparseLinear runs (docs/runtime.md)
+        "sparserun_env": {k: os.environ[k] for k in ("SPARSERUN_BACKEND", "SPARSERUN_BACKENDS",
+                                                     "SPARSERUN_KEEP_DENSE", "SPARSERUN_NO_CUDA_BUILD")
+                          if k in os.environ},
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)

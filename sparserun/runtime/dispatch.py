@@ -8,7 +8,9 @@ Backends:
                 (no resident dense copy, see `keeps_dense`), cached with SPARSERUN_KEEP_DENSE=1
   "reference"   pure torch, decompress per call: the oracle
 
-`SPARSERUN_BACKEND` forces one; `SPARSERUN_BACKENDS` (e.g. "triton,dense") limits what auto may choose.
+`SPARSERUN_BACKEND` forces one; `SPARSERUN_BACKENDS` says what auto may choose: by default "triton,dense",
+the backends that run on the checkpoint's own packed tensors; "all" (or a list naming them) adds "cuda" and
+"cusparselt", which keep a second copy of the weight in their own layout once chosen.
 Otherwise ("auto"): CPU tensors use the reference path (bitmask layers:
 dense); CUDA tensors of a kernel format use the measured choice of runtime/tuning.py: every available
 candidate is timed once per (format, N, K, M bucket, dtype, GPU, versions), the fastest is kept on disk,
@@ -274,21 +276,25 @@ def tuning_key(layer, m: int, dtype: torch.dtype, device: torch.device, grad: bo
 
 
 ALL_BACKENDS = frozenset(("triton", "cuda", "cusparselt", "dense"))
+COPY_FREE_BACKENDS = frozenset(("triton", "dense"))
 
 
 def allowed_backends() -> frozenset[str]:
-    """SPARSERUN_BACKENDS: the backends auto may choose among (default: all). "triton,dense" keeps every layer
-    on the checkpoint's own packed tensors: "cuda" and "cusparselt" each build a second copy of a 2:4 weight
-    in their own layout once the tuner picks them for any M (on the 8B shape that was +7.3 GB). Read when a
-    shape is first chosen in this process: set it before the first forward (or call clear_memo())."""
+    """SPARSERUN_BACKENDS: the backends auto may choose among. Default "triton,dense": every layer runs on the
+    checkpoint's own packed tensors. "cuda" and "cusparselt" each build a second copy of a 2:4 weight in their
+    own layout once the tuner picks them for any M: on the 8B shape that was +7.3 GB, twice the memory the
+    pruning saved, for prefill speedups the H100 runs did not show (docs/runtime.md). "all" allows them.
+    Read when a shape is first chosen in this process: set it before the first forward (or clear_memo())."""
     raw = os.environ.get("SPARSERUN_BACKENDS", "").strip().lower()
     if not raw:
+        return COPY_FREE_BACKENDS
+    if raw == "all":
         return ALL_BACKENDS
     names = frozenset(b.strip() for b in raw.split(",") if b.strip())
     bad = sorted(names - ALL_BACKENDS)
     if bad:
         raise ValueError(f"SPARSERUN_BACKENDS={raw!r}: unknown {', '.join(bad)}; choose among triton, cuda, "
-                         f"cusparselt, dense")
+                         f"cusparselt, dense, or all")
     return names | {"dense"}  # dense is the floor every choice is measured against
 
 

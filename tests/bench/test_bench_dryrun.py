@@ -13,7 +13,8 @@ def test_dry_run_writes_all_backends(tmp_path):
     assert res["env"]["dry_run"]
     assert res["failures"] == {}
     backends = {r["backend"] for r in res["rows"]}
-    assert backends == {"dense_cublas", "sparserun_2:4", "sparserun_32x32_d0.5"}
+    assert backends == {"dense_cublas", "sparserun_2:4", "sparserun_32x32_d0.5", "sparserun_2:4_auto",
+                        "sparserun_32x32_d0.5_auto"}  # _auto: the layer through the dispatcher
     assert {r["M"] for r in res["rows"]} == {1, 3, 33}
     assert all(r["ms"] > 0 for r in res["rows"])
     assert "DRY RUN" in js.with_suffix(".md").read_text()

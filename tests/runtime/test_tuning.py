@@ -180,6 +180,7 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(dispatch, "_software_key", lambda device: {"gpu": "fake-gpu", "torch": "t"})
     monkeypatch.setattr(dispatch, "_cannot_time", lambda: False)
     monkeypatch.setattr(dispatch, "_compiling", lambda: False)
+    monkeypatch.setenv("SPARSERUN_BACKENDS", "all")  # every backend competes (the default leaves two out)
     tuner = Tuner(tmp_path / "c.json", timer=lambda fn: (fn(), times[last["name"]])[1])
     tuning.set_tuner(tuner)
     dispatch.clear_memo()
@@ -365,18 +366,27 @@ def test_graph_timer_times_gpu_work_not_host_launches():
     assert tuning.graph_timer(many_launches) < tuning.do_bench_timer(many_launches)
 
 
-def test_allowed_backends_limit_the_choice(fake_gpu, monkeypatch):
-    """SPARSERUN_BACKENDS keeps auto off backends that would build a second copy of the weight."""
-    monkeypatch.setenv("SPARSERUN_BACKENDS", "triton,dense")
+@pytest.mark.parametrize("setting", [None, "triton,dense", "dense,triton"])
+def test_by_default_auto_never_builds_a_second_weight_copy(fake_gpu, monkeypatch, setting):
+    """By default (and with SPARSERUN_BACKENDS=triton,dense) auto chooses only among backends that run on the
+    packed tensors themselves: cuda/cusparselt would keep their own copy of the weight."""
+    if setting is None:
+        monkeypatch.delenv("SPARSERUN_BACKENDS")
+    else:
+        monkeypatch.setenv("SPARSERUN_BACKENDS", setting)
     layer = _layer()
     assert dispatch.auto_backend(layer, torch.randn(5, 96)) == "triton"  # cuda (0.3) would have won
     assert set(fake_gpu["ran"]) == {"dense", "triton"}
     assert getattr(layer, "_sr_cuda", None) is None and getattr(layer, "_sr_cslt", None) is None
-    # the restricted choice is cached under its own key: an unrestricted process still gets the fastest
-    monkeypatch.delenv("SPARSERUN_BACKENDS")
+    # the restricted choice is cached under its own key: a process allowing all still gets the fastest
+    monkeypatch.setenv("SPARSERUN_BACKENDS", "all")
     dispatch.clear_memo()
     assert dispatch.auto_backend(layer, torch.randn(5, 96)) == "cuda"
+
+
+def test_allowed_backends_reject_unknown_names(fake_gpu, monkeypatch):
+    layer = _layer()
     monkeypatch.setenv("SPARSERUN_BACKENDS", "triton,cudnn")
     dispatch.clear_memo()
-    with pytest.raises(ValueError, match="SPARSERUN_BACKENDS='triton,cudnn': unknown cudnn"):
+    with pytest.raises(ValueError, match="SPARSERUN_BACKENDS='triton,cudnn': unknown cudnn; .* or all"):
         dispatch.auto_backend(layer, torch.randn(300, 96))
