@@ -13,6 +13,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division. Not triton.cdiv: since Triton 3.9 that is a constexpr_function, ~3 µs per call
+    from Python, and the launchers call it on every forward (eager decode is host-bound)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (>= 1); host-side, for the same reason as `cdiv`."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def m_bucket(m: int) -> int:
     """Next power of two >= m: the autotune key, so a new batch size never triggers a re-tune."""
     return 1 if m <= 1 else 1 << (m - 1).bit_length()

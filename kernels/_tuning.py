@@ -21,10 +21,21 @@ def _cannot_time() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def pick(key: tuple, candidates: list[dict], launch: Callable[[dict], None], default: dict) -> dict:
+_rejected: dict[tuple, list] = {}  # key -> [(config, why)]: configs that failed or computed wrong (reports)
+
+
+def pick(key: tuple, candidates: Callable[[], list[dict]], launch: Callable[[dict], object],
+         default: Callable[[], dict], check: Callable[[object], float] | None = None, tol: float = 2e-2) -> dict:
+    """The tuned config for `key`. `candidates` and `default` are called only on a cache miss: building the
+    lists on every call cost more host time than the rest of an eager decode launch.
+
+    `launch(cfg)` runs one config and returns its output; `check(output)` returns its relative error against
+    a reference (the launchers check a sample of output rows). A config over `tol` is never chosen, however
+    fast: a miscompile or a race that only shows on some GPU must cost speed, not correctness."""
     hit = _cache.get(key)
     if hit is not None:
         return hit
+    candidates, default = candidates(), default()
     if _cannot_time() or len(candidates) <= 1:
         return candidates[0] if len(candidates) == 1 else default
     # GPU time only (CUDA-graph replay, L2 flushed per call), as the backend choice is timed: with do_bench,
@@ -34,12 +45,22 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[[dict], None], def
     best, best_ms = default, float("inf")
     for cfg in candidates:
         try:
-            launch(cfg)  # compile (and fail, for a config that does not fit) outside any capture
+            out = launch(cfg)  # compile (and fail, for a config that does not fit) outside any capture
+            err = check(out) if check is not None else 0.0
+            if not err <= tol:  # also catches NaN
+                _rejected.setdefault(key, []).append((cfg, f"relative error {err:.3g}"))
+                continue
             ms = graph_timer(lambda: launch(cfg), calls=8, replays=5)
-        except Exception:  # a config that does not fit this GPU (shared memory, registers) is skipped
+        except Exception as e:  # a config that does not fit this GPU (shared memory, registers) is skipped
+            _rejected.setdefault(key, []).append((cfg, f"{type(e).__name__}: {str(e)[:200]}"))
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
+    if best_ms == float("inf") and check is not None:
+        # nothing ran correctly: raise rather than run an unchecked default (the dispatcher then drops this
+        # backend for the shape and uses dense; a forced backend reports it)
+        why = "; ".join(f"{c} -> {w}" for c, w in _rejected.get(key, [])[-3:])
+        raise RuntimeError(f"no kernel config for {key} ran correctly on this GPU ({why})")
     _cache[key] = best
     return best
 
@@ -47,3 +68,20 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[[dict], None], def
 def tuned() -> dict[tuple, dict]:
     """What has been tuned in this process (benchmarks record it next to their timings)."""
     return dict(_cache)
+
+
+def rejected() -> dict[tuple, list]:
+    """Configs skipped while tuning in this process, with why (failed to run, or wrong output)."""
+    return {k: list(v) for k, v in _rejected.items()}
+
+
+def sample_rows(n: int, count: int = 64) -> slice | list:
+    """Output rows a tuning check compares: the first and the last `count` (tile tails live at the end)."""
+    if n <= 2 * count:
+        return slice(0, n)
+    return list(range(count)) + list(range(n - count, n))
+
+
+def rel_err(got, ref) -> float:
+    den = float(ref.norm())
+    return float((got.float() - ref).norm()) / (den if den > 0 else 1.0)

@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_2d, check_out, dot_precision, interpreting, m_bucket, num_sms, workspace
-from ._tuning import pick
+from ._common import (as_2d, cdiv, check_out, dot_precision, interpreting, m_bucket, next_pow2, num_sms,
+                      workspace)
+from ._tuning import pick, rel_err, sample_rows
 
 DECODE_MAX_M = 64
 
@@ -38,10 +39,10 @@ def _segments(rows: int, max_row: int, m_tiles: int, sms: int, unroll: int, deco
     if max_row <= 0:
         return unroll
     if not decode:
-        return max(unroll, triton.cdiv(max_row, unroll) * unroll)
-    seg = triton.cdiv(max_row, unroll) * unroll
-    while seg > unroll and rows * m_tiles * triton.cdiv(max_row, seg) < 4 * sms:
-        seg = max(unroll, triton.cdiv(seg // 2, unroll) * unroll)
+        return max(unroll, cdiv(max_row, unroll) * unroll)
+    seg = cdiv(max_row, unroll) * unroll
+    while seg > unroll and rows * m_tiles * cdiv(max_row, seg) < 4 * sms:
+        seg = max(unroll, cdiv(seg // 2, unroll) * unroll)
     return seg
 
 
@@ -52,7 +53,7 @@ def candidate_configs(m: int, b: int) -> list[dict]:
     """Tuned choices; SEG (blocks per program) is derived at launch from the layer's row counts."""
     out = []
     if m <= FMA_MAX_M:
-        bm = triton.next_power_of_2(m)
+        bm = next_pow2(m)
         for u in sorted({max(1, 64 // b), max(1, 128 // b)}):
             warps = 8 if b * b * u >= 8192 else 4
             # the 3-D accumulator lives in registers: past 128 fp32 per thread it spills (B = 128 at M = 4 needs
@@ -60,7 +61,7 @@ def candidate_configs(m: int, b: int) -> list[dict]:
             if bm * b * b * u <= 128 * 32 * warps:
                 out.append(dict(BLOCK_M=bm, UNROLL=u, USE_DOT=False, num_warps=warps, num_stages=3))
     if m <= DECODE_MAX_M:
-        bm = max(16, triton.next_power_of_2(m))
+        bm = max(16, next_pow2(m))
         for u in sorted({max(1, 64 // b), max(1, 128 // b)}):
             for warps in (4, 8) if b >= 64 else (4,):
                 out.append(dict(BLOCK_M=bm, UNROLL=u, USE_DOT=True, num_warps=warps, num_stages=3))
@@ -78,7 +79,7 @@ def interpreter_config(m: int, b: int) -> dict:
     """Small tiles, FMA for a few rows and dot above, and at most 2 blocks per program, so the CPU tests
     exercise the split path and the reduce kernel."""
     fma = m <= FMA_MAX_M
-    return dict(BLOCK_M=triton.next_power_of_2(m) if fma else (16 if m <= 16 else 32),
+    return dict(BLOCK_M=next_pow2(m) if fma else (16 if m <= 16 else 32),
                 UNROLL=2 if b <= 32 else 1, USE_DOT=not fma, SEG=2 if b <= 32 else 1)
 
 
@@ -214,21 +215,37 @@ def bsr_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
         cfg = dict(cfg)
         launch_kw = {kk: cfg.pop(kk) for kk in ("num_warps", "num_stages") if kk in cfg}
         # SEG is a runtime argument derived from this layer's rows: a new mask must not mean a new compile
-        seg = cfg.pop("SEG", None) or _segments(rows, max_row_blocks, triton.cdiv(m, cfg["BLOCK_M"]),
+        seg = cfg.pop("SEG", None) or _segments(rows, max_row_blocks, cdiv(m, cfg["BLOCK_M"]),
                                                 num_sms(x), cfg["UNROLL"], m <= DECODE_MAX_M)
-        s = max(1, triton.cdiv(max_row_blocks, seg))
+        s = max(1, cdiv(max_row_blocks, seg))
         direct = s == 1
         part = out if direct else workspace((rows, s, m, b), x.device)
-        grid = (rows * s, triton.cdiv(m, cfg["BLOCK_M"]))
+        grid = (rows * s, cdiv(m, cfg["BLOCK_M"]))
         _bsr_matmul_kernel[grid](
             x2, crow, col, values, bias_arg, out, part, m, n, s, seg,
             x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
             B=b, HAS_BIAS=has_bias, DIRECT=direct, DOT_PRECISION=dot_precision(x.dtype), **cfg, **launch_kw)
         if not direct:
             block = 1024
-            _segment_reduce_kernel[(triton.cdiv(m * n, block),)](
+            _segment_reduce_kernel[(cdiv(m * n, block),)](
                 part, bias_arg, out, m, n, s, out.stride(0), out.stride(1), B=b, HAS_BIAS=has_bias,
                 BLOCK=block)
+        return out
+
+    def check(y: torch.Tensor) -> float:
+        """Relative error of sampled rows of x and block-rows of W against torch (tuning only: syncs)."""
+        rm = sample_rows(m)
+        count = min(rows, max(1, 64 // b))  # the first and last few block-rows: about 64 output features each
+        errs = []
+        for r0 in sorted({0, rows - count}):
+            lo, hi = int(crow[r0]), int(crow[r0 + count])
+            sub = bsr_dense_ref(crow[r0:r0 + count + 1] - lo, col[lo:hi], values[lo:hi], k)
+            ref = x2[rm].float() @ sub.float().T
+            cols = slice(r0 * b, (r0 + count) * b)
+            if has_bias:
+                ref += bias[cols].float()
+            errs.append(rel_err(y[rm][:, cols], ref))
+        return max(errs)
 
     if config is None:
         if interpreting():
@@ -238,7 +255,7 @@ def bsr_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
             # density to one decimal: layers of one model share tuning across their (different) masks
             dens = round(col.numel() / max(1, rows * (k // b)), 1)
             key = ("bsr", n, k, b, dens, mb, x.dtype, has_bias, str(x.device))
-            config = pick(key, candidate_configs(mb, b), launch, default_config(mb, b))
+            config = pick(key, lambda: candidate_configs(mb, b), launch, lambda: default_config(mb, b), check)
     launch(config)
     return out.reshape(*x.shape[:-1], n)
 

@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_2d, check_out, dot_precision, interpreting, m_bucket, num_sms, workspace
-from ._tuning import pick
+from ._common import (as_2d, cdiv, check_out, dot_precision, interpreting, m_bucket, next_pow2, num_sms,
+                      workspace)
+from ._tuning import pick, rel_err, sample_rows
 
 # ----------------------------------------------------------------------------------------------------
 # Configs
@@ -51,27 +52,27 @@ def units_ok(k: int, dtype: torch.dtype) -> bool:
 def candidate_configs(m: int, n: int, k: int, sms: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     out = []
     if m <= FMA_MAX_M:
-        bm = triton.next_power_of_2(m)
+        bm = next_pow2(m)
         if units_ok(k, dtype):
             # BLOCK_U = 64 units: one warp spans a step's columns (2 units per thread, 16-byte value loads), warps
             # split the rows; x's 1-D slices then share the tile's layout (any other width showed a
             # shared-memory shuffle per step in the SASS). 16-17 instructions per group of 4 at M = 1 (sm_90
             # SASS), against 39-45 for the 2-D GEMV below: that kernel is issue-bound (NOTES.md)
             for bn, warps in ((16, 4), (32, 8), (8, 4), (64, 8)):
-                split = _split_for(triton.cdiv(n, bn), triton.cdiv(k // 8, 64), sms)
+                split = _split_for(cdiv(n, bn), cdiv(k // 8, 64), sms)
                 out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_U=64, SPLIT_K=split, UNITS=True, num_warps=warps,
                                 num_stages=3))
         # measured on H100 (benchmarks/results/*-semi24-decode-tune.log): few rows and a long K step per
         # program stream the weight best; wide tiles (32-64 rows x 256) ran 2x slower
         for bn, bk, warps in ((8, 1024, 4), (16, 512, 4)):
-            split = _split_for(triton.cdiv(n, bn), triton.cdiv(k, bk), sms)
+            split = _split_for(cdiv(n, bn), cdiv(k, bk), sms)
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GEMV=True, num_warps=warps,
                             num_stages=3))
     if m <= DECODE_MAX_M:
-        bm = max(16, triton.next_power_of_2(m))
+        bm = max(16, next_pow2(m))
         # few candidates: each is a separate compile, and decode shapes are all alike (stream the weight)
         for bn, bk in ((32, 256), (64, 256), (64, 128), (128, 128)):
-            split = _split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), sms)
+            split = _split_for(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), sms)
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=True, num_warps=4,
                             num_stages=3))
     else:
@@ -86,10 +87,10 @@ def default_config(m: int, n: int, k: int, sms: int) -> dict:
     """Used when tuning cannot run (CUDA-graph capture) and nothing is cached yet."""
     if m <= DECODE_MAX_M:
         fma = m <= FMA_MAX_M
-        bm = triton.next_power_of_2(m) if fma else max(16, triton.next_power_of_2(m))
+        bm = next_pow2(m) if fma else max(16, next_pow2(m))
         bn, bk = (16, 512) if fma else (128, 128)
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=not fma, GEMV=fma, num_warps=4, num_stages=3,
-                    SPLIT_K=_split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), sms))
+                    SPLIT_K=_split_for(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), sms))
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, USE_DOT=True, num_warps=8, num_stages=3)
 
 
@@ -99,11 +100,11 @@ def interpreter_config(m: int, n: int, k: int, dtype: torch.dtype = torch.float3
     GEMV for other few-row cases, tensor-core dot above."""
     if m <= FMA_MAX_M and units_ok(k, dtype):
         bu = 4
-        return dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=16, BLOCK_U=bu, UNITS=True,
+        return dict(BLOCK_M=next_pow2(m), BLOCK_N=16, BLOCK_U=bu, UNITS=True,
                     SPLIT_K=2 if k // 8 > bu else 1)
     bk = 64 if k <= 128 else 128
     fma = m <= FMA_MAX_M
-    return dict(BLOCK_M=triton.next_power_of_2(m) if fma else (16 if m <= 16 else 32),
+    return dict(BLOCK_M=next_pow2(m) if fma else (16 if m <= 16 else 32),
                 BLOCK_N=16 if n <= 16 else 32, BLOCK_K=bk, SPLIT_K=2 if k > bk else 1, USE_DOT=not fma,
                 GEMV=m <= 2)
 
@@ -475,7 +476,7 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
                                  f"got {x.dtype}, {k}")
             xw = _as_words(x2)
             ku = k // 8
-            grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
+            grid = (cdiv(n, cfg["BLOCK_N"]), split, cdiv(m, cfg["BLOCK_M"]))
             _semi24_gemv_units_kernel[grid](
                 xw, values.view(torch.int64), meta, bias_arg, out, part, m, n, ku,
                 xw.stride(0), ku, meta.stride(0), out.stride(0), out.stride(1),
@@ -483,13 +484,13 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
                 EVEN_K=ku % cfg["BLOCK_U"] == 0, **cfg, **launch_kw)
         elif cfg.pop("GEMV", False):
             cfg.pop("USE_DOT", None)
-            grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
+            grid = (cdiv(n, cfg["BLOCK_N"]), split, cdiv(m, cfg["BLOCK_M"]))
             _semi24_gemv_kernel[grid](
                 x2, vals_arg, meta, bias_arg, out, part, m, n, k, kp2 // 2, meta.shape[1],
                 x2.stride(0), x2.stride(1), vals_arg.stride(0), meta.stride(0), out.stride(0), out.stride(1),
                 HAS_BIAS=has_bias, PAIRED=paired, **cfg, **launch_kw)
         else:
-            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+            grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]), split)
             _semi24_matmul_kernel[grid](
                 x2, vals_arg, meta, bias_arg, out, part, m, n, k, kp2 // 2, meta.shape[1],
                 x2.stride(0), x2.stride(1), vals_arg.stride(0), meta.stride(0), out.stride(0), out.stride(1),
@@ -497,9 +498,17 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
                 **launch_kw)
         if split > 1:
             block = 1024
-            _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            _splitk_reduce_kernel[(cdiv(m * n, block),)](
                 part, bias_arg, out, m, n, out.stride(0), out.stride(1), split, HAS_BIAS=has_bias,
                 BLOCK=block)
+        return out
+
+    def check(y: torch.Tensor) -> float:
+        """Relative error of sampled output rows and columns against the pure-torch reference (tuning only)."""
+        rm, rn = sample_rows(m), sample_rows(n)
+        ref = semi24_matmul_ref(x2[rm], values[rn], meta[rn], k, bias[rn] if has_bias else None, upcast=False,
+                                acc=torch.float32)
+        return rel_err(y[rm][:, rn], ref)
 
     if config is None:
         if interpreting():
@@ -507,8 +516,9 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
         else:
             sms = num_sms(x)
             key = ("semi24", n, k, m_bucket(m), x.dtype, has_bias, str(x.device))
-            config = pick(key, candidate_configs(m_bucket(m), n, k, sms, x.dtype), launch,
-                          default_config(m_bucket(m), n, k, sms))
+            mb = m_bucket(m)
+            config = pick(key, lambda: candidate_configs(mb, n, k, sms, x.dtype), launch,
+                          lambda: default_config(mb, n, k, sms), check)
     launch(config)
     return out.reshape(*x.shape[:-1], n)
 
@@ -532,10 +542,12 @@ def semi24_unpack_ref(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch
 
 
 def semi24_matmul_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: int,
-                      bias: torch.Tensor | None = None, upcast: bool = True) -> torch.Tensor:
-    """Pure-torch y = x · Wᵀ (+ bias); float64 when `upcast` (the test oracle), else in x's dtype."""
+                      bias: torch.Tensor | None = None, upcast: bool = True,
+                      acc: torch.dtype | None = None) -> torch.Tensor:
+    """Pure-torch y = x · Wᵀ (+ bias); float64 when `upcast` (the test oracle), else in `acc` (default x's
+    dtype)."""
     w = semi24_unpack_ref(values, meta, k)
-    dt = torch.float64 if upcast else x.dtype
+    dt = torch.float64 if upcast else (acc or x.dtype)
     y = x.to(dt) @ w.to(dt).T
     if bias is not None:
         y = y + bias.to(dt)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import cdiv, interpreting
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def semi24_unpack(values: torch.Tensor, meta: torch.Tensor, k: int, out: torch.T
     if n == 0 or k == 0:
         return out
     bn, bg = (8, 16) if interpreting() else (16, 128)  # 16 rows x 512 columns per program on a GPU
-    grid = (triton.cdiv(n, bn), triton.cdiv(ng, bg))
+    grid = (cdiv(n, bn), cdiv(ng, bg))
     _semi24_unpack_kernel[grid](values, meta, out, n, k, ng, values.stride(0), meta.stride(0), out.stride(0),
                                 BLOCK_N=bn, BLOCK_G=bg, num_warps=4)
     return out
