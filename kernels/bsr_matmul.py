@@ -60,6 +60,9 @@ def candidate_configs(m: int, b: int) -> list[dict]:
             # 256 and spilled 504 bytes per thread in the sm_90 SASS: python -m sparserun.bench.offline)
             if bm * b * b * u <= 128 * 32 * warps:
                 out.append(dict(BLOCK_M=bm, UNROLL=u, USE_DOT=False, num_warps=warps, num_stages=3))
+                # whole block-rows per program: one launch (no segment reduce) at the price of fewer programs;
+                # at low density on 8B shapes the two launches were most of an ~11 µs layer (NOTES.md)
+                out.append(dict(out[-1], WHOLE_ROWS=True))
     if m <= DECODE_MAX_M:
         bm = max(16, next_pow2(m))
         for u in sorted({max(1, 64 // b), max(1, 128 // b)}):
@@ -215,8 +218,9 @@ def bsr_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
         cfg = dict(cfg)
         launch_kw = {kk: cfg.pop(kk) for kk in ("num_warps", "num_stages") if kk in cfg}
         # SEG is a runtime argument derived from this layer's rows: a new mask must not mean a new compile
+        whole = cfg.pop("WHOLE_ROWS", False)
         seg = cfg.pop("SEG", None) or _segments(rows, max_row_blocks, cdiv(m, cfg["BLOCK_M"]),
-                                                num_sms(x), cfg["UNROLL"], m <= DECODE_MAX_M)
+                                                num_sms(x), cfg["UNROLL"], m <= DECODE_MAX_M and not whole)
         s = max(1, cdiv(max_row_blocks, seg))
         direct = s == 1
         part = out if direct else workspace((rows, s, m, b), x.device)

@@ -62,6 +62,10 @@ def candidate_configs(m: int, n: int, k: int, sms: int, dtype: torch.dtype = tor
                 split = _split_for(cdiv(n, bn), cdiv(k // 8, 64), sms)
                 out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_U=64, SPLIT_K=split, UNITS=True, num_warps=warps,
                                 num_stages=3))
+                if split > 1 and bn <= 16:
+                    # the same tile without split-K: fewer programs than 2 waves, but one launch instead of two
+                    # (matmul + reduce); at 8B sizes the second launch is a large part of a ~10 µs layer
+                    out.append(dict(out[-1], SPLIT_K=1))
         # measured on H100 (benchmarks/results/*-semi24-decode-tune.log): few rows and a long K step per
         # program stream the weight best; wide tiles (32-64 rows x 256) ran 2x slower
         for bn, bk, warps in ((8, 1024, 4), (16, 512, 4)):

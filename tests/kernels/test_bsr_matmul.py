@@ -54,6 +54,19 @@ def test_block_sizes_and_densities(blk, density):
     _check(33, n, k, blk, density, torch.float32, bias=False, gen=torch.Generator().manual_seed(blk + 1))
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_whole_rows_config_needs_no_segment_reduce(m):
+    """WHOLE_ROWS: one program per block-row (one launch, direct store); uneven rows and an empty one."""
+    gen = torch.Generator().manual_seed(21 + m)
+    p = random_bsr(96, 160, 16, 0.5, torch.float16, device(), gen)
+    x = torch.randn(m, 160, generator=gen).half().to(device())
+    b = torch.randn(96, generator=gen).half().to(device())
+    cfg = dict(BLOCK_M=1 if m == 1 else 4, UNROLL=2, USE_DOT=False, WHOLE_ROWS=True)
+    ref = x.double() @ formats.unpack(p).double().T + b.double()
+    assert rel_err(_run(p, x, b, config=cfg), ref) < TOL[torch.float16]
+    assert any(c.get("WHOLE_ROWS") for c in candidate_configs(1, 64))
+
+
 def test_3d_and_non_contiguous_input():
     gen = torch.Generator().manual_seed(11)
     dev = device()
