@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session's work in few calls: install, smoke check, GPU tests, benchmarks. Logs and results go
 # to $OUT (the device tool brings them back) or benchmarks/results when run by hand.
-#   benchmarks/gpu_session.sh smoke|tests|bench|e2e|all [extra benchmark args]
+#   benchmarks/gpu_session.sh smoke|tests|decode|bench|e2e|all [extra benchmark args]
 # Measured on an H100: smoke ~1 min, tests ~5 min (-n 2), e2e batch 1 + 8 at prompt 128 in eager + cudagraphs
 # for 4 variants ~5 min (inductor adds ~35 s of compile per variant).
 set -uo pipefail
@@ -19,6 +19,10 @@ if [[ $what == tests || $what == all ]]; then
   xd=(); python3 -c "import xdist" 2>/dev/null && xd=(-n 2)
   timeout ${TEST_TIMEOUT:-360} python3 -m pytest -q -rfE -p no:cacheprovider "${xd[@]}" -m gpu ${PYTEST_ARGS:-} \
     ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [[ $what == decode || $what == all ]]; then
+  # every 2:4 decode candidate (v3 2-D GEMV, v4 unit GEMV, dot tiles) timed from CUDA graphs on the big shapes
+  timeout ${DECODE_TIMEOUT:-300} python3 benchmarks/tune_semi24_decode.py 2>&1 | tee "$OUT/semi24_decode_tune.log"
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 benchmarks/bench_kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"

@@ -18,8 +18,14 @@ for n, k in ((28672, 8192), (14336, 4096), (4096, 4096)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         dense = bench_graph(lambda i: F.linear(x, ws[i]), copies)
         print(f"N={n} K={k} M={m}: dense {dense*1e3:.1f} us ({n*k*2/dense/1e6:.0f} GB/s)")
-        for cfg in candidate_configs(m, n, k, sms):
+        ref = F.linear(x.float(), formats.unpack(ps[0]).float())
+        for cfg in candidate_configs(m, n, k, sms, torch.bfloat16):
             try:
+                y = semi24_matmul(x, ps[0].tensors["values"], ps[0].tensors["meta"], k, config=cfg).float()
+                err = ((y - ref).norm() / ref.norm()).item()
+                if not err < 2e-2:
+                    print(f"   WRONG (relative error {err:.3g}) {cfg}")
+                    continue
                 t = bench_graph(lambda i: semi24_matmul(x, ps[i].tensors["values"], ps[i].tensors["meta"], k,
                                                         config=cfg), copies)
                 print(f"   {t*1e3:8.1f} us  {nbytes/t/1e6:6.0f} GB/s  x{dense/t:5.2f}  {cfg}")
