@@ -74,14 +74,18 @@ def candidate_configs(m: int, n: int, k: int, sms: int, dtype: torch.dtype = tor
                             num_stages=3))
     if m <= DECODE_MAX_M:
         bm = max(16, next_pow2(m))
-        # few candidates: each is a separate compile, and decode shapes are all alike (stream the weight)
-        for bn, bk in ((32, 256), (64, 256), (64, 128), (128, 128)):
+        # few candidates: each is a separate compile, and decode shapes are all alike (stream the weight).
+        # The 64x256 and 128x128 tiles take 8 warps: with 4 they spilled 88-296 bytes per thread in the sm_90
+        # SASS (python -m sparserun.bench.offline)
+        for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (128, 64, 4), (64, 256, 8), (128, 128, 8)):
             split = _split_for(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), sms)
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=True, num_warps=4,
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=True, num_warps=warps,
                             num_stages=3))
     else:
-        for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 3), (128, 128, 256, 8, 3), (128, 64, 256, 4, 3),
-                                          (64, 128, 256, 4, 3), (128, 256, 128, 8, 3)):
+        # tiles that fit the registers in the sm_90 SASS: the earlier list's BK=256 and 128x256 tiles spilled
+        # 312-1640 bytes per thread (python -m sparserun.bench.offline --m 512)
+        for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                                          (64, 64, 128, 4, 3)):
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, USE_DOT=True, num_warps=warps,
                             num_stages=stages))
     return out
