@@ -68,10 +68,37 @@ def record_launches(*modules):
             setattr(mod, name, obj)
 
 
-def _specialise(launch: Launch):
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend
+_TORCH_TO_TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int8": "i8",
+                    "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1"}
 
+
+def _specialise_value(v, align: bool):
+    """(type, spec) as Triton's JIT specialises a launch argument; Triton's own routine where it has one."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        return native_specialize_impl(BaseBackend, v, False, True, align)
+    except ImportError:  # older Triton: the same rules, written out
+        pass
+    if v is None:
+        return "constexpr", None
+    if isinstance(v, bool):
+        return "u1", None
+    if isinstance(v, int):
+        if v == 1:
+            return "constexpr", 1
+        ty = "i32" if -2**31 <= v < 2**31 else "i64"
+        return ty, "D" if align and v % 16 == 0 else ""
+    if isinstance(v, float):
+        return "fp32", None
+    if hasattr(v, "data_ptr"):
+        return "*" + _TORCH_TO_TRITON[str(v.dtype).replace("torch.", "")], \
+            "D" if align and v.data_ptr() % 16 == 0 else ""
+    raise TypeError(f"cannot specialise a launch argument of type {type(v).__name__}")
+
+
+def _specialise(launch: Launch):
     fn = launch.fn
     values = dict(zip(fn.arg_names, launch.args))
     values.update({k: v for k, v in launch.kwargs.items() if k in fn.arg_names})
@@ -86,8 +113,11 @@ def _specialise(launch: Launch):
         if p.is_constexpr:
             signature[p.name], constexprs[p.name] = "constexpr", v
             continue
-        ty, spec = native_specialize_impl(BaseBackend, v, False, not p.do_not_specialize,
-                                          not p.do_not_specialize_on_alignment)
+        if getattr(p, "do_not_specialize", False):
+            ty, spec = _specialise_value(v, False)
+            spec = None if ty == "constexpr" else ""
+        else:
+            ty, spec = _specialise_value(v, not getattr(p, "do_not_specialize_on_alignment", False))
         if ty == "constexpr":
             signature[p.name], constexprs[p.name] = "constexpr", spec
         else:
