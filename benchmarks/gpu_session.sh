@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session's work in few calls: install, smoke check, GPU tests, benchmarks. Logs and results go
 # to $OUT (the device tool brings them back) or benchmarks/results when run by hand.
-#   benchmarks/gpu_session.sh smoke|tests|decode|bench|e2e|all [extra benchmark args]
+#   benchmarks/gpu_session.sh smoke|tests|decode|ncu|bench|e2e|all [extra benchmark args]
 # Measured on an H100: smoke ~1 min, tests ~5 min (-n 2), e2e batch 1 + 8 at prompt 128 in eager + cudagraphs
 # for 4 variants ~5 min (inductor adds ~35 s of compile per variant).
 set -uo pipefail
@@ -23,6 +23,12 @@ fi
 if [[ $what == decode || $what == all ]]; then
   # every 2:4 decode candidate (v3 2-D GEMV, v4 unit GEMV, dot tiles) timed from CUDA graphs on the big shapes
   timeout ${DECODE_TIMEOUT:-300} python3 benchmarks/tune_semi24_decode.py 2>&1 | tee "$OUT/semi24_decode_tune.log"
+fi
+if [[ $what == ncu ]]; then
+  # issue-bound or memory-bound? v3 vs v4 2:4 decode on the 70B shape (each kernel launched twice: warm, profiled)
+  timeout ${NCU_TIMEOUT:-300} ncu --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+    -k regex:semi24_gemv python3 benchmarks/ncu_decode.py 2>&1 | tee "$OUT/ncu_decode.txt" | grep -E \
+    "semi24|Throughput|Issue Slots|Stall|Duration" | head -60
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 benchmarks/bench_kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
