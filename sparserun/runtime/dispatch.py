@@ -313,6 +313,28 @@ def candidates(layer, x: torch.Tensor, grad: bool = False) -> dict:
     return {k: v for k, v in out.items() if k in allowed}
 
 
+def output_check(layer, x: torch.Tensor):
+    """check(y) -> relative error of a backend's output y = layer(x) on sampled rows (first and last 64 tokens)
+    and output features, against pure torch in fp32 (the reference backend's weight). Built lazily, once."""
+    from ..kernels._tuning import rel_err, sample_rows  # torch only: no Triton import
+
+    ref = {}
+
+    def check(y: torch.Tensor) -> float:
+        k, n = layer.in_features, layer.out_features
+        rm, rn = sample_rows(x.numel() // k if k else 0), sample_rows(n)
+        if "ref" not in ref:
+            with torch.no_grad():
+                w = layer.dense_weight()[rn].float()
+                r = x.reshape(-1, k)[rm].float() @ w.T
+                if layer.bias is not None:
+                    r = r + layer.bias.detach()[rn].float()
+            ref["ref"] = r
+        return rel_err(y.detach().reshape(-1, n)[rm][:, rn], ref["ref"])
+
+    return check
+
+
 def static_choice(layer, m: int) -> str:
     """Used where timing is impossible and nothing is cached."""
     if m <= STATIC_TRITON_MAX_M:
@@ -337,7 +359,7 @@ def auto_backend(layer, x: torch.Tensor, allow_timing: bool = True) -> str:
             choice = get_tuner().lookup(tuning_key(layer, m, x.dtype, x.device, grad))
         else:
             key = tuning_key(layer, m, x.dtype, x.device, grad)
-            choice = get_tuner().choose(key, candidates(layer, x, grad))
+            choice = get_tuner().choose(key, candidates(layer, x, grad), output_check(layer, x))
             _memo_times[mk] = get_tuner().times(key)
             layer.__dict__.setdefault("_sr_used", set()).add(choice)
             release_unused_caches(layer)

@@ -246,7 +246,10 @@ class Tuner:
             self._load()
             return dict(self._mem)
 
-    def choose(self, key: dict, candidates: dict[str, Callable[[], object]]) -> str:
+    def choose(self, key: dict, candidates: dict[str, Callable[[], object]],
+               check: Callable[[object], float] | None = None) -> str:
+        """The cached choice for `key`, else measure: each candidate runs once untimed, its output is checked
+        (`check(output)` -> relative error vs a reference; over CHECK_TOL it is never chosen), then timed."""
         if not candidates:
             raise ValueError("Tuner.choose: no candidates")
         ks = key_string(key)
@@ -259,7 +262,7 @@ class Tuner:
                     self._mem[ks] = hit
         if hit is not None and hit["choice"] in candidates:
             return hit["choice"]
-        entry = self._measure(candidates)
+        entry = self._measure(candidates, check)
         entry["when"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         with self._lock:
             self._mem[ks] = entry
@@ -267,12 +270,17 @@ class Tuner:
             self._write({ks: entry})
         return entry["choice"]
 
-    def _measure(self, candidates: dict[str, Callable[[], object]]) -> dict:
+    def _measure(self, candidates: dict[str, Callable[[], object]],
+                 check: Callable[[object], float] | None = None) -> dict:
         times: dict[str, float] = {}
         errors: dict[str, str] = {}
         for name, fn in candidates.items():
             try:
-                fn()  # first use: compile, repack, allocate (never timed)
+                out = fn()  # first use: compile, repack, allocate (never timed)
+                if check is not None:
+                    err = float(check(out))
+                    if not err <= CHECK_TOL:  # NaN included
+                        raise ValueError(f"wrong output: relative error {err:.3g} against the reference")
                 ms = float(self.timer(fn))
                 if not math.isfinite(ms) or ms <= 0:
                     raise ValueError(f"timer returned {ms!r}")
@@ -288,6 +296,12 @@ class Tuner:
         if errors:
             out["errors"] = errors
         return out
+
+
+# A candidate's output on the tuning input must agree with the reference this closely (relative error of
+# sampled rows and columns) to be timed at all: a fast backend that computes wrong on some GPU, driver or shape
+# costs speed, never correctness. 16-bit kernels land near 1e-3.
+CHECK_TOL = 2e-2
 
 
 def pick(times: dict[str, float], dense: str = DENSE, margin: float = DEFAULT_MARGIN) -> str:

@@ -204,6 +204,34 @@ def test_auto_picks_the_fastest_and_frees_the_losers(fake_gpu):
     assert fake_gpu["tuner"].lookup(key) == "cuda"
 
 
+def test_a_backend_with_wrong_output_is_never_chosen(fake_gpu, monkeypatch):
+    """cuda is the fastest (0.3) but computes garbage on this 'GPU': auto takes the fastest correct one, and
+    the cache records why cuda lost."""
+    real = dispatch.run_backend  # the fixture's fake
+
+    def run(name, layer, x):
+        y = real(name, layer, x)
+        return y + 1.0 if name == "cuda" else y
+
+    monkeypatch.setattr(dispatch, "run_backend", run)
+    layer = _layer()
+    x = torch.randn(5, 96)
+    assert dispatch.auto_backend(layer, x) == "cusparselt"  # 0.4: next fastest, correct
+    entry = fake_gpu["tuner"]._mem[tuning.key_string(dispatch.tuning_key(layer, 5, x.dtype, x.device))]
+    assert "wrong output" in entry["errors"]["cuda"] and "cuda" not in entry["times_ms"]
+
+
+def test_output_check_compares_sampled_rows_with_torch():
+    layer = _layer(n=200, k=96)
+    x = torch.randn(150, 96)  # more tokens and features than the sample: first and last 64 of each
+    check = dispatch.output_check(layer, x)
+    y = dispatch.run_backend("reference", layer, x)
+    assert check(y) < 1e-6
+    bad = y.clone()
+    bad[-1, -1] += 100.0  # the last token's last feature is in the sample
+    assert check(bad) > 1e-2
+
+
 def test_auto_dense_when_sparse_is_not_faster(fake_gpu):
     fake_gpu["times"].update(dense=1.0, triton=1.2, cuda=0.99, cusparselt=2.0)
     layer = _layer()
