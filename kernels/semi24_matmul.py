@@ -81,6 +81,12 @@ def candidate_configs(m: int, n: int, k: int, sms: int, dtype: torch.dtype = tor
             split = _split_for(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), sms)
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=True, num_warps=warps,
                             num_stages=3))
+        if dtype in (torch.float16, torch.bfloat16):
+            # the same tiles with the weight built as 32-bit words (_semi24_dot_words_kernel)
+            for bn, bk, warps in ((64, 128, 4), (32, 256, 4), (64, 256, 8)):
+                split = _split_for(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), sms)
+                out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, WORDS=True, num_warps=warps,
+                                num_stages=3))
     else:
         # tiles that fit the registers in the sm_90 SASS: the earlier list's BK=256 and 128x256 tiles spilled
         # 312-1640 bytes per thread (python -m sparserun.bench.offline --m 512)
@@ -413,6 +419,86 @@ def _semi24_gemv_units_kernel(
 
 
 @triton.jit
+def _words_to_pairs(w, R: tl.constexpr, C: tl.constexpr, wdt: tl.constexpr):
+    """int32 [R, C] -> [R, 2C] 16-bit floats, each word's low half first (a bit move, no conversion)."""
+    lo = (w & 0xFFFF).to(tl.uint16).to(wdt, bitcast=True)
+    hi = ((w >> 16) & 0xFFFF).to(tl.uint16).to(wdt, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (R, 2 * C))
+
+
+@triton.jit
+def _semi24_dot_words_kernel(
+    x_ptr, vals_ptr, meta_ptr, bias_ptr, out_ptr, part_ptr,
+    M, N, K, NG,
+    stride_xm, stride_xk, stride_vn, stride_mn, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Tensor-core tiles for a few to 64 tokens, 16-bit weights: x [M, K], values int32 [N, NG] (a group's two
+    values in one word), meta [N, ceil(NG/2)] uint8, out [M, N], part [SPLIT_K, M, N] fp32.
+
+    The dense weight is built as 32-bit words, not as four position tiles: for each group, word A holds
+    columns (0, 1) and word B columns (2, 3), each a function of the stored pair word and the nibble. Every
+    case is the pair itself, one half of it moved, or zero, since i0 < i1:
+        A = pair (0,1) | v0 (0,2),(0,3) | v0 << 16 (1,2),(1,3) | 0 (2,3)
+        B = pair (2,3) | v1 << 16 ... i.e. pair & 0xFFFF0000 (0,3),(1,3) | v1 (0,2),(1,2) | 0 (0,1)
+    The words reinterpret as [N, 2G] halves, and x is read in the same column order (4g, 4g+1 | 4g+2, 4g+3):
+    two dots per step instead of four, about 31-35 SASS instructions per group against 42-49 for
+    _semi24_matmul_kernel's selects (sm_90, python -m sparserun.bench.offline)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_steps = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_steps, SPLIT_K)
+    k_begin = pid_k * per_split
+    k_end = min(k_begin + per_split, k_steps)
+    G: tl.constexpr = BLOCK_K // 4
+    offs_g = tl.arange(0, G)
+    c2 = tl.arange(0, 2 * G)
+    pair_col = 4 * (c2 // 2) + (c2 % 2)  # columns 4g and 4g + 1, in the order of the words' halves
+    wdt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ks in range(k_begin, k_end):
+        g = ks * G + offs_g
+        vp = vals_ptr + offs_n[:, None] * stride_vn + g[None, :]
+        mp = meta_ptr + offs_n[:, None] * stride_mn + (g // 2)[None, :]
+        cols = ks * BLOCK_K + pair_col
+        xp = x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk
+        if EVEN_N and EVEN_K:
+            p = tl.load(vp)
+            mb = tl.load(mp)
+        else:
+            mask_w = mask_n[:, None] & (g < NG)[None, :]
+            p = tl.load(vp, mask=mask_w, other=0)
+            mb = tl.load(mp, mask=mask_w, other=0)
+        if EVEN_K:
+            xa = tl.load(xp, mask=mask_m[:, None], other=0.0)
+            xb = tl.load(xp + 2 * stride_xk, mask=mask_m[:, None], other=0.0)
+        else:
+            xa = tl.load(xp, mask=mask_m[:, None] & (cols < K)[None, :], other=0.0)
+            xb = tl.load(xp + 2 * stride_xk, mask=mask_m[:, None] & (cols + 2 < K)[None, :], other=0.0)
+        nib = (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF
+        i0 = nib & 3
+        i1 = nib >> 2
+        a = tl.where(i0 == 0, tl.where(i1 == 1, p, p & 0xFFFF), tl.where(i0 == 1, p << 16, 0))
+        b = tl.where(i1 == 3, tl.where(i0 == 2, p, p & -65536), tl.where(i1 == 2, (p >> 16) & 0xFFFF, 0))
+        acc += tl.dot(xa, tl.trans(_words_to_pairs(a, BLOCK_N, G, wdt)))
+        acc += tl.dot(xb, tl.trans(_words_to_pairs(b, BLOCK_N, G, wdt)))
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on, SPLIT,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """out[m, n] = sum_s part[s, m, n] (+ bias[n]), cast to the output dtype."""
@@ -490,6 +576,16 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
                 xw.stride(0), ku, meta.stride(0), out.stride(0), out.stride(1),
                 HAS_BIAS=has_bias, IS_BF16=x.dtype == torch.bfloat16, EVEN_N=n % cfg["BLOCK_N"] == 0,
                 EVEN_K=ku % cfg["BLOCK_U"] == 0, **cfg, **launch_kw)
+        elif cfg.pop("WORDS", False):
+            if not paired:
+                raise ValueError(f"semi24_matmul: the word-built dot tiles need float16/bfloat16, got {x.dtype}")
+            cfg.pop("USE_DOT", None)
+            grid = (cdiv(n, cfg["BLOCK_N"]), split, cdiv(m, cfg["BLOCK_M"]))
+            _semi24_dot_words_kernel[grid](
+                x2, vals_arg, meta, bias_arg, out, part, m, n, k, kp2 // 2,
+                x2.stride(0), x2.stride(1), vals_arg.stride(0), meta.stride(0), out.stride(0), out.stride(1),
+                HAS_BIAS=has_bias, EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg,
+                **launch_kw)
         elif cfg.pop("GEMV", False):
             cfg.pop("USE_DOT", None)
             grid = (cdiv(n, cfg["BLOCK_N"]), split, cdiv(m, cfg["BLOCK_M"]))

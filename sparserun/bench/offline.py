@@ -208,13 +208,15 @@ SMEM_OPS = ("LDS", "STS", "BAR", "LDSM", "STSM")
 
 
 def _work_per_thread(cfg: dict, m: int) -> float | None:
-    """Weight groups of 4 (2:4) per thread and token in one loop iteration; None for tiles where instruction
-    count is not what limits (tensor-core tiles)."""
+    """Weight groups of 4 (2:4) per thread in one loop iteration, per token for the CUDA-core GEMVs (each
+    token costs its own FMAs) and per tile for tensor-core dots (one expansion serves all the tile's tokens)."""
     threads = 32 * cfg["num_warps"]
     if cfg.get("UNITS"):
         return cfg["BLOCK_N"] * cfg["BLOCK_U"] * 2 / threads * m
     if cfg.get("GEMV"):
         return cfg["BLOCK_N"] * cfg["BLOCK_K"] / 4 / threads * m
+    if cfg.get("WORDS") or cfg.get("USE_DOT"):
+        return cfg["BLOCK_N"] * cfg["BLOCK_K"] / 4 / threads  # per group: a dot tile serves all its tokens
     return None
 
 
@@ -269,7 +271,8 @@ def sweep(n: int = 4096, k: int = 4096, dtype: str = "bfloat16", arch: int = 90,
         x = torch.randn(m, k, generator=gen).to(dt)
         seen = set()
         for cfg in s24_mod.candidate_configs(m, n, k, 132, dt):
-            fam = ("units" if cfg.get("UNITS") else "gemv" if cfg.get("GEMV") else "dot")
+            fam = ("units" if cfg.get("UNITS") else "gemv" if cfg.get("GEMV") else
+                   "words" if cfg.get("WORDS") else "dot")
             if quick and fam in seen:
                 continue
             seen.add(fam)

@@ -131,6 +131,40 @@ def test_unit_gemv_refuses_what_it_cannot_read():
     assert not any(c.get("UNITS") for c in candidate_configs(16, 64, 64, 132, torch.bfloat16))
 
 
+# ---- dot tiles with the weight built as 32-bit words (16-bit weights, a few to 64 tokens) --------------------
+@pytest.mark.parametrize("n,k", [(48, 80), (33, 130), (64, 256)])  # uneven K steps, padded K, odd N; even
+@pytest.mark.parametrize("m", [1, 5, 16, 33])
+def test_word_built_dot_tiles_match_float64_reference(m, n, k):
+    gen = torch.Generator().manual_seed(7 * m + n + k)
+    dev = device()
+    p = random_24(n, k, torch.float16, dev, gen)  # fp16: tl.dot in bf16 is wrong under the interpreter
+    x = torch.randn(m, k, generator=gen).half().to(dev)
+    b = torch.randn(n, generator=gen).half().to(dev)
+    ref = x.double() @ formats.unpack(p).double().T
+    for cfg in (dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, WORDS=True),
+                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, WORDS=True)):
+        for bias in (True, False):
+            out = torch.full((m, n), float("nan"), dtype=torch.float16, device=dev)
+            y = semi24_matmul(x, p.tensors["values"], p.tensors["meta"], k, b if bias else None, config=cfg,
+                              out=out)
+            assert rel_err(y, ref + (b.double() if bias else 0)) < TOL[torch.float16], (m, n, k, cfg, bias)
+
+
+def test_word_built_dot_tiles_take_non_contiguous_x_and_refuse_fp32():
+    gen = torch.Generator().manual_seed(9)
+    dev = device()
+    p = random_24(24, 64, torch.float16, dev, gen)
+    x = torch.randn(64, 6, generator=gen).half().to(dev).T  # strides (1, 6)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, WORDS=True)
+    y = semi24_matmul(x, p.tensors["values"], p.tensors["meta"], 64, config=cfg)
+    assert rel_err(y, x.double() @ formats.unpack(p).double().T) < TOL[torch.float16]
+    p32 = random_24(24, 64, torch.float32, dev, gen)
+    with pytest.raises(ValueError, match="word-built dot tiles need float16/bfloat16"):
+        semi24_matmul(torch.randn(2, 64, device=dev), p32.tensors["values"], p32.tensors["meta"], 64, config=cfg)
+    assert any(c.get("WORDS") for c in candidate_configs(16, 64, 64, 132, torch.float16))
+    assert not any(c.get("WORDS") for c in candidate_configs(16, 64, 64, 132, torch.float32))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m", [1, 3, 4, 16, 64, 129, 2048])
