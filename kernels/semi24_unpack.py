@@ -9,6 +9,8 @@ Per program, a [BLOCK_N, BLOCK_G] tile of groups of 4:
     i0, i1  = nibble(meta[n, g // 2])                  (their positions in the group)
     W[n, 4g + j] = v0 if j == i0, v1 if j == i1, else 0      for j in 0..3
 The four position tiles are interleaved in registers (join + reshape) so the store is one contiguous row run.
+16-bit weights with K % 4 == 0 (every LLM shape) take `_semi24_unpack_words_kernel`, which builds each group
+as two 32-bit words instead of four 16-bit selects.
 Bit-exact with formats.semi24.unpack: values are moved, never converted (a kept -0.0 stays -0.0).
 """
 from __future__ import annotations
@@ -46,6 +48,28 @@ def _semi24_unpack_kernel(vals_ptr, meta_ptr, out_ptr, N, K, NG, stride_vn, stri
              mask=(offs_n < N)[:, None] & (cols < K)[None, :])
 
 
+@triton.jit
+def _semi24_unpack_words_kernel(vals_ptr, meta_ptr, out_ptr, N, NG, stride_vn, stride_mn, stride_on,
+                                BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """16-bit weights with K % 4 == 0: values int32 [N, NG] (a group's pair in one word), out int32 [N, 2*NG].
+    Each group becomes two 32-bit words, columns (0, 1) and (2, 3), each the stored pair, one half of it moved,
+    or zero (i0 < i1); the two are interleaved with one join and stored as whole words."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    mask = (offs_n < N)[:, None] & (g < NG)[None, :]
+    p = tl.load(vals_ptr + offs_n[:, None] * stride_vn + g[None, :], mask=mask, other=0)
+    mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (g // 2)[None, :], mask=mask, other=0)
+    nib = (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF
+    i0 = nib & 3
+    i1 = nib >> 2
+    a = tl.where(i0 == 0, tl.where(i1 == 1, p, p & 0xFFFF), tl.where(i0 == 1, p << 16, 0))
+    b = tl.where(i1 == 3, tl.where(i0 == 2, p, p & -65536), tl.where(i1 == 2, (p >> 16) & 0xFFFF, 0))
+    tile = tl.reshape(tl.join(a, b), (BLOCK_N, 2 * BLOCK_G))
+    words = tl.program_id(1) * (2 * BLOCK_G) + tl.arange(0, 2 * BLOCK_G)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + words[None, :], tile,
+             mask=(offs_n < N)[:, None] & (words < 2 * NG)[None, :])
+
+
 def semi24_unpack(values: torch.Tensor, meta: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense [N, k] weight from values [N, Kp/2] and meta [N, ceil(Kp/8)] uint8 (Kp = k rounded up to 4)."""
     n, kp2 = values.shape
@@ -66,6 +90,12 @@ def semi24_unpack(values: torch.Tensor, meta: torch.Tensor, k: int, out: torch.T
         return out
     bn, bg = (8, 16) if interpreting() else (16, 128)  # 16 rows x 512 columns per program on a GPU
     grid = (cdiv(n, bn), cdiv(ng, bg))
+    if values.element_size() == 2 and k % 4 == 0 and out.stride(0) % 2 == 0 and out.storage_offset() % 2 == 0:
+        # whole words: about half the instructions per group of the 16-bit path below (sm_90 SASS)
+        ow = out.view(torch.int32)
+        _semi24_unpack_words_kernel[grid](values.view(torch.int32), meta, ow, n, ng, kp2 // 2, meta.stride(0),
+                                          ow.stride(0), BLOCK_N=bn, BLOCK_G=bg, num_warps=4)
+        return out
     _semi24_unpack_kernel[grid](values, meta, out, n, k, ng, values.stride(0), meta.stride(0), out.stride(0),
                                 BLOCK_N=bn, BLOCK_G=bg, num_warps=4)
     return out
