@@ -214,7 +214,7 @@ def bsr_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
     has_bias = bias is not None
     bias_arg = bias if has_bias else values
 
-    def launch(cfg: dict) -> None:
+    def launch(cfg: dict) -> torch.Tensor:
         cfg = dict(cfg)
         launch_kw = {kk: cfg.pop(kk) for kk in ("num_warps", "num_stages") if kk in cfg}
         # SEG is a runtime argument derived from this layer's rows: a new mask must not mean a new compile

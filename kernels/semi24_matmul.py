@@ -23,6 +23,7 @@ import triton.language as tl
 from ._common import (as_2d, cdiv, check_out, dot_precision, interpreting, m_bucket, next_pow2, num_sms,
                       workspace)
 from ._tuning import pick, rel_err, sample_rows
+from .semi24_unpack import group_words
 
 # ----------------------------------------------------------------------------------------------------
 # Configs
@@ -437,13 +438,10 @@ def _semi24_dot_words_kernel(
     """Tensor-core tiles for a few to 64 tokens, 16-bit weights: x [M, K], values int32 [N, NG] (a group's two
     values in one word), meta [N, ceil(NG/2)] uint8, out [M, N], part [SPLIT_K, M, N] fp32.
 
-    The dense weight is built as 32-bit words, not as four position tiles: for each group, word A holds
-    columns (0, 1) and word B columns (2, 3), each a function of the stored pair word and the nibble. Every
-    case is the pair itself, one half of it moved, or zero, since i0 < i1:
-        A = pair (0,1) | v0 (0,2),(0,3) | v0 << 16 (1,2),(1,3) | 0 (2,3)
-        B = pair (2,3) | v1 << 16 ... i.e. pair & 0xFFFF0000 (0,3),(1,3) | v1 (0,2),(1,2) | 0 (0,1)
-    The words reinterpret as [N, 2G] halves, and x is read in the same column order (4g, 4g+1 | 4g+2, 4g+3):
-    two dots per step instead of four, about 31-35 SASS instructions per group against 42-49 for
+    The dense weight is built as 32-bit words, not as four position tiles: for each group, word a holds
+    columns (0, 1) and word b columns (2, 3) (semi24_unpack.group_words: the stored pair, one half of it moved,
+    or zero). The words reinterpret as [N, 2G] halves, and x is read in the same column order (4g, 4g+1 and
+    4g+2, 4g+3): two dots per step instead of four, 31-38 SASS instructions per group against 42-62 for
     _semi24_matmul_kernel's selects (sm_90, python -m sparserun.bench.offline)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -481,11 +479,7 @@ def _semi24_dot_words_kernel(
         else:
             xa = tl.load(xp, mask=mask_m[:, None] & (cols < K)[None, :], other=0.0)
             xb = tl.load(xp + 2 * stride_xk, mask=mask_m[:, None] & (cols + 2 < K)[None, :], other=0.0)
-        nib = (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF
-        i0 = nib & 3
-        i1 = nib >> 2
-        a = tl.where(i0 == 0, tl.where(i1 == 1, p, p & 0xFFFF), tl.where(i0 == 1, p << 16, 0))
-        b = tl.where(i1 == 3, tl.where(i0 == 2, p, p & -65536), tl.where(i1 == 2, (p >> 16) & 0xFFFF, 0))
+        a, b = group_words(p, (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF)
         acc += tl.dot(xa, tl.trans(_words_to_pairs(a, BLOCK_N, G, wdt)))
         acc += tl.dot(xb, tl.trans(_words_to_pairs(b, BLOCK_N, G, wdt)))
     if SPLIT_K == 1:
@@ -559,7 +553,7 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
     paired = values.element_size() == 2
     vals_arg = values.view(torch.int32) if paired else values
 
-    def launch(cfg: dict) -> None:
+    def launch(cfg: dict) -> torch.Tensor:
         cfg = dict(cfg)
         launch_kw = {kk: cfg.pop(kk) for kk in ("num_warps", "num_stages") if kk in cfg}
         split = cfg["SPLIT_K"]

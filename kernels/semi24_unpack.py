@@ -49,21 +49,31 @@ def _semi24_unpack_kernel(vals_ptr, meta_ptr, out_ptr, N, K, NG, stride_vn, stri
 
 
 @triton.jit
+def group_words(p, nib):
+    """A group of 16-bit weights as two 32-bit words of dense columns, (0, 1) and (2, 3), from the word `p`
+    holding its stored pair (v0 low, v1 high) and its nibble (i0 | i1 << 2, i0 < i1). Every case is p itself,
+    one half of p moved, or zero:
+        a = p (0,1) | v0 = p & 0xFFFF (0,2),(0,3) | v0 << 16 = p << 16 (1,2),(1,3) | 0 (2,3)
+        b = p (2,3) | v1 high = p & 0xFFFF0000 (0,3),(1,3) | v1 low = p >> 16 (0,2),(1,2) | 0 (0,1)
+    Shared by the unpack and the dot kernels (semi24_matmul.py)."""
+    i0 = nib & 3
+    i1 = nib >> 2
+    a = tl.where(i0 == 0, tl.where(i1 == 1, p, p & 0xFFFF), tl.where(i0 == 1, p << 16, 0))
+    b = tl.where(i1 == 3, tl.where(i0 == 2, p, p & -65536), tl.where(i1 == 2, (p >> 16) & 0xFFFF, 0))
+    return a, b
+
+
+@triton.jit
 def _semi24_unpack_words_kernel(vals_ptr, meta_ptr, out_ptr, N, NG, stride_vn, stride_mn, stride_on,
                                 BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     """16-bit weights with K % 4 == 0: values int32 [N, NG] (a group's pair in one word), out int32 [N, 2*NG].
-    Each group becomes two 32-bit words, columns (0, 1) and (2, 3), each the stored pair, one half of it moved,
-    or zero (i0 < i1); the two are interleaved with one join and stored as whole words."""
+    Each group becomes two 32-bit words (group_words), interleaved with one join and stored as whole words."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     mask = (offs_n < N)[:, None] & (g < NG)[None, :]
     p = tl.load(vals_ptr + offs_n[:, None] * stride_vn + g[None, :], mask=mask, other=0)
     mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (g // 2)[None, :], mask=mask, other=0)
-    nib = (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF
-    i0 = nib & 3
-    i1 = nib >> 2
-    a = tl.where(i0 == 0, tl.where(i1 == 1, p, p & 0xFFFF), tl.where(i0 == 1, p << 16, 0))
-    b = tl.where(i1 == 3, tl.where(i0 == 2, p, p & -65536), tl.where(i1 == 2, (p >> 16) & 0xFFFF, 0))
+    a, b = group_words(p, (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF)
     tile = tl.reshape(tl.join(a, b), (BLOCK_N, 2 * BLOCK_G))
     words = tl.program_id(1) * (2 * BLOCK_G) + tl.arange(0, 2 * BLOCK_G)
     tl.store(out_ptr + offs_n[:, None] * stride_on + words[None, :], tile,

@@ -259,9 +259,13 @@ def sweep(n: int = 4096, k: int = 4096, dtype: str = "bfloat16", arch: int = 90,
     from ..kernels import bsr_unpack as bsr_unpack_mod
     from ..kernels import semi24_unpack as s24_unpack_mod
 
-    # the dense fallback's decompression kernels (no M)
+    # the dense fallback's decompression kernels (no M): whole words, and the 16-bit path of a padded K
     yield from run("semi24 unpack", s24_unpack_mod,
                    lambda: s24_unpack_mod.semi24_unpack(p24.tensors["values"], p24.tensors["meta"], k), {}, 0, None)
+    p_odd = formats.pack(w[:, :k - 2], random_mask_24(n, k, "cpu")[:, :k - 2], "2:4")
+    yield from run("semi24 unpack, padded K", s24_unpack_mod,
+                   lambda: s24_unpack_mod.semi24_unpack(p_odd.tensors["values"], p_odd.tensors["meta"], k - 2), {},
+                   0, None)
     for b in blocks:
         pb = formats.pack(w, random_block_mask(n, k, b, density, "cpu"), f"{b}x{b}").tensors
         yield from run(f"bsr B={b} unpack", bsr_unpack_mod,

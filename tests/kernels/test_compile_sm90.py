@@ -33,7 +33,8 @@ def test_every_kernel_family_compiles_for_sm90(sm90_rows):
     assert not failed, "\n".join(failed)
     kinds = {r["kernel"] for r in sm90_rows}
     assert {"_semi24_gemv_units_kernel", "_semi24_gemv_kernel", "_semi24_matmul_kernel", "_semi24_dot_words_kernel",
-            "_splitk_reduce_kernel", "_bsr_matmul_kernel", "_semi24_unpack_kernel", "_bsr_unpack_kernel"} <= kinds
+            "_splitk_reduce_kernel", "_bsr_matmul_kernel", "_semi24_unpack_kernel", "_semi24_unpack_words_kernel",
+            "_bsr_unpack_kernel"} <= kinds
 
 
 def test_no_candidate_config_spills():
