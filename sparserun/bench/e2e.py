@@ -559,6 +559,14 @@ def run(*, config_kw: dict | None = None, variants=None, batches=BATCHES, prompt
                 write(result, stem)
         result["complete"] = True
     finally:
+        # which kernel tiles the tuner kept, and which it threw out (failed to run, or wrong output)
+        try:
+            from ..kernels import _tuning
+
+            result["tuned_configs"] = {repr(k): v for k, v in _tuning.tuned().items()}
+            result["rejected_configs"] = {repr(k): [[c, why] for c, why in v] for k, v in _tuning.rejected().items()}
+        except Exception:  # no Triton: nothing was tuned
+            pass
         torch.set_num_threads(old_threads)
         if backend:
             if old_backend is None:
@@ -700,6 +708,13 @@ def markdown_lines(result: dict) -> list[str]:
     if choices:
         md += ["", "## Backends the dispatcher chose", ""]
         md += [f"- {v}: {'; '.join(c)}" for v, c in choices.items()]
+    if result.get("tuned_configs"):
+        md += ["", "## Kernel configs the tuner kept (key: op, N, K, M bucket, ...)", ""]
+        md += [f"- `{k}`: {v}" for k, v in sorted(result["tuned_configs"].items())]
+    rejected = {k: v for k, v in (result.get("rejected_configs") or {}).items() if v}
+    if rejected:
+        md += ["", "## Kernel configs rejected while tuning", ""]
+        md += [f"- `{k}`: " + "; ".join(f"{c} ({why})" for c, why in v) for k, v in sorted(rejected.items())]
     return md  # finish_results appends the failures
 
 

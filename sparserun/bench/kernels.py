@@ -195,7 +195,8 @@ def run(shapes=ALL_SHAPES, m_values=M_VALUES, dtypes=("bf16", "fp16"), block_var
             if not dry_run:
                 torch.cuda.empty_cache()
     tuned = {repr(k_): v for k_, v in _tuning.tuned().items()}
-    return {"env": env, "rows": rows, "failures": failures, "tuned_configs": tuned}
+    rejected = {repr(k_): [[c, why] for c, why in v] for k_, v in _tuning.rejected().items()}
+    return {"env": env, "rows": rows, "failures": failures, "tuned_configs": tuned, "rejected_configs": rejected}
 
 
 def plot(result: dict, path) -> None:
