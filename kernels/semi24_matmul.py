@@ -75,18 +75,23 @@ def candidate_configs(m: int, n: int, k: int, sms: int, dtype: torch.dtype = tor
                             num_stages=3))
     if m <= DECODE_MAX_M:
         bm = max(16, next_pow2(m))
-        # few candidates: each is a separate compile, and decode shapes are all alike (stream the weight).
-        # The 64x256 and 128x128 tiles take 8 warps: with 4 they spilled 88-296 bytes per thread in the sm_90
-        # SASS (python -m sparserun.bench.offline)
-        for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (128, 64, 4), (64, 256, 8), (128, 128, 8)):
-            split = _split_for(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), sms)
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=True, num_warps=warps,
-                            num_stages=3))
-        if dtype in (torch.float16, torch.bfloat16):
-            # the same tiles with the weight built as 32-bit words (_semi24_dot_words_kernel)
+        words = dtype in (torch.float16, torch.bfloat16)
+        if words:
+            # tensor-core tiles with the weight built as 32-bit words (_semi24_dot_words_kernel): 31-38 SASS
+            # instructions per group, shared by the tile's up to 64 tokens. Also tried at M <= 4, where a
+            # 16-row tile serving 4 tokens can still issue fewer instructions per token than the unit GEMV
             for bn, bk, warps in ((64, 128, 4), (32, 256, 4), (64, 256, 8)):
                 split = _split_for(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), sms)
                 out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, WORDS=True, num_warps=warps,
+                                num_stages=3))
+        if not words or m > FMA_MAX_M:
+            # the select-built tiles (42-62 instructions per group): fp32, and a fallback beside the word tiles.
+            # Few candidates: each is a separate compile, and decode shapes are all alike (stream the weight).
+            # 128x128 takes 8 warps: with 4 it spilled in the sm_90 SASS (python -m sparserun.bench.offline)
+            for bn, bk, warps in ((64, 128, 4), (128, 64, 4), (128, 128, 8)) if words else \
+                    ((32, 256, 4), (64, 128, 4), (128, 64, 4), (64, 256, 8), (128, 128, 8)):
+                split = _split_for(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), sms)
+                out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=True, num_warps=warps,
                                 num_stages=3))
     else:
         # tiles that fit the registers in the sm_90 SASS: the earlier list's BK=256 and 128x256 tiles spilled
