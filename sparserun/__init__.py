@@ -3,7 +3,8 @@
 Public API (everything else is internal):
     prune(model, method, pattern, sparsity=None, calib=None, **opts) -> report
     sparsify_(model, pattern=..., filter_fn=None)
-    save(model, out_dir) / load(dir, device=None, dtype=None)
+    save(model, out_dir) / load(dir, device=None, dtype=None, group_siblings=False)
+    group_siblings(model) / ungroup_siblings(model)
     SparseLinear, patterns
 """
 from __future__ import annotations
@@ -12,7 +13,8 @@ from . import patterns
 
 __version__ = "0.1.0"
 
-__all__ = ["prune", "sparsify_", "save", "load", "SparseLinear", "patterns", "__version__"]
+__all__ = ["prune", "sparsify_", "save", "load", "group_siblings", "ungroup_siblings", "SparseLinear", "patterns",
+           "__version__"]
 
 
 def __getattr__(name):
@@ -26,6 +28,9 @@ def __getattr__(name):
     if name in ("save", "load"):
         from .runtime import io
         return getattr(io, name)
+    if name in ("group_siblings", "ungroup_siblings"):
+        from .runtime import siblings
+        return getattr(siblings, name)
     if name == "prune":
         from .prune.api import prune
         return prune

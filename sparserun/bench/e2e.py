@@ -80,6 +80,7 @@ class Variant:
     name: str
     pattern: str | None  # None: dense
     sparsity: float
+    grouped: bool = False  # q/k/v and gate/up as one launch each (runtime/siblings.py); name ends in "+g"
 
     @property
     def block(self) -> int | None:
@@ -95,11 +96,16 @@ def all_variants() -> list[Variant]:
 
 
 def parse_variants(spec: str | None) -> list[Variant]:
-    """Comma-separated names (see all_variants); dense is always measured first, as the baseline."""
+    """Comma-separated names (see all_variants; a sparse name + "+g" groups sibling projections); dense is
+    always measured first, as the baseline."""
     known = {v.name: v for v in all_variants()}
     if not spec or spec == "all":
         return list(known.values())
     names = [s.strip() for s in spec.split(",") if s.strip()]
+    for n in names:
+        base = n.removesuffix("+g")
+        if n != base and base in known and known[base].pattern is not None:
+            known[n] = Variant(n, known[base].pattern, known[base].sparsity, grouped=True)
     bad = [n for n in names if n not in known]
     if bad:
         raise ValueError(f"unknown variant(s) {', '.join(bad)}; known: {', '.join(known)}")
@@ -179,6 +185,10 @@ def apply_variant(model, variant: Variant, device, dtype, seed: int = 1, progres
             del mask
         del w
         _replace(model, name, new)
+    if variant.grouped:
+        from ..runtime.siblings import group_siblings
+
+        group_siblings(model)
 
 
 def clear_variant(model) -> None:
@@ -795,7 +805,8 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def _add_args(p) -> None:
     p.add_argument("--variants", default="all",
-                   help="comma-separated: dense, 2:4, 32x32-50/70/90, 64x64-50/70/90 (dense always runs)")
+                   help="comma-separated: dense, 2:4, 32x32-50/70/90, 64x64-50/70/90, and any sparse one + \"+g\" "
+                        "(q/k/v and gate/up as one launch each); dense always runs")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32)")
     p.add_argument("--prompts", default=None, help="comma-separated prompt lengths (default 128,2048)")
     p.add_argument("--modes", default=None, help=f"comma-separated, of {', '.join(MODES)} (default: all)")

@@ -62,7 +62,8 @@ def environment() -> dict:
         "python": platform.python_version(),
         # the runtime settings that change what a SparseLinear runs (docs/runtime.md)
         "sparserun_env": {k: os.environ[k] for k in ("SPARSERUN_BACKEND", "SPARSERUN_BACKENDS",
-                                                     "SPARSERUN_KEEP_DENSE", "SPARSERUN_NO_CUDA_BUILD")
+                                                     "SPARSERUN_KEEP_DENSE", "SPARSERUN_NO_CUDA_BUILD",
+                                                     "SPARSERUN_GROUP_SIBLINGS")
                           if k in os.environ},
     }
     if torch.cuda.is_available():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -169,12 +170,14 @@ def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = True, model_class=None,
-         progress: bool | None = None) -> nn.Module:
+         progress: bool | None = None, group_siblings: bool | None = None) -> nn.Module:
     """Load a packed checkpoint directory as a model (eval mode) on `device`.
 
     dtype:       cast floating tensors (weights, biases, norms) to it; index/metadata tensors keep theirs.
     verify:      check shard sha256 against the manifest first (reads every shard once).
     model_class: override the class named in the manifest / config.json `architectures`.
+    group_siblings: run q/k/v and gate/up as one launch each (runtime/siblings.py). Default: the
+                 SPARSERUN_GROUP_SIBLINGS environment variable ("1" = on), else off until measured on a GPU.
     """
     from tqdm.auto import tqdm
     from transformers import AutoConfig
@@ -243,5 +246,11 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
                               f"{', '.join(on_meta[:5])}{' ...' if len(on_meta) > 5 else ''}")
     if dtype is not None and hasattr(model, "config"):
         model.config.dtype = dtype
+    if group_siblings is None:
+        group_siblings = os.environ.get("SPARSERUN_GROUP_SIBLINGS", "0").strip() == "1"
+    if group_siblings:
+        from .siblings import group_siblings as _group
+
+        _group(model)
     model.eval()
     return model

@@ -114,7 +114,20 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .dispatch import sparse_linear
 
+        group = self.__dict__.get("_sr_group")  # runtime/siblings.py: q/k/v or gate/up as one launch
+        if group is not None and self._group_usable(group, x):
+            return group.output(self, x)
         return sparse_linear(self, x)
+
+    def _group_usable(self, group, x: torch.Tensor) -> bool:
+        """The grouped path is for inference outside torch.compile (its hand-off between siblings is Python
+        state a trace cannot keep); anything else runs this layer on its own."""
+        if torch.compiler.is_compiling() or not group.intact(self):
+            return False
+        if x.dtype != self.values.dtype or x.device != self.values.device:
+            return False
+        bias = self.bias
+        return not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

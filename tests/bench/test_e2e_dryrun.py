@@ -120,6 +120,20 @@ def test_variant_names_and_errors():
     assert len(e2e.parse_variants("all")) == 8
     with pytest.raises(ValueError, match="unknown variant"):
         e2e.parse_variants("16x16-50")
+    g = e2e.parse_variants("2:4+g,2:4")
+    assert [v.name for v in g] == ["dense", "2:4+g", "2:4"] and g[1].grouped and not g[2].grouped
+    with pytest.raises(ValueError, match="unknown variant"):
+        e2e.parse_variants("dense+g")  # nothing to group in the dense baseline
+
+
+def test_grouped_variant_groups_siblings():
+    model = e2e.build_skeleton(dict(e2e.TINY), "cpu", torch.float32)
+    e2e.apply_variant(model, e2e.parse_variants("2:4+g")[1], "cpu", torch.float32, progress=False)
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj.__dict__["_sr_group"] is layer.self_attn.v_proj.__dict__["_sr_group"]
+    assert layer.mlp.gate_proj.__dict__["_sr_group"] is layer.mlp.up_proj.__dict__["_sr_group"]
+    assert "_sr_group" not in layer.self_attn.o_proj.__dict__
+    e2e.clear_variant(model)
     with pytest.raises(ValueError, match="unknown mode"):
         e2e.run(dry_run=True, modes=("fast",), out_dir=None, say=lambda *a: None)
 
