@@ -60,6 +60,8 @@ def candidate_configs(m: int, n: int, k: int, sms: int, dtype: torch.dtype = tor
             # shared-memory shuffle per step in the SASS). 16-17 instructions per group of 4 at M = 1 (sm_90
             # SASS), against 39-45 for the 2-D GEMV below: that kernel is issue-bound (NOTES.md)
             for bn, warps in ((16, 4), (32, 8), (8, 4), (64, 8)):
+                if bn == 64 and bm > 2:
+                    continue  # 4 accumulators of 64x64: 255 registers and a 96-byte spill with Triton 3.6
                 split = _split_for(cdiv(n, bn), cdiv(k // 8, 64), sms)
                 out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_U=64, SPLIT_K=split, UNITS=True, num_warps=warps,
                                 num_stages=3))
@@ -75,7 +77,9 @@ def candidate_configs(m: int, n: int, k: int, sms: int, dtype: torch.dtype = tor
                             num_stages=3))
     if m <= DECODE_MAX_M:
         bm = max(16, next_pow2(m))
-        words = dtype in (torch.float16, torch.bfloat16)
+        # Word-built tiles up to 32 rows only: at BLOCK_M = 64 (Hopper's wgmma path) Triton 3.6 fails to compile
+        # them ("Illegal shared layout" in TritonGPUOptimizeDotOperands); 3.9 compiles them
+        words = dtype in (torch.float16, torch.bfloat16) and bm <= 32
         if words:
             # tensor-core tiles with the weight built as 32-bit words (_semi24_dot_words_kernel): 31-38 SASS
             # instructions per group, shared by the tile's up to 64 tokens. Also tried at M <= 4, where a
