@@ -2,7 +2,9 @@
 
 Why: a kernel that the CPU interpreter accepts can still fail to compile for the GPU, and a decode kernel's
 speed is often decided by how many instructions it issues per byte of weight, which the SASS shows exactly.
-Both can be checked before a GPU is at hand (tests/kernels/test_compile_sm90.py, benchmarks/sass_decode.py).
+Both can be checked before a GPU is at hand (tests/kernels/test_compile_sm90.py; `python -m
+sparserun.bench.offline` prints the table; benchmarks/offline_compat.sh does it with another Triton version).
+Run it in a process without TRITON_INTERPRET: under the interpreter the kernels are not compilable objects.
 
     with record_launches(semi24_matmul_module) as launches:
         semi24_matmul(x_cpu, values, meta, k, config=cfg)       # nothing runs: launches are recorded
@@ -114,10 +116,8 @@ def _specialise(launch: Launch):
             signature[p.name], constexprs[p.name] = "constexpr", v
             continue
         if getattr(p, "do_not_specialize", False):
-            ty, spec = _specialise_value(v, False)
-            spec = None if ty == "constexpr" else ""
-        else:
-            ty, spec = _specialise_value(v, not getattr(p, "do_not_specialize_on_alignment", False))
+            raise NotImplementedError(f"{fn.__name__}.{p.name}: do_not_specialize arguments are not modelled")
+        ty, spec = _specialise_value(v, not getattr(p, "do_not_specialize_on_alignment", False))
         if ty == "constexpr":
             signature[p.name], constexprs[p.name] = "constexpr", spec
         else:
@@ -130,7 +130,9 @@ def _specialise(launch: Launch):
 def compile_offline(launch: Launch, arch: int = 90):
     """Compile one recorded launch for sm_<arch> (80: Ampere, 90: Hopper). Returns Triton's compiled kernel
     (its .asm has "ttgir", "ptx", "cubin")."""
-    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU target, not the interpreter
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("compile_offline: TRITON_INTERPRET is set, so the kernels were built as interpreted "
+                           "functions; run in a process without it (python -m sparserun.bench.offline)")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -314,6 +316,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one config per kernel family")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     a = ap.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # this process compiles; it never runs a kernel
     why = available()
     if why:
         print(why)
