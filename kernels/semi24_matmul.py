@@ -13,6 +13,14 @@ Algorithm, per program (one BLOCK_M x BLOCK_N output tile, one slice of K when s
 Decode (M <= 64) is bound by the bytes of the weight, so the only thing that matters there is streaming
 values + meta once at full bandwidth: tiles are skinny in M (16, padded) and K is split until the grid
 covers the GPU at least twice even for one token. Prefill uses square tiles and no split.
+
+Four kernels share that contract; the tuner (kernels/_tuning.py) times the candidates of each per shape:
+    _semi24_gemv_units_kernel  1-4 tokens, 16-bit, K % 8 == 0: 64-bit words, x selected at kept positions
+    _semi24_gemv_kernel        1-4 tokens, any dtype: CUDA-core FMAs on [BLOCK_N, G] position tiles
+    _semi24_dot_words_kernel   up to 32 rows per tile, 16-bit: tensor cores on a weight built as 32-bit words
+    _semi24_matmul_kernel      everything else: tensor cores on four select-built position tiles
+A decode kernel's speed here is its instruction count per weight group more than its tile shape (sm_90 SASS,
+benchmarks/NOTES.md); `python -m sparserun.bench.offline` prints it without a GPU.
 """
 from __future__ import annotations
 
