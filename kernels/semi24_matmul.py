@@ -96,20 +96,29 @@ def candidate_configs(m: int, n: int, k: int, sms: int, dtype: torch.dtype = tor
                 split = _split_for(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), sms)
                 out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, WORDS=True, num_warps=warps,
                                 num_stages=3))
-        if not words or m > FMA_MAX_M:
-            # the select-built tiles (42-62 instructions per group): fp32, and a fallback beside the word tiles.
-            # Few candidates: each is a separate compile, and decode shapes are all alike (stream the weight).
-            # 128x128 takes 8 warps: with 4 it spilled in the sm_90 SASS (python -m sparserun.bench.offline)
-            for bn, bk, warps in ((64, 128, 4), (128, 64, 4), (128, 128, 8)) if words else \
-                    ((32, 256, 4), (64, 128, 4), (128, 64, 4), (64, 256, 8), (128, 128, 8)):
+        if dtype == torch.float32:
+            # fp32 tiles hold twice the registers: only these fit at 16-64 rows under Triton 3.6 and 3.9
+            tiles = ((32, 64, 4), (32, 128, 4)) if bm <= 16 else ((32, 64, 4),)
+        elif m <= FMA_MAX_M:
+            tiles = ()  # 16-bit, 1-4 tokens: the GEMVs and the word-built tiles above
+        elif words:
+            tiles = ((128, 64, 4),)  # 5-32 rows: one select-built tile beside the word-built ones, as a fallback
+        else:
+            # 16-bit, 33-64 rows: the select-built tiles (42-68 instructions per group). 128x128 takes 8 warps:
+            # with 4 it spilled in the sm_90 SASS (python -m sparserun.bench.offline)
+            tiles = ((64, 128, 4), (128, 64, 4), (128, 128, 8))
+        if tiles:
+            for bn, bk, warps in tiles:
                 split = _split_for(cdiv(m, bm) * cdiv(n, bn), cdiv(k, bk), sms)
                 out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=True, num_warps=warps,
                                 num_stages=3))
     else:
         # tiles that fit the registers in the sm_90 SASS: the earlier list's BK=256 and 128x256 tiles spilled
-        # 312-1640 bytes per thread (python -m sparserun.bench.offline --m 512)
-        for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-                                          (64, 64, 128, 4, 3)):
+        # 312-1640 bytes per thread (python -m sparserun.bench.offline --m 512). fp32 (exact "ieee" dots)
+        # spilled kilobytes in every 16-bit tile; these two fit (Triton 3.6 also rejects BLOCK_K = 32 there)
+        tiles = ((128, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 64, 128, 4, 3)) \
+            if dtype != torch.float32 else ((32, 32, 64, 4, 3), (64, 64, 64, 4, 3))
+        for bm, bn, bk, warps, stages in tiles:
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, USE_DOT=True, num_warps=warps,
                             num_stages=stages))
     return out
