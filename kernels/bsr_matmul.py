@@ -127,23 +127,37 @@ def _bsr_matmul_kernel(
     # stream this segment's blocks, UNROLL at a time
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    elif BLOCK_M == 1:
+        acc2 = tl.zeros((B, UNROLL * B), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_M, B, UNROLL * B), dtype=tl.float32)
     for i in range(begin, end, UNROLL):
         blk = i + u_of  # [UNROLL*B] block index of each reduction column
         valid = blk < end
-        bcol = tl.load(col_ptr + blk, mask=valid, other=0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (bcol * B + c_in)[None, :] * stride_xk,
-                    mask=mask_m[:, None] & valid[None, :], other=0.0)
         # w[r, u*B + c] = values[i + u, r, c]: the U blocks laid side by side, rows = output features
         w = tl.load(vals_ptr + blk.to(tl.int64)[None, :] * (B * B) + offs_b[:, None] * B + c_in[None, :],
                     mask=valid[None, :], other=0.0)
-        if USE_DOT:
-            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        if BLOCK_M == 1 and not USE_DOT:
+            # one token: a 2-D accumulator in w's own layout, x read as a [1, U*B] row so that it shares it (a
+            # 1-D x, or the 3-D broadcast below, costs a shared-memory shuffle per step in the sm_90 SASS)
+            bcol2 = tl.load(col_ptr + blk[None, :], mask=valid[None, :], other=0)
+            x2 = tl.load(x_ptr + (bcol2 * B + c_in[None, :]) * stride_xk + offs_m[:, None] * stride_xm,
+                         mask=mask_m[:, None] & valid[None, :], other=0.0)
+            acc2 += w.to(tl.float32) * x2.to(tl.float32)
         else:
-            # a handful of tokens: CUDA-core FMAs beat padding M to the 16 rows a tensor-core op needs
-            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    if not USE_DOT:
+            bcol = tl.load(col_ptr + blk, mask=valid, other=0)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (bcol * B + c_in)[None, :] * stride_xk,
+                        mask=mask_m[:, None] & valid[None, :], other=0.0)
+            if USE_DOT:
+                acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+            else:
+                # a handful of tokens: CUDA-core FMAs beat padding M to the 16 rows a tensor-core op needs
+                acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if USE_DOT:
+        pass
+    elif BLOCK_M == 1:
+        acc = tl.sum(acc2, axis=1)[None, :]
+    else:
         acc = tl.sum(acc3, axis=2)
 
     # ------------------------------------------------------------------------------------------------
