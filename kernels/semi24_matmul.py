@@ -156,6 +156,54 @@ def interpreter_config(m: int, n: int, k: int, dtype: torch.dtype = torch.float3
 
 
 @triton.jit
+def _split_range(steps, pid_k, SPLIT_K: tl.constexpr):
+    """This program's [begin, end) of the K steps when K is split SPLIT_K ways (empty for trailing splits)."""
+    per_split = tl.cdiv(steps, SPLIT_K)
+    begin = pid_k * per_split
+    return begin, min(begin + per_split, steps)
+
+
+@triton.jit
+def _store_tile(acc, bias_ptr, out_ptr, part_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, M, N,
+                stride_om, stride_on, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Epilogue of the tensor-core kernels: acc [BLOCK_M, BLOCK_N] (+ bias) to out, or to this split's partials.
+    Every split writes its slice (zeros if it had no K steps), so the reduce reads no garbage."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _store_gemv_rows(acc0, acc1, acc2, acc3, bias_ptr, out_ptr, part_ptr, offs_n, mask_n, m0, pid_k, M, N,
+                     stride_om, stride_on, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Epilogue of the GEMVs: row r of the token tile is sum(acc_r, axis=1) (+ bias), to out or to partials."""
+    if HAS_BIAS and SPLIT_K == 1:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r in tl.static_range(BLOCK_M):
+        if r == 0:
+            y = tl.sum(acc0, axis=1) + b
+        elif r == 1:
+            y = tl.sum(acc1, axis=1) + b
+        elif r == 2:
+            y = tl.sum(acc2, axis=1) + b
+        else:
+            y = tl.sum(acc3, axis=1) + b
+        ok = mask_n & ((m0 + r + 0 * offs_n) < M)  # a tensor: the interpreter rejects a scalar mask
+        if SPLIT_K == 1:
+            tl.store(out_ptr + (m0 + r) * stride_om + offs_n * stride_on, y.to(out_ptr.dtype.element_ty),
+                     mask=ok)
+        else:
+            tl.store(part_ptr + pid_k * M * N + (m0 + r) * N + offs_n, y, mask=ok)
+
+@triton.jit
 def _load_groups(vals_ptr, meta_ptr, offs_n, g, mask_w, stride_vn, stride_mn, wdt, PAIRED: tl.constexpr):
     """Rows offs_n, groups g: the two stored values (v0, v1) and their in-group positions (i0, i1), each a
     [len(offs_n), len(g)] tile. PAIRED: values read as one 32-bit word per group (16-bit weights)."""
@@ -208,10 +256,7 @@ def _semi24_matmul_kernel(
 
     # ------------------------------------------------------------------------------------------------
     # this split's range of K steps
-    k_steps = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_steps, SPLIT_K)
-    k_begin = pid_k * per_split
-    k_end = min(k_begin + per_split, k_steps)
+    k_begin, k_end = _split_range(tl.cdiv(K, BLOCK_K), pid_k, SPLIT_K)
 
     G: tl.constexpr = BLOCK_K // 4  # groups of 4 per step
     offs_g = tl.arange(0, G)
@@ -244,15 +289,8 @@ def _semi24_matmul_kernel(
 
     # ------------------------------------------------------------------------------------------------
     # epilogue
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    else:
-        # every split writes its slice (zeros if it had no K steps), so the reduce reads no garbage
-        tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
-                 mask=mask_m[:, None] & mask_n[None, :])
+    _store_tile(acc, bias_ptr, out_ptr, part_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, M, N, stride_om, stride_on,
+                HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -271,10 +309,7 @@ def _semi24_gemv_kernel(
     m0 = tl.program_id(2) * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    k_steps = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_steps, SPLIT_K)
-    k_begin = pid_k * per_split
-    k_end = min(k_begin + per_split, k_steps)
+    k_begin, k_end = _split_range(tl.cdiv(K, BLOCK_K), pid_k, SPLIT_K)
     G: tl.constexpr = BLOCK_K // 4
     offs_g = tl.arange(0, G)
     wdt = x_ptr.dtype.element_ty
@@ -302,25 +337,8 @@ def _semi24_gemv_kernel(
                                       other=0.0).to(tl.float32)[None, :]
                 acc3 += w_j * tl.load(xp + (m0 + 3) * stride_xm, mask=(kk < K) & (rows_left > 3),
                                       other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS and SPLIT_K == 1:
-        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r in tl.static_range(BLOCK_M):
-        if r == 0:
-            y = tl.sum(acc0, axis=1) + b
-        elif r == 1:
-            y = tl.sum(acc1, axis=1) + b
-        elif r == 2:
-            y = tl.sum(acc2, axis=1) + b
-        else:
-            y = tl.sum(acc3, axis=1) + b
-        ok = mask_n & ((m0 + r + 0 * offs_n) < M)  # a tensor: the interpreter rejects a scalar mask
-        if SPLIT_K == 1:
-            tl.store(out_ptr + (m0 + r) * stride_om + offs_n * stride_on, y.to(out_ptr.dtype.element_ty),
-                     mask=ok)
-        else:
-            tl.store(part_ptr + pid_k * M * N + (m0 + r) * N + offs_n, y, mask=ok)
+    _store_gemv_rows(acc0, acc1, acc2, acc3, bias_ptr, out_ptr, part_ptr, offs_n, mask_n, m0, pid_k, M, N,
+                     stride_om, stride_on, HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 @triton.jit
@@ -383,10 +401,7 @@ def _semi24_gemv_units_kernel(
     m0 = tl.program_id(2) * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    steps = tl.cdiv(KU, BLOCK_U)
-    per_split = tl.cdiv(steps, SPLIT_K)
-    k_begin = pid_k * per_split
-    k_end = min(k_begin + per_split, steps)
+    k_begin, k_end = _split_range(tl.cdiv(KU, BLOCK_U), pid_k, SPLIT_K)
     offs_u = tl.arange(0, BLOCK_U)
     acc0 = tl.zeros((BLOCK_N, BLOCK_U), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, BLOCK_U), dtype=tl.float32)
@@ -424,25 +439,8 @@ def _semi24_gemv_units_kernel(
                              va0, va1, vb0, vb1, na, nb, IS_BF16)
             acc3 = _unit_dot(acc3, x_ptr, (m0 + 3) * stride_xm, u, mask_u & (m0 + 3 + 0 * u < M),
                              va0, va1, vb0, vb1, na, nb, IS_BF16)
-    if HAS_BIAS and SPLIT_K == 1:
-        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r in tl.static_range(BLOCK_M):
-        if r == 0:
-            y = tl.sum(acc0, axis=1) + b
-        elif r == 1:
-            y = tl.sum(acc1, axis=1) + b
-        elif r == 2:
-            y = tl.sum(acc2, axis=1) + b
-        else:
-            y = tl.sum(acc3, axis=1) + b
-        ok = mask_n & ((m0 + r + 0 * offs_n) < M)  # a tensor: the interpreter rejects a scalar mask
-        if SPLIT_K == 1:
-            tl.store(out_ptr + (m0 + r) * stride_om + offs_n * stride_on, y.to(out_ptr.dtype.element_ty),
-                     mask=ok)
-        else:
-            tl.store(part_ptr + pid_k * M * N + (m0 + r) * N + offs_n, y, mask=ok)
+    _store_gemv_rows(acc0, acc1, acc2, acc3, bias_ptr, out_ptr, part_ptr, offs_n, mask_n, m0, pid_k, M, N,
+                     stride_om, stride_on, HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 @triton.jit
@@ -476,10 +474,7 @@ def _semi24_dot_words_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    k_steps = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_steps, SPLIT_K)
-    k_begin = pid_k * per_split
-    k_end = min(k_begin + per_split, k_steps)
+    k_begin, k_end = _split_range(tl.cdiv(K, BLOCK_K), pid_k, SPLIT_K)
     G: tl.constexpr = BLOCK_K // 4
     offs_g = tl.arange(0, G)
     c2 = tl.arange(0, 2 * G)
@@ -508,14 +503,8 @@ def _semi24_dot_words_kernel(
         a, b = group_words(p, (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF)
         acc += tl.dot(xa, tl.trans(_words_to_pairs(a, BLOCK_N, G, wdt)))
         acc += tl.dot(xb, tl.trans(_words_to_pairs(b, BLOCK_N, G, wdt)))
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    else:
-        tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
-                 mask=mask_m[:, None] & mask_n[None, :])
+    _store_tile(acc, bias_ptr, out_ptr, part_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, M, N, stride_om, stride_on,
+                HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
