@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from .checkpoint import _is_within
 from .formats import PatternViolation
 from .prune import calibrate
-from .prune.movement import _callback_base
+from .prune.movement import _callback_base, named_linear
 
 DEFAULT_SEQLEN = 128  # training windows: short keeps a CPU step cheap; recovery needs many steps, not long ones
 
@@ -117,13 +117,7 @@ def repack_(model: nn.Module, infos: dict[str, SparseLayerInfo]) -> int:
 
 
 def _linear(model: nn.Module, name: str) -> nn.Linear:
-    try:
-        m = model.get_submodule(name)
-    except AttributeError:
-        raise FinetuneError(f"layer {name} (named in the masks) does not exist in {type(model).__name__}") from None
-    if not isinstance(m, nn.Linear):
-        raise FinetuneError(f"layer {name} is a {type(m).__name__}, not an nn.Linear")
-    return m
+    return named_linear(model, name, FinetuneError, " (named in the masks)")
 
 
 def _check_mask(name: str, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

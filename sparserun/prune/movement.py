@@ -61,6 +61,18 @@ from . import masks as masks_mod
 METHODS = ("hard", "soft")
 
 
+def named_linear(model: nn.Module, name: str, error=ValueError, named_in: str = "") -> nn.Linear:
+    """model.get_submodule(name), which must be an nn.Linear; else `error` naming the layer (and where it was
+    named, e.g. " (named in the masks)")."""
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        raise error(f"layer {name}{named_in} does not exist in {type(model).__name__}") from None
+    if not isinstance(m, nn.Linear):
+        raise error(f"layer {name} is a {type(m).__name__}, not an nn.Linear")
+    return m
+
+
 class MovementError(ValueError):
     """Movement pruning cannot be set up or continued as asked (one line naming the problem)."""
 
@@ -223,12 +235,7 @@ class MovementPruner:
         self.layers: dict[str, _Layer] = {}
         self.skipped: dict[str, str] = {}
         for name in names:
-            try:
-                mod = model.get_submodule(name)
-            except AttributeError:
-                raise MovementError(f"layer {name} does not exist in {type(model).__name__}") from None
-            if not isinstance(mod, nn.Linear):
-                raise MovementError(f"layer {name} is a {type(mod).__name__}, not an nn.Linear")
+            mod = named_linear(model, name, MovementError)
             try:
                 self.layers[name] = _Layer(name, mod, self.pattern)
             except UnsupportedShape as e:

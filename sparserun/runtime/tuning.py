@@ -413,7 +413,8 @@ def _run_bench_tune(args) -> int:
 
 def add_bench_tune(sub) -> None:
     p = sub.add_parser("tune", help="pre-tune the backend choice for every layer shape of a packed model",
-                       description="Time every available backend (triton, cuda, cusparselt, dense) once for "
+                       description="Time every available backend that SPARSERUN_BACKENDS allows (default triton "
+                                   "and dense; 'all' adds cuda and cusparselt) once for "
                                    "each distinct sparse layer shape of the packed checkpoint DIR and each M "
                                    "bucket, and store the fastest in the tuning cache that SparseLinear reads "
                                    "($SPARSERUN_CACHE_DIR or ~/.cache/sparserun). Needs a CUDA GPU.")
