@@ -174,17 +174,53 @@ def build_skeleton(config) -> nn.Module:
     return model.eval()
 
 
+def _transformers_mapping(model: nn.Module) -> tuple[list, bool]:
+    """(renamings, has_converters) of the key mapping transformers >= 5 applies when it loads this model: it
+    saves some models under older names (GPT-NeoX's `embed_out` for `lm_head`) and renames them at load time,
+    and merges others (Mixtral's per-expert weights into one 3-D tensor). ([], False) on older versions."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        transforms = list(get_model_conversion_mapping(model))
+    except Exception:  # transformers 4.x, or a version whose internals moved: match names as they are
+        return [], False
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    return renamings, len(renamings) < len(transforms)
+
+
+def _renamed(names, renamings) -> dict[str, str]:
+    """{name after transformers' renamings: name in SRC} for the names the renamings change."""
+    out = {}
+    for name in names:
+        new = name
+        try:
+            for r in renamings:
+                new, _ = r.rename_source_key(new)
+        except Exception:  # an internal API that changed shape: no renaming rather than a crash
+            return {}
+        if new != name:
+            out[new] = name
+    return out
+
+
 def match_keys(model: nn.Module, src: SourceTensors) -> tuple[dict[str, str], list[str]]:
-    """({state_dict key of the model: tensor name in SRC}, [keys not found]); a key matches exactly or
-    with/without the model's base_model_prefix (a BertModel checkpoint read as BertForMaskedLM, ...)."""
+    """({state_dict key of the model: tensor name in SRC}, [keys not found]); a key matches exactly, or
+    with/without the model's base_model_prefix (a BertModel checkpoint read as BertForMaskedLM, ...), or
+    after the renamings transformers itself applies when loading this model class."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     names = set(src.info)
+    renamings, _ = _transformers_mapping(model)
+    renamed = _renamed(names, renamings) if renamings else {}
     out, missing = {}, []
     for k in model.state_dict(keep_vars=True):
         for cand in (k, k[len(prefix) + 1:] if prefix and k.startswith(prefix + ".") else None,
                      f"{prefix}.{k}" if prefix else None):
             if cand and cand in names:
                 out[k] = cand
+                break
+            if cand and cand in renamed:
+                out[k] = renamed[cand]
                 break
         else:
             missing.append(k)
@@ -309,7 +345,7 @@ def estimate_memory(model, path, layers, src: SourceTensors, keymap: dict, dtype
     # hidden states of every window (updated in place) + one window's attention scores (eager, fp32)
     act = nsamples * seqlen * hidden * esize + 2 * heads * seqlen * seqlen * 4
     lin = [m for m in layers[0].modules() if calibrate.is_linear(m)]
-    ks = [calibrate.get_weight(m).shape[1] for m in lin]
+    ks = [calibrate.linear_weight(m).shape[1] for m in lin]
     stats = 0
     if method == "sparsegpt":  # XᵀX of every Linear of the layer, plus the inversion's temporaries
         stats = sum(k * k * 4 for k in ks) + 3 * max(ks, default=0) ** 2 * 4
@@ -321,7 +357,7 @@ def estimate_memory(model, path, layers, src: SourceTensors, keymap: dict, dtype
     work = 2 * layer
     # scratch while one Linear is scored, selected and packed: fp32 score, int64 top-k / sort indices, the
     # mask and the packing temporaries, about 5 fp32 copies of the largest Linear (measured)
-    largest = max((calibrate.get_weight(m).numel() for m in lin), default=0)
+    largest = max((calibrate.linear_weight(m).numel() for m in lin), default=0)
     return {"layer": layer, "outside_layers": outside, "activations": act, "statistics": stats,
             "layer_work": work, "scratch": 5 * 4 * largest,
             "shard_buffer": min(max_shard_bytes, sum(per_layer) + outside)}
@@ -409,8 +445,13 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
     if missing:
+        hint = ""
+        if _transformers_mapping(model)[1]:
+            hint = (f" (transformers builds them at load time by merging tensors stored in another layout, e.g. "
+                    f"per-expert weights; convert reads the safetensors as stored and cannot stream such a model: "
+                    f"load it with from_pretrained and use sparserun.prune + sparserun.save)")
         raise ConvertError(f"{src}: {len(missing)} tensor(s) the {type(model).__name__} needs are not in its "
-                           f"safetensors: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+                           f"safetensors: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}{hint}")
     seqlen_eff = seqlen
     if not isinstance(calib, torch.Tensor):
         from .prune.api import default_seqlen
@@ -461,7 +502,7 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
 
         rows, _, info = calibrate.prune_layerwise(
             model, method, pattern, sparsity, cal, device=device, store=store, skip=skip, options=options,
-            on_layer=on_layer, keep_masks=False, packable_only=True, include_lm_head=include_lm_head,
+            on_layer=on_layer, keep_masks=False, include_lm_head=include_lm_head,
             spill_dir=out.absolute().parent, progress=progress, release=release_memory)
         _write_outside(w, model, path, written)
         report = PruneReport(method, pattern, sparsity, cal.describe(), rows, {}, info)

@@ -90,11 +90,10 @@ def windows(tokenizer, text: str, seqlen: int, nsamples: int | None = None) -> t
 
 def last_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The last hidden state [1, T, H]: what the LM head reads, or an encoder's output."""
-    fkw = calibrate._forward_kwargs(model)
     if calibrate.is_causal_lm(model):
-        out = model(input_ids=ids, output_hidden_states=True, **fkw)
+        out = model(**calibrate.forward_inputs(model, ids, output_hidden_states=True))
         return out.hidden_states[-1]
-    out = model(input_ids=ids, **fkw)
+    out = model(**calibrate.forward_inputs(model, ids))
     return calibrate._model_output(out)
 
 
@@ -103,7 +102,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, device="cpu") -> float:
     nll, count = 0.0, 0
     for s in range(ids.shape[0]):
         x = ids[s:s + 1].to(device)
-        logits = model(input_ids=x, **calibrate._forward_kwargs(model)).logits.float()
+        logits = model(**calibrate.forward_inputs(model, x)).logits.float()
         nll += float(F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
         count += x.shape[1] - 1
     return math.exp(nll / count)

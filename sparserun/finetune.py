@@ -343,7 +343,7 @@ class TensorWindows:
 
 def model_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """What the loss compares: logits for causal LMs, the last hidden state otherwise."""
-    out = model(input_ids=ids, **calibrate._forward_kwargs(model))
+    out = model(**calibrate.forward_inputs(model, ids))
     if calibrate.is_causal_lm(model):
         return out.logits
     return calibrate._model_output(out)

@@ -93,6 +93,13 @@ class PruneReport:
             out.append("  ".join(cells).rstrip())
             if j == 0 or j == len(rows) - 2:
                 out.append("-" * min(sum(widths) + 2 * len(widths), 160))
+        outside = self.info.get("dense_outside") or []
+        if outside:
+            out.append(f"not pruned: {len(outside)} Linear layer(s) outside {self.info.get('layers_path')} "
+                       f"(only that repeated stack is pruned), e.g. {', '.join(outside[:3])}")
+        frac = self.info.get("pruned_param_fraction")
+        if frac is not None:
+            out.append(f"the pruned layers hold {100 * frac:.1f}% of the model's parameters")
         src = self.calib.get("source", "?")
         head = (f"{self.method} {self.pattern} at {100 * self.sparsity:.1f}% target; calibration: {src} "
                 f"({self.calib.get('nsamples')} x {self.calib.get('seqlen')} tokens)")

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from .. import formats
 from ..formats import UnsupportedShape
 from ..patterns import parse
+from ..runtime.linear import is_linear, linear_weight
 from . import masks as masks_mod
 from . import scores
 from .sparsegpt import sparsegpt
@@ -193,26 +194,9 @@ KNOWN_LAYOUTS = ("model.layers (Llama/Qwen/Mistral)", "transformer.h (GPT-2)", "
                  "encoder.layer (BERT)")
 
 
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-        return Conv1D
-    except Exception:  # transformers without Conv1D: nothing to match
-        return ()
-
-
-def is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (bool(_conv1d_type()) and isinstance(m, _conv1d_type()))
-
-
-def get_weight(m: nn.Module) -> torch.Tensor:
-    """The [out, in] weight (GPT-2's Conv1D stores [in, out]; a transposed view is returned)."""
-    return m.weight if isinstance(m, nn.Linear) else m.weight.t()
-
-
 def set_weight(m: nn.Module, w: torch.Tensor) -> None:
     with torch.no_grad():
-        get_weight(m).copy_(w)
+        linear_weight(m).copy_(w)
 
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -255,6 +239,19 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
+def forward_inputs(model: nn.Module, ids: torch.Tensor, **extra) -> dict:
+    """Keyword arguments for running `model` on token windows `ids`: no KV cache, and for encoder-decoders
+    (T5, BART) decoder inputs too, the window shifted right as in teacher forcing (T5 raises without them)."""
+    kw = {"input_ids": ids, **_forward_kwargs(model), **extra}
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "labels" not in kw:
+        shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        try:
+            kw["decoder_input_ids"] = shift(labels=ids) if shift is not None else ids
+        except Exception:  # a model whose shift needs config fields it lacks: the window itself
+            kw["decoder_input_ids"] = ids
+    return kw
+
+
 def _layer_out(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -271,9 +268,15 @@ class LayerInputs:
     hidden: torch.Tensor
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    # What the layers return besides the hidden states: None for a bare tensor, else the rest of the tuple
+    # (() for Falcon/Bloom, T5's position biases). The stubs that stand in for the layers while the head runs
+    # must return the same structure, or the model indexes into the hidden states or fails to unpack.
+    tuple_out: "tuple | None" = None
 
     def run(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return _layer_out(layer(x, *self.args, **self.kwargs))
+        out = layer(x, *self.args, **self.kwargs)
+        self.tuple_out = tuple(out[1:]) if isinstance(out, (tuple, list)) else None
+        return _layer_out(out)
 
 
 @torch.no_grad()
@@ -294,11 +297,10 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Ten
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     hidden = None
-    fkw = _forward_kwargs(model)
     try:
         for s in range(input_ids.shape[0]):
             try:
-                model(input_ids=input_ids[s:s + 1].to(device), **fkw)
+                model(**forward_inputs(model, input_ids[s:s + 1].to(device)))
             except _Stop:
                 pass
             else:
@@ -332,8 +334,10 @@ class _Stub(nn.Module):
         h = self._holder.get("inject")
         if h is not None:
             self._holder["inject"] = None  # only the first layer replaces; the rest pass it on
-            return (h,) if self._holder.get("tuple") else h
-        return (hidden_states,) if self._holder.get("tuple") else hidden_states
+        else:
+            h = hidden_states
+        rest = self._holder.get("tuple")
+        return h if rest is None else (h, *rest)
 
 
 @contextlib.contextmanager
@@ -451,9 +455,8 @@ def gradient_stats(model, path, layers, store, inputs: LayerInputs, input_ids, d
             store.unload(i)
             h = out
     # gradient of each window's loss w.r.t. the last layer's output, through the final norm / head
-    holder: dict = {"tuple": False}
+    holder: dict = {"tuple": inputs.tuple_out}
     gout = torch.empty_like(h, dtype=torch.float32)
-    fkw = _forward_kwargs(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with stubbed(model, path, layers, holder), torch.enable_grad():
         for s in range(n):
@@ -461,9 +464,9 @@ def gradient_stats(model, path, layers, store, inputs: LayerInputs, input_ids, d
             holder["inject"] = x
             ids = input_ids[s:s + 1].to(device)
             if causal:
-                loss = model(input_ids=ids, labels=ids, **fkw).loss
+                loss = model(**forward_inputs(model, ids, labels=ids)).loss
             else:
-                y = _model_output(model(input_ids=ids, **fkw))
+                y = _model_output(model(**forward_inputs(model, ids)))
                 eps = torch.randn(y.shape, generator=gen).to(device=device, dtype=y.dtype)
                 loss = (y * eps).sum()
             gout[s:s + 1] = torch.autograd.grad(loss, x)[0].float()
@@ -472,7 +475,7 @@ def gradient_stats(model, path, layers, store, inputs: LayerInputs, input_ids, d
                   disable=not progress, leave=False):
         layer = store.load(i, device)
         mods = select_fn(i, layer)
-        weights = {name: get_weight(m) for name, m in mods.items()}
+        weights = {name: linear_weight(m) for name, m in mods.items()}
         flags = {name: m.weight.requires_grad for name, m in mods.items()}
         for m in mods.values():
             m.weight.requires_grad_(True)
@@ -565,7 +568,7 @@ class _ErrorMeter:
 
 def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, calib: CalibData, *,
                     device, store=None, skip: str | None = None, options: Options | None = None,
-                    on_layer=None, keep_masks: bool = True, packable_only: bool = False,
+                    on_layer=None, keep_masks: bool = True,
                     include_lm_head: bool = False, spill_dir=None, progress: bool = True, release=None):
     """Prune every Linear in the repeated layers (see module doc). Returns (rows, masks, info).
 
@@ -573,7 +576,6 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
     on_layer:     called as on_layer(i, layer, packed) after layer i is pruned and measured, before it is
                   unloaded; packed maps the full Linear name to (formats.Packed, bias or None)
     keep_masks:   return the bool masks (a converter turns this off: they would grow with depth)
-    packable_only: Conv1D (GPT-2) layers are kept dense (sparserun.load swaps only nn.Linear)
     include_lm_head: also prune the output projection (after the layers, on the final hidden states)
     release:      called after each Linear is pruned and packed (a converter returns freed memory to the OS)
     """
@@ -605,11 +607,6 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
                 if record:
                     rows.append(_row(name, m, pat, "skipped", f"matches skip regex {skip!r}"))
                 continue
-            if packable_only and not isinstance(m, nn.Linear):
-                if record:
-                    rows.append(_row(name, m, pat, "dense", f"{type(m).__name__} is not an nn.Linear "
-                                                            f"(only nn.Linear layers are packed)"))
-                continue
             chosen[name] = m
         return chosen
 
@@ -633,7 +630,7 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
             mods = select_modules(i, layer, record=True)
             stats: dict = {}
             if stat_kind in ("xnorm2", "hessian") and mods:
-                cols = {name: _Collector(stat_kind, get_weight(m).shape[1], device) for name, m in mods.items()}
+                cols = {name: _Collector(stat_kind, linear_weight(m).shape[1], device) for name, m in mods.items()}
                 handles = [m.register_forward_hook(cols[name]) for name, m in mods.items()]
                 try:
                     with torch.no_grad():
@@ -649,7 +646,7 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
 
             packed, meters, layer_rows = {}, {}, {}
             for name, m in mods.items():
-                w = get_weight(m).detach()
+                w = linear_weight(m).detach()
                 try:
                     new_w, mask = _prune_one(method, w, stats.get(name), pat, sparsity, opts, per_row, name)
                 except UnsupportedShape as e:
@@ -689,7 +686,7 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
 
         if include_lm_head:
             head_rows, head_packed = _prune_head(model, path, layers, h, calib, method, pat, sparsity, opts,
-                                                  per_row, device, keep_masks, kept_masks)
+                                                  per_row, device, keep_masks, kept_masks, inputs.tuple_out)
             rows.extend(head_rows)
             if on_layer is not None and head_packed:
                 on_layer(None, None, head_packed)
@@ -697,8 +694,22 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
         if tmp is not None:
             tmp.cleanup()
         model.train(was_training)
-    info = {"layers_path": path, "num_layers": len(layers), "causal_lm": is_causal_lm(model)}
+    info = {"layers_path": path, "num_layers": len(layers), "causal_lm": is_causal_lm(model),
+            "dense_outside": linears_outside(model, path, {r["name"] for r in rows}),
+            # how much of the model the pruned layers are (embeddings, MoE experts held as 3-D parameters and
+            # other non-Linear weights are not): "50 % sparse" of 12 % of the weights is not a smaller model
+            "pruned_param_fraction": round(sum(math.prod(r["shape"]) for r in rows if r["status"] == "pruned")
+                                           / max(1, sum(p.numel() for p in model.parameters())), 4)}
     return rows, kept_masks, info
+
+
+def linears_outside(model: nn.Module, path: str, named: set) -> list[str]:
+    """Linear layers that pruning leaves alone because they are outside the one repeated stack at `path` (an
+    encoder-decoder's other stack, a pooler, a vision tower), not counting the output projection: the report
+    names them, so that "N pruned" is never read as "the whole model"."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules() if is_linear(m) and m is not head and n not in named
+            and not n.startswith(path + ".")]
 
 
 def _prune_one(method, w, stat, pat, sparsity, opts: Options, per_row, name):
@@ -711,7 +722,7 @@ def _prune_one(method, w, stat, pat, sparsity, opts: Options, per_row, name):
 
 
 def _row(name, m, pat, status, reason) -> dict:
-    w = get_weight(m)
+    w = linear_weight(m)
     return {"name": name, "pattern": str(pat), "format": pat.format if status == "pruned" else "dense",
             "shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."), "status": status,
             "reason": reason, "sparsity": 0.0, "rel_error": 0.0 if status != "pruned" else None,
@@ -741,12 +752,11 @@ def check_head(model: nn.Module, method: str) -> tuple[str, nn.Linear]:
 
 
 def _prune_head(model, path, layers, h, calib, method, pat, sparsity, opts, per_row, device, keep_masks,
-                kept_masks):
+                kept_masks, tuple_out: "tuple | None"):
     """Prune the output projection on the final hidden states (the layers are stubbed out)."""
     name, head = output_projection(model)
     kind = scores.STAT[method]
-    holder: dict = {"tuple": False}
-    fkw = _forward_kwargs(model)
+    holder: dict = {"tuple": tuple_out}
     col = _Collector(kind, head.in_features, device) if kind else None
     rows = []
     with non_layers_on(model, path, layers, device), stubbed(model, path, layers, holder):
@@ -756,7 +766,7 @@ def _prune_head(model, path, layers, h, calib, method, pat, sparsity, opts, per_
                 if col:
                     for s in range(h.shape[0]):
                         holder["inject"] = h[s:s + 1]
-                        model(input_ids=calib.input_ids[s:s + 1].to(device), **fkw)
+                        model(**forward_inputs(model, calib.input_ids[s:s + 1].to(device)))
         finally:
             if hd:
                 hd.remove()
@@ -773,7 +783,7 @@ def _prune_head(model, path, layers, h, calib, method, pat, sparsity, opts, per_
             with torch.no_grad():
                 for s in range(h.shape[0]):
                     holder["inject"] = h[s:s + 1]
-                    model(input_ids=calib.input_ids[s:s + 1].to(device), **fkw)
+                    model(**forward_inputs(model, calib.input_ids[s:s + 1].to(device)))
         finally:
             hd.remove()
         row = _row(name, head, pat, "pruned", "")

@@ -56,19 +56,21 @@ import torch.nn.functional as F
 
 from ..formats import UnsupportedShape
 from ..patterns import Pattern, parse
+from ..runtime.linear import is_linear, linear_weight
 from . import masks as masks_mod
 
 METHODS = ("hard", "soft")
 
 
-def named_linear(model: nn.Module, name: str, error=ValueError, named_in: str = "") -> nn.Linear:
-    """model.get_submodule(name), which must be an nn.Linear; else `error` naming the layer (and where it was
-    named, e.g. " (named in the masks)")."""
+def named_linear(model: nn.Module, name: str, error=ValueError, named_in: str = "",
+                 conv1d: bool = False) -> nn.Module:
+    """model.get_submodule(name), which must be an nn.Linear (or, with conv1d=True, GPT-2's Conv1D); else
+    `error` naming the layer (and where it was named, e.g. " (named in the masks)")."""
     try:
         m = model.get_submodule(name)
     except AttributeError:
         raise error(f"layer {name}{named_in} does not exist in {type(model).__name__}") from None
-    if not isinstance(m, nn.Linear):
+    if not (isinstance(m, nn.Linear) or (conv1d and is_linear(m))):
         raise error(f"layer {name} is a {type(m).__name__}, not an nn.Linear")
     return m
 
@@ -171,10 +173,10 @@ def select_mask(score: torch.Tensor, pat: Pattern, sparsity: float, *, per_row: 
 class _Layer:
     """Movement state of one nn.Linear: its scores, current mask, and the forward it had before."""
 
-    def __init__(self, name: str, linear: nn.Linear, pat: Pattern):
+    def __init__(self, name: str, linear: nn.Module, pat: Pattern):
         self.name = name
         self.linear = linear
-        w = linear.weight
+        w = linear_weight(linear)  # [out, in]; a transposed view for Conv1D
         if pat.kind == "block":
             b = pat.block
             n, k = w.shape
@@ -197,7 +199,7 @@ def _default_layers(model: nn.Module) -> list[str]:
 
     path, layers = find_layers(model)
     return [f"{path}.{i}.{sub}" for i, block in enumerate(layers) for sub, m in block.named_modules()
-            if isinstance(m, nn.Linear)]
+            if is_linear(m)]
 
 
 class MovementPruner:
@@ -235,7 +237,7 @@ class MovementPruner:
         self.layers: dict[str, _Layer] = {}
         self.skipped: dict[str, str] = {}
         for name in names:
-            mod = named_linear(model, name, MovementError)
+            mod = named_linear(model, name, MovementError, conv1d=True)
             try:
                 self.layers[name] = _Layer(name, mod, self.pattern)
             except UnsupportedShape as e:
@@ -279,7 +281,8 @@ class MovementPruner:
         lin = st.linear
 
         def forward(x, _st=st, _lin=lin):
-            return F.linear(x, self._masked_weight(_st, _lin.weight), _lin.bias)
+            # F.linear on the [out, in] weight is also Conv1D's x W + b, so one forward serves both
+            return F.linear(x, self._masked_weight(_st, linear_weight(_lin)), _lin.bias)
 
         # an instance attribute shadows nn.Linear.forward without changing the module's class or state_dict;
         # finalize()/remove() delete it again
@@ -296,7 +299,8 @@ class MovementPruner:
             # broadcast [N/B, 1, K/B, 1] over the blocks instead of expanding the mask to the weight's size
             n, k = w.shape
             b = st.block
-            return (w.view(n // b, b, k // b, b) * m.view(n // b, 1, k // b, 1)).view(n, k)
+            # reshape, not view: a Conv1D's [out, in] weight is a transposed view
+            return (w.reshape(n // b, b, k // b, b) * m.view(n // b, 1, k // b, 1)).reshape(n, k)
         return w * m
 
     # -- the loop
@@ -373,7 +377,7 @@ class MovementPruner:
         out = {}
         with torch.no_grad():
             for name, st in self.layers.items():
-                st.linear.weight.masked_fill_(~st.mask, 0)
+                linear_weight(st.linear).masked_fill_(~st.mask, 0)
                 out[name] = st.mask.cpu()
         self.remove()
         return out

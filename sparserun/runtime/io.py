@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt
 from ..checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, DEFAULT_SHARD_BYTES
-from .linear import SparseLinear, _buffer_shapes
+from .linear import SparseLinear, _buffer_shapes, is_linear, linear_shape
 
 
 # ---- save -----------------------------------------------------------------------------------------------
@@ -207,7 +207,8 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
         except AttributeError:
             raise CheckpointError(f"layer {name} recorded in {ckpt.MANIFEST} does not exist in "
                                   f"{type(model).__name__}") from None
-        if not isinstance(old, (nn.Linear, SparseLinear)) or (old.out_features, old.in_features) != (n, k):
+        # a Conv1D (GPT-2) is replaced too: its packed weight was stored as [out, in] like any other
+        if not (is_linear(old) or isinstance(old, SparseLinear)) or linear_shape(old) != (n, k):
             raise CheckpointError(f"layer {name}: the model has {old!r} there, the checkpoint records a "
                                   f"{n}x{k} linear layer")
         new = SparseLinear(k, n, rec["format"], bias=rec.get("bias") is not None, pattern=rec["pattern"],

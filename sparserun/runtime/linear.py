@@ -16,6 +16,32 @@ from ..formats import Packed
 from ..patterns import parse
 
 
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except Exception:  # transformers without Conv1D: nothing to match
+        return ()
+
+
+def is_linear(m: nn.Module) -> bool:
+    """An nn.Linear, or a GPT-2-style Conv1D (y = x W + b with W stored [in, out]): the same matmul, so a
+    SparseLinear replaces either."""
+    return isinstance(m, nn.Linear) or (bool(_conv1d_type()) and isinstance(m, _conv1d_type()))
+
+
+def linear_weight(m: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of an is_linear module (Conv1D's [in, out] weight as a transposed view)."""
+    return m.weight if isinstance(m, nn.Linear) else m.weight.t()
+
+
+def linear_shape(m: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an is_linear module or a SparseLinear."""
+    if isinstance(m, (nn.Linear, SparseLinear)):
+        return (m.out_features, m.in_features)
+    return tuple(linear_weight(m).shape)
+
+
 def _buffer_shapes(fmt: str, n: int, k: int, block: int | None, nnz: int | None) -> dict:
     """role -> (shape, dtype or None for the weight dtype) of each packed buffer."""
     if fmt == "semi24":
@@ -69,9 +95,10 @@ class SparseLinear(nn.Module):
         return mod
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor, pattern, name: str = "weight"):
-        """Pack `linear.weight` under `mask` (raises formats.UnsupportedShape / PatternViolation)."""
-        p = formats.pack(linear.weight.detach(), mask, pattern, name=name)
+    def from_linear(cls, linear: nn.Module, mask: torch.Tensor, pattern, name: str = "weight"):
+        """Pack the [out, in] weight of `linear` (nn.Linear or Conv1D) under `mask` (raises
+        formats.UnsupportedShape / PatternViolation)."""
+        p = formats.pack(linear_weight(linear).detach(), mask, pattern, name=name)
         return cls.from_packed(p, linear.bias)
 
     # ---- views ---------------------------------------------------------------------------------
@@ -90,6 +117,23 @@ class SparseLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The dense weight (a fresh tensor; for references, fallbacks and export)."""
         return formats.unpack(self.packed())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense [out, in] weight, decompressed anew on every access (writing to it changes nothing).
+
+        Not a parameter: it exists so that model code which inspects a Linear's weight keeps working after the
+        swap (T5 reads `wo.weight.dtype` in every forward). Each access costs a full decompression, hence the
+        warning; sparserun itself never reads it."""
+        if not SparseLinear._weight_warned:
+            SparseLinear._weight_warned = True
+            import warnings
+
+            warnings.warn("SparseLinear.weight was read: it decompresses the dense weight on every access "
+                          "(slow; model code that only needs its dtype/device can use .values)", stacklevel=2)
+        return self.dense_weight()
+
+    _weight_warned = False  # class-wide: one warning per process, not one per layer
 
     def weight_mask(self) -> torch.Tensor:
         return formats.mask(self.packed())

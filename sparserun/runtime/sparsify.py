@@ -1,4 +1,4 @@
-"""sparsify_: swap a model's nn.Linear layers for SparseLinear, in place.
+"""sparsify_: swap a model's nn.Linear layers (and GPT-2-style Conv1D) for SparseLinear, in place.
 
 The mask of each layer is explicit, never `weight != 0` (a kept weight may be 0.0):
 
@@ -25,7 +25,7 @@ import torch.nn as nn
 from .. import formats
 from ..formats.common import check_weight
 from ..patterns import Pattern, parse
-from .linear import SparseLinear
+from .linear import SparseLinear, is_linear, linear_shape, linear_weight
 
 
 @dataclass
@@ -126,11 +126,12 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
             if p is not None:
                 param_owners.setdefault(id(p), {}).setdefault(id(mod), f"{mname}.{pname}" if mname else pname)
 
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    # nn.Linear and GPT-2's Conv1D (the same matmul with the weight stored transposed)
+    linears = [(n, m) for n, m in model.named_modules() if is_linear(m) and n]
     if masks is not None:
         unknown = sorted(set(masks) - {n for n, _ in linears})
         if unknown:
-            raise ValueError(f"masks given for layers that are not nn.Linear modules of the model: "
+            raise ValueError(f"masks given for layers that are not nn.Linear (or Conv1D) modules of the model: "
                              f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
 
     report = SparsifyReport()
@@ -138,7 +139,7 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
     bar = tqdm(linears, desc=f"sparsify {pat}", unit="layer", leave=False,
                disable=None if progress is None else not progress)
     for name, lin in bar:
-        shape = tuple(lin.weight.shape)
+        shape = linear_shape(lin)
         if not filter_fn(lin, name):
             report.append(LayerAction(name, "skipped", "filter_fn excluded it", shape))
             continue
@@ -151,11 +152,12 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
                                       shape))
             continue
         try:
-            check_weight(lin.weight.detach(), name)
+            weight = linear_weight(lin)
+            check_weight(weight.detach(), name)
             if masks is not None:
-                mask = masks[name].to(lin.weight.device)
+                mask = masks[name].to(weight.device)
             else:
-                mask = magnitude_mask(lin.weight, pat, sparsity, name)
+                mask = magnitude_mask(weight, pat, sparsity, name)
             new = SparseLinear.from_linear(lin, mask, pat, name=name)
         except formats.UnsupportedShape as e:
             report.append(LayerAction(name, "dense", str(e), shape))

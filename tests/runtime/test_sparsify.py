@@ -111,7 +111,7 @@ def test_mask_violation_names_layer_row_col(gen):
     mask = torch.ones(64, 32, dtype=torch.bool)
     with pytest.raises(PatternViolation, match=r"blocks\.0: 2:4 pattern violated at row 0, columns 0\.\.3"):
         sparserun.sparsify_(model, "2:4", masks={"blocks.0": mask})
-    with pytest.raises(ValueError, match="not nn.Linear modules of the model: blocks.9"):
+    with pytest.raises(ValueError, match=r"not nn.Linear \(or Conv1D\) modules of the model: blocks.9"):
         sparserun.sparsify_(model, "2:4", masks={"blocks.9": mask})
 
 

@@ -1,0 +1,178 @@
+"""Model families beyond Llama and BERT through convert -> load -> run.
+
+Each family breaks one assumption the Llama path does not test: GPT-2 stores its Linear weights transposed
+(Conv1D), Falcon's layers return tuples, GPT-NeoX is saved under older tensor names that transformers renames
+at load time, T5 is an encoder-decoder whose blocks return position biases and whose code reads
+`wo.weight`, and Mixtral's experts are merged from per-expert tensors at load time.
+"""
+import warnings
+
+import pytest
+import torch
+
+import sparserun
+from sparserun import convert as cv
+
+from .prune._models import make_tokenizer, one_cpu_thread  # noqa: F401 (autouse fixture)
+
+H, I = 64, 128
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def save_dir(path, model, tok):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def causal(tok, family: str):
+    import transformers as T
+
+    v = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
+    cfg = {
+        "gpt2": lambda: T.GPT2Config(n_embd=H, n_layer=2, n_head=4, n_positions=128, initializer_range=0.2, **v),
+        "falcon": lambda: T.FalconConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                                         tie_word_embeddings=False, initializer_range=0.2, **v),
+        "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=2,
+                                            num_attention_heads=4, max_position_embeddings=128,
+                                            initializer_range=0.2, **v),
+    }[family]()
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("family,method,pattern,sparsity,lm_head", [
+    ("gpt2", "wanda", "2:4", None, False),          # Conv1D layers, packed as [out, in]
+    ("falcon", "taylor", "32x32", 0.5, False),      # tuple-returning layers: gradients through the stubs
+    ("falcon", "wanda", "2:4", None, True),         # ... and the LM head pruned behind the stubs
+    ("gpt_neox", "sparsegpt", "2:4", None, False),  # embed_out on disk, lm_head in the model
+])
+def test_causal_family_convert_load_same_tokens(tmp_path, tok, family, method, pattern, sparsity, lm_head):
+    import transformers as T
+
+    src = save_dir(tmp_path / "src", causal(tok, family), tok)
+    out = tmp_path / "out"
+    rep = cv.convert(src, out, method, pattern, sparsity, nsamples=4, seqlen=32, progress=False,
+                     include_lm_head=lm_head)
+    assert rep.totals()["pruned"] == 8 + lm_head, rep.table()  # 2 layers x 4 projections (+ the head)
+    assert rep.info["dense_outside"] == []
+    model = sparserun.load(out)
+    ref = T.AutoModelForCausalLM.from_pretrained(src).eval()
+    ref_rep = sparserun.prune(ref, method, pattern, sparsity, tokenizer=tok, nsamples=4, seqlen=32,
+                              include_lm_head=lm_head, progress=False)
+    assert sorted(ref_rep.masks) == sorted(r["name"] for r in rep.pruned)
+    for name in ref_rep.masks:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, sparserun.SparseLinear), name
+        want = ref.get_submodule(name).weight.detach()
+        want = want if isinstance(ref.get_submodule(name), torch.nn.Linear) else want.t()  # Conv1D: [in, out]
+        assert torch.equal(layer.dense_weight(), want), name
+    ids = tok("The keeper wrote in the ledger", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        want = ref.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_gpt2_sparsify_save_load_is_exact(tmp_path, tok):
+    """sparsify_ swaps Conv1D too (y = x W + b with W stored [in, out] is y = x Wpᵀ + b with Wp = Wᵀ)."""
+    import copy
+
+    model = causal(tok, "gpt2")
+    ref = copy.deepcopy(model)
+    report = sparserun.sparsify_(model, "32x32", sparsity=0.5)
+    assert len(report.sparsified) == 8 and report.sparsified[0].shape == (3 * H, H)  # c_attn: out 192, in 64
+    with torch.no_grad():
+        for a in report.sparsified:
+            ref.get_submodule(a.name).weight.copy_(model.get_submodule(a.name).dense_weight().t())
+    sparserun.save(model, tmp_path / "packed")
+    back = sparserun.load(tmp_path / "packed")
+    ids = torch.randint(3, len(tok), (2, 11))
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert torch.equal(model(ids).logits, want)
+        assert torch.equal(back(ids).logits, want)
+
+
+def test_t5_decoder_pruned_encoder_reported_and_weight_readable(tmp_path, tok):
+    import transformers as T
+
+    cfg = T.T5Config(d_model=H, d_ff=I, d_kv=16, num_layers=2, num_heads=4, vocab_size=len(tok),
+                     pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    src = save_dir(tmp_path / "src", T.T5ForConditionalGeneration(cfg).eval(), tok)
+    out = tmp_path / "out"
+    rep = cv.convert(src, out, "wanda", "2:4", nsamples=2, seqlen=32, progress=False)
+    assert rep.info["layers_path"] == "decoder.block" and rep.totals()["pruned"] == 2 * 10
+    assert len(rep.info["dense_outside"]) == 2 * 6  # the encoder's q, k, v, o, wi, wo stay dense ...
+    assert "not pruned: 12 Linear layer(s) outside decoder.block" in rep.table()  # ... and the table says so
+    model = sparserun.load(out)
+    wo = model.decoder.block[0].layer[2].DenseReluDense.wo
+    assert isinstance(wo, sparserun.SparseLinear)
+    sparserun.SparseLinear._weight_warned = False
+    with pytest.warns(UserWarning, match="decompresses the dense weight"):
+        w = wo.weight  # T5's feed-forward reads wo.weight.dtype in every forward
+    assert torch.equal(w, wo.dense_weight())
+    ids = tok("The keeper wrote in the ledger", return_tensors="pt")["input_ids"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape[0] == 1 and gen.shape[1] >= 2
+
+
+def test_mixtral_convert_error_names_the_way_out(tmp_path, tok):
+    """transformers merges Mixtral's per-expert tensors at load time; convert streams safetensors as stored and
+    says so, with the in-memory route (sparserun.prune + save), before reading any weight."""
+    import transformers as T
+
+    cfg = T.MixtralConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
+                          max_position_embeddings=64, vocab_size=len(tok))
+    torch.manual_seed(0)
+    src = save_dir(tmp_path / "src", T.MixtralForCausalLM(cfg).eval(), tok)
+    from safetensors import safe_open
+
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        if any(k.endswith("experts.gate_up_proj") for k in f.keys()):
+            pytest.skip("this transformers saves the merged expert layout itself")
+    with pytest.raises(cv.ConvertError, match=r"experts.*sparserun.prune \+ sparserun.save"):
+        cv.convert(src, tmp_path / "out", "magnitude", "2:4", nsamples=2, seqlen=32, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pattern,schedule", [("2:4", None), ("32x32", 0.5)])
+def test_gpt2_movement_pruning_masks_conv1d_as_out_in(tok, pattern, schedule):
+    """Movement pruning finds GPT-2's Conv1D layers; its masked forward is the Conv1D's x W + b with W's
+    pruned entries zeroed, and finalize() zeroes them in the [in, out] storage."""
+    import copy
+
+    from sparserun.prune.movement import MovementPruner
+
+    model = causal(tok, "gpt2")
+    kw = {"schedule": schedule} if schedule else {}
+    mp = MovementPruner(model, pattern, total_steps=4, warmup_steps=0, update_interval=1, cooldown_steps=1, **kw)
+    assert len(mp.layers) == 8 and "transformer.h.0.attn.c_attn" in mp.layers
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    ids = torch.randint(3, len(tok), (2, 16))
+    for _ in range(4):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mp.step()
+    masks = mp.masks()
+    assert masks["transformer.h.0.attn.c_attn"].shape == (3 * H, H)
+    ref = copy.deepcopy(model)
+    for name, mask in masks.items():
+        ref.get_submodule(name).__dict__.pop("forward", None)
+        with torch.no_grad():
+            ref.get_submodule(name).weight.t()[~mask] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+    final = mp.finalize()
+    c_fc = model.transformer.h[1].mlp.c_fc
+    assert (c_fc.weight.t()[~final["transformer.h.1.mlp.c_fc"]] == 0).all()
+    assert len(sparserun.sparsify_(model, pattern, masks=final).sparsified) == 8
