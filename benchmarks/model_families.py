@@ -5,7 +5,7 @@ inspect`, `sparserun.load`, a forward pass, and for causal LMs greedy generation
 with the same pruning done in memory (`sparserun.prune` on the model from `from_pretrained`). Writes
 benchmarks/results/model_families.json and prints one line per cell.
 
-    python benchmarks/model_families.py [family ...]     # ~8 min for all on a 2-core CPU machine
+    python benchmarks/model_families.py [family ...]     # ~25 min for all on a 2-core CPU machine
 """
 from __future__ import annotations
 
