@@ -125,10 +125,15 @@ def cosine(model: nn.Module, other: nn.Module, ids: torch.Tensor, device="cpu", 
 
 def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsamples: int | None = None,
              device="cpu", dtype=None) -> dict:
-    """Perplexity of DIR (causal LMs) and, with `against`, cosine similarity of outputs to that model."""
-    from .convert import resolve_dtype
+    """Perplexity of DIR (causal LMs) and, with `against`, cosine similarity of outputs to that model.
+    dtype: default float32 on the CPU (16-bit matmuls are several times slower there, and less exact), else
+    each model's own."""
+    from .convert import resolve_dtype, resolve_device
 
     dtype = resolve_dtype(dtype, EvalError)
+    device = resolve_device(device, EvalError)
+    if dtype is None and device.type == "cpu":
+        dtype = torch.float32
     text = calibrate.read_text(text_file, what="evaluation text")
     model = load_model(path, device, dtype)
     tok = load_tokenizer(path, against)
@@ -161,7 +166,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default min(512, model limit))")
     p.add_argument("--nsamples", type=int, default=None, help="at most this many windows (default: all)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
+                   help="default: float32 on the CPU, each model's own dtype on a GPU")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_run)
 

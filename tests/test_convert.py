@@ -1,6 +1,7 @@
 """sparserun convert: streaming HF dir -> packed dir; load it back and check it is the pruned model."""
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -145,6 +146,7 @@ def test_cli_convert_prints_table_and_inspect_reads_it(tmp_path, llama_src):
      "calibration file not found: /nonexistent/calib.txt"),
     (["--method", "wanda", "--pattern", "2:4", "--skip", "(("], "--skip '\\(\\(' is not a valid regular"),
     (["--method", "wanda", "--pattern", "2:4", "--device", "cuda:0"], None),
+    (["--method", "wanda", "--pattern", "2:4", "--device", "gpu"], "unknown device 'gpu'; use cpu, cuda or cuda:N"),
 ])
 def test_cli_bad_input(tmp_path, llama_src, args, msg):
     if msg is None:  # --device cuda: an error on a CPU-only machine; runs on a GPU one
@@ -265,6 +267,34 @@ def test_pre_tokenised_calibration_without_tokenizer(tmp_path, llama_src):
     ids = torch.randint(3, 300, (3, 24))
     rep = cv.convert(src, tmp_path / "out", "wanda", "2:4", calib=ids, progress=False)
     assert rep.calib["source"].startswith("pre-tokenised") and (tmp_path / "out" / "report.json").is_file()
+
+
+@pytest.mark.parametrize("method,pattern,sparsity", [("sparsegpt", "2:4", None), ("wanda", "32x32", 0.5)])
+def test_16bit_source_on_cpu_is_processed_in_fp32_and_stored_16bit(tmp_path, method, pattern, sparsity):
+    """CPU 16-bit matmuls are several times slower than fp32 ones, so a bf16 model is pruned in fp32 on the CPU;
+    the checkpoint is still bf16, holds the fp32 pruning's weights rounded once, and reports bf16 bytes."""
+    from transformers import LlamaForCausalLM
+
+    from .prune._models import make_llama, make_tokenizer
+
+    tok = make_tokenizer()
+    src = tmp_path / "src"
+    make_llama(tok, layers=2).to(torch.bfloat16).save_pretrained(src)
+    tok.save_pretrained(src)
+    assert cv.SourceTensors(src).floating_dtype() == torch.bfloat16
+    rep = cv.convert(src, tmp_path / "out", method, pattern, sparsity, nsamples=4, seqlen=48, progress=False)
+    assert rep.info["compute_dtype"] == "float32" and rep.info["dtype"] == "bfloat16"
+    model = sparserun.load(tmp_path / "out")
+    ref = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ref_rep = sparserun.prune(ref, method, pattern, sparsity, tokenizer=tok, nsamples=4, seqlen=48,
+                              progress=False)
+    assert [r["rel_error"] for r in rep.rows] == [r["rel_error"] for r in ref_rep.rows]
+    for r in rep.rows:
+        layer = model.get_submodule(r["name"])
+        assert layer.values.dtype == torch.bfloat16 and r["dtype"] == "bfloat16"
+        assert torch.equal(layer.dense_weight(), ref.get_submodule(r["name"]).weight.detach().bfloat16())
+        assert r["bytes_before"] == 2 * math.prod(r["shape"]) and r["bytes_after"] == layer.packed().nbytes()
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def _peak_rss_kib(src: Path, out: Path) -> int:

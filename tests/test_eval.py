@@ -68,3 +68,21 @@ def test_eval_errors(tmp_path, dirs):
     assert rc == 1 and f"evaluation text file not found: {tmp_path / 'missing.txt'}" in out
     rc, out = run_cli("eval", tmp_path / "nowhere", "--text", text)
     assert rc == 1 and "model directory not found" in out
+    rc, out = run_cli("eval", packed, "--text", text, "--device", "gpu0")
+    assert rc == 1 and "unknown device 'gpu0'; use cpu, cuda or cuda:N" in out
+
+
+def test_cpu_default_dtype_is_float32(tmp_path, dirs):
+    """On the CPU a 16-bit checkpoint is evaluated in float32 unless --dtype says otherwise (CPU 16-bit matmuls
+    are several times slower and less exact); the numbers then equal those of the fp32 checkpoint of the
+    same (bf16-rounded) weights."""
+    src, packed, text = dirs
+    from sparserun.runtime.io import load, save
+
+    half = tmp_path / "bf16"
+    save(load(packed, dtype=torch.bfloat16), half, source_dir=packed)
+    rounded = tmp_path / "rounded"
+    save(load(half, dtype=torch.float32), rounded, source_dir=packed)
+    assert ev.evaluate(half, text, seqlen=32)["perplexity"] == ev.evaluate(rounded, text, seqlen=32)["perplexity"]
+    in_bf16 = ev.evaluate(half, text, seqlen=32, dtype="bfloat16")["perplexity"]
+    assert in_bf16 != ev.evaluate(half, text, seqlen=32)["perplexity"]

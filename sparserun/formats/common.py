@@ -41,9 +41,11 @@ class Packed:
     def dense_nbytes(self) -> int:
         return self.shape[0] * self.shape[1] * torch.empty((), dtype=self.dtype).element_size()
 
-    def to(self, device=None) -> "Packed":
-        return Packed(self.format, self.shape, {k: v.to(device) for k, v in self.tensors.items()},
-                      dict(self.meta))
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Packed":
+        """On `device`, with the floating tensors (the values) cast to `dtype`; index tensors keep theirs."""
+        return Packed(self.format, self.shape,
+                      {k: v.to(device, dtype if dtype is not None and v.is_floating_point() else v.dtype)
+                       for k, v in self.tensors.items()}, dict(self.meta))
 
 
 def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
