@@ -5,7 +5,8 @@ inspect`, `sparserun.load`, a forward pass, and for causal LMs greedy generation
 with the same pruning done in memory (`sparserun.prune` on the model from `from_pretrained`). Writes
 benchmarks/results/model_families.json and prints one line per cell.
 
-    python benchmarks/model_families.py [family ...]     # ~25 min for all on a 2-core CPU machine
+    python benchmarks/model_families.py [family ...]     # ~40 min for all on a 2-core CPU machine
+                                                         # (with families: only their cells are replaced)
 """
 from __future__ import annotations
 
@@ -55,9 +56,30 @@ def families(vocab: int):
         "falcon": (T.FalconConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=4, **c), causal),
         "bloom": (T.BloomConfig(hidden_size=H, n_layer=2, n_head=4, **c), causal),
         "mixtral": (T.MixtralConfig(**gqa, num_local_experts=4, num_experts_per_tok=2, **c), causal),
+        "qwen2_moe": (T.Qwen2MoeConfig(**gqa, moe_intermediate_size=64, shared_expert_intermediate_size=I,
+                                       num_experts=4, num_experts_per_tok=2, **c), causal),
+        "gemma3_text": (T.Gemma3TextConfig(**gqa, head_dim=16, **c), causal),
+        "olmo2": (T.Olmo2Config(**gqa, **c), causal),
+        "granite": (T.GraniteConfig(**gqa, **c), causal),
+        "stablelm": (T.StableLmConfig(**gqa, **c), causal),
+        "smollm3": (T.SmolLM3Config(**gqa, **c), causal),
+        "cohere": (T.CohereConfig(**gqa, **c), causal),
+        "gptj": (T.GPTJConfig(n_embd=H, n_layer=2, n_head=4, n_positions=128, rotary_dim=8, vocab_size=vocab,
+                              bos_token_id=1, eos_token_id=2), causal),
+        "codegen": (T.CodeGenConfig(n_embd=H, n_layer=2, n_head=4, n_positions=128, rotary_dim=8, vocab_size=vocab,
+                                    bos_token_id=1, eos_token_id=2), causal),
+        "mpt": (T.MptConfig(d_model=H, n_layers=2, n_heads=4, max_seq_len=128, vocab_size=vocab), causal),
+        "xglm": (T.XGLMConfig(d_model=H, ffn_dim=I, num_layers=2, attention_heads=4, max_position_embeddings=128,
+                              **c), causal),
+        "biogpt": (T.BioGptConfig(**att, **c), causal),
         "bert": (T.BertConfig(**att, vocab_size=vocab, pad_token_id=0), base),
         "roberta": (T.RobertaConfig(**dict(att, max_position_embeddings=130), vocab_size=vocab, pad_token_id=0),
                     base),
+        "electra": (T.ElectraConfig(**att, embedding_size=H, vocab_size=vocab, pad_token_id=0), base),
+        "deberta_v2": (T.DebertaV2Config(**att, vocab_size=vocab, pad_token_id=0), base),
+        "mpnet": (T.MPNetConfig(**dict(att, max_position_embeddings=130), vocab_size=vocab, pad_token_id=0), base),
+        "modernbert": (T.ModernBertConfig(**att, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                          cls_token_id=1, sep_token_id=2), base),
         "distilbert": (T.DistilBertConfig(dim=H, hidden_dim=I, n_layers=2, n_heads=4, max_position_embeddings=128,
                                           vocab_size=vocab, pad_token_id=0), base),
         "t5": (T.T5Config(d_model=H, d_ff=I, d_kv=16, num_layers=2, num_heads=4, vocab_size=vocab, pad_token_id=0,
@@ -127,10 +149,12 @@ def main(argv: list[str]) -> int:
                 print(f"{key:32s} {cell['status']:14s} " + " ".join(f"{k}={v}" for k, v in cell.items()
                                                                       if k not in ("status",)), flush=True)
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
-    if not argv:
-        path = ROOT / "benchmarks" / "results" / "model_families.json"
-        path.write_text(json.dumps({"environment": env, "cells": results}, indent=1) + "\n")
-        print(f"wrote {path}")
+    path = ROOT / "benchmarks" / "results" / "model_families.json"
+    if argv and path.is_file():  # some families: replace their cells in the last full run's file
+        old = json.loads(path.read_text())
+        results = {**{k: v for k, v in old["cells"].items() if k.split("/")[0] not in names}, **results}
+    path.write_text(json.dumps({"environment": env, "cells": results}, indent=1) + "\n")
+    print(f"wrote {path}")
     return 0
 
 
