@@ -97,10 +97,17 @@ def last_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return calibrate._model_output(out)
 
 
+def _bar(n: int, desc: str, progress: bool | None):
+    """range(n) with a progress bar (progress=None: only on a terminal, tqdm's disable=None)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(n), desc=desc, unit="window", leave=False, disable=None if progress is None else not progress)
+
+
 @torch.no_grad()
-def perplexity(model: nn.Module, ids: torch.Tensor, device="cpu") -> float:
+def perplexity(model: nn.Module, ids: torch.Tensor, device="cpu", progress: bool | None = False) -> float:
     nll, count = 0.0, 0
-    for s in range(ids.shape[0]):
+    for s in _bar(ids.shape[0], "perplexity", progress):
         x = ids[s:s + 1].to(device)
         logits = model(**calibrate.forward_inputs(model, x)).logits.float()
         nll += float(F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
@@ -109,10 +116,11 @@ def perplexity(model: nn.Module, ids: torch.Tensor, device="cpu") -> float:
 
 
 @torch.no_grad()
-def cosine(model: nn.Module, other: nn.Module, ids: torch.Tensor, device="cpu", other_device=None) -> float:
+def cosine(model: nn.Module, other: nn.Module, ids: torch.Tensor, device="cpu", other_device=None,
+           progress: bool | None = False) -> float:
     """Mean over tokens and windows of cos(h_model, h_other) of the last hidden states."""
     total, count = 0.0, 0
-    for s in range(ids.shape[0]):
+    for s in _bar(ids.shape[0], "cosine", progress):
         a = last_hidden(model, ids[s:s + 1].to(device)).float()
         b = last_hidden(other, ids[s:s + 1].to(other_device or device)).float().to(a.device)
         if a.shape != b.shape:
@@ -124,10 +132,10 @@ def cosine(model: nn.Module, other: nn.Module, ids: torch.Tensor, device="cpu", 
 
 
 def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsamples: int | None = None,
-             device="cpu", dtype=None) -> dict:
+             device="cpu", dtype=None, progress: bool | None = None) -> dict:
     """Perplexity of DIR (causal LMs) and, with `against`, cosine similarity of outputs to that model.
     dtype: default float32 on the CPU (16-bit matmuls are several times slower there, and less exact), else
-    each model's own."""
+    each model's own. progress: bars over the windows (None: only on a terminal)."""
     from .convert import resolve_dtype, resolve_device
 
     dtype = resolve_dtype(dtype, EvalError)
@@ -144,13 +152,13 @@ def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsampl
     result = {"model": str(path), "text": str(text_file), "windows": ids.shape[0], "seqlen": ids.shape[1],
               "tokens": int(ids.numel()), "causal_lm": calibrate.is_causal_lm(model)}
     if result["causal_lm"]:
-        result["perplexity"] = perplexity(model, ids, device)
+        result["perplexity"] = perplexity(model, ids, device, progress)
     if against is not None:
         ref = load_model(against, device, dtype)
         result["against"] = str(against)
-        result["cosine"] = cosine(model, ref, ids, device)
+        result["cosine"] = cosine(model, ref, ids, device, progress=progress)
         if calibrate.is_causal_lm(ref):
-            result["against_perplexity"] = perplexity(ref, ids, device)
+            result["against_perplexity"] = perplexity(ref, ids, device, progress)
     return result
 
 
@@ -169,12 +177,13 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
                    help="default: float32 on the CPU, each model's own dtype on a GPU")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     r = evaluate(args.dir, args.text, args.against, seqlen=args.seqlen, nsamples=args.nsamples,
-                 device=args.device, dtype=args.dtype)
+                 device=args.device, dtype=args.dtype, progress=False if args.quiet else None)
     if args.json:
         print(json.dumps(r, indent=1))
         return 0
