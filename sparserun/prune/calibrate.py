@@ -262,43 +262,122 @@ class _Stop(Exception):
 
 @dataclass
 class LayerInputs:
-    """The hidden states entering a layer ([n, T, H], on the compute device) and the other arguments the
-    model passes to every layer (captured once: all windows have the same length and an all-ones mask)."""
+    """The hidden states entering layer 0 ([n, T, H], on the compute device) and the other arguments the model
+    passes to each layer for each window.
+
+    Layers need not all get the same arguments: Gemma 2/3, ModernBERT, Qwen with sliding windows and others
+    hand each layer the mask and rotary table of its attention type (local or global), and T5 passes the
+    position bias its first block computes to the blocks after it. Nor need windows: an encoder-decoder's
+    decoder layers get each window's own encoder output. `calls[s][i]` is what layer i received for window
+    s (layer 0 from capture_inputs, the others from record_layer_args); a layer missing there gets layer 0's.
+    An argument equal to window 0's is stored once (the same object), so only what really differs costs memory.
+    """
 
     hidden: torch.Tensor
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
+    calls: list = field(default_factory=list)  # per window: {layer index: (args, kwargs)}
     # What the layers return besides the hidden states: None for a bare tensor, else the rest of the tuple
     # (() for Falcon/Bloom, T5's position biases). The stubs that stand in for the layers while the head runs
     # must return the same structure, or the model indexes into the hidden states or fails to unpack.
     tuple_out: "tuple | None" = None
 
-    def run(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        out = layer(x, *self.args, **self.kwargs)
+    def run(self, layer: nn.Module, x: torch.Tensor, i: int = 0, s: int = 0) -> torch.Tensor:
+        """Layer i (of the repeated stack) on window s's hidden states x ([1, T, H])."""
+        c = self.calls[s]
+        args, kwargs = c.get(i) or c[0]
+        out = layer(x, *args, **kwargs)
         self.tuple_out = tuple(out[1:]) if isinstance(out, (tuple, list)) else None
         return _layer_out(out)
+
+
+def _split_layer_call(args: tuple, kwargs: dict) -> tuple:
+    """(hidden states, other positional args, other keyword args) of a call to a layer."""
+    kwargs = dict(kwargs)
+    if args:
+        return args[0], tuple(args[1:]), kwargs
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _share(new, old):
+    """`new`, with every part equal to the matching part of `old` replaced by `old`'s object (tensors by
+    value), so that arguments repeated across windows are held once."""
+    if isinstance(new, torch.Tensor):
+        same = (isinstance(old, torch.Tensor) and new.shape == old.shape and new.dtype == old.dtype
+                and new.device == old.device and torch.equal(new, old))
+        return old if same else new
+    if isinstance(new, (tuple, list)) and isinstance(old, (tuple, list)) and len(new) == len(old):
+        return type(new)(_share(a, b) for a, b in zip(new, old))
+    if isinstance(new, dict) and isinstance(old, dict):
+        return {k: _share(v, old[k]) if k in old else v for k, v in new.items()}
+    return new
+
+
+def _record(calls: list, s: int, i: int, args: tuple, kwargs: dict) -> None:
+    while len(calls) <= s:
+        calls.append({})
+    if s > 0 and i in calls[0]:
+        args, kwargs = _share((args, kwargs), calls[0][i])
+    calls[s][i] = (args, kwargs)
+
+
+@torch.no_grad()
+def record_layer_args(model: nn.Module, path: str, layers: nn.ModuleList, store, inputs: LayerInputs,
+                      input_ids: torch.Tensor, device) -> None:
+    """Record what layers 1.. receive, per window, into inputs.calls: run layer 0 for real on one window (to
+    learn what the layers return), then run the model on each window with every layer replaced by a stub
+    that records its arguments and passes the hidden states on in the layers' own output structure. Only what
+    surrounds the layers runs (embeddings, masks, rotary tables, an encoder); the stub after the last layer
+    stops the forward before the head."""
+    if len(layers) < 2:
+        return
+    layer = store.load(0, device)
+    try:
+        inputs.run(layer, inputs.hidden[:1])
+    finally:
+        store.unload(0)
+    holder: dict = {"tuple": inputs.tuple_out}
+    window = {"s": 0}
+
+    def hook(module, args, kwargs):
+        i = index[id(module)]
+        if i > 0:
+            _, rest, kw = _split_layer_call(args, kwargs)
+            _record(inputs.calls, window["s"], i, rest, kw)
+        if i == len(layers) - 1:
+            raise _Stop
+
+    with stubbed(model, path, layers, holder):
+        stubs = model.get_submodule(path)
+        index = {id(st): i for i, st in enumerate(stubs)}
+        handles = [st.register_forward_pre_hook(hook, with_kwargs=True) for st in stubs]
+        try:
+            for s in range(input_ids.shape[0]):
+                window["s"] = s
+                try:
+                    model(**forward_inputs(model, input_ids[s:s + 1].to(device)))
+                except _Stop:
+                    pass
+        finally:
+            for hd in handles:
+                hd.remove()
 
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, device) -> LayerInputs:
     """Run the model up to layer 0 for every window and record what layer 0 receives."""
     rec: dict = {}
+    calls: list = []
 
     def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        if args:
-            h, rest = args[0], tuple(args[1:])
-        else:
-            h, rest = kwargs.pop("hidden_states"), ()
+        h, rest, kwargs = _split_layer_call(args, kwargs)
         rec["h"] = h
-        if "kwargs" not in rec:
-            rec["args"], rec["kwargs"] = rest, kwargs
+        _record(calls, rec["s"], 0, rest, kwargs)
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     hidden = None
     try:
         for s in range(input_ids.shape[0]):
+            rec["s"] = s
             try:
                 model(**forward_inputs(model, input_ids[s:s + 1].to(device)))
             except _Stop:
@@ -311,7 +390,7 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Ten
             hidden[s] = h[0]
     finally:
         handle.remove()
-    return LayerInputs(hidden, rec["args"], rec["kwargs"])
+    return LayerInputs(hidden, calls)
 
 
 class _Stub(nn.Module):
@@ -451,7 +530,7 @@ def gradient_stats(model, path, layers, store, inputs: LayerInputs, input_ids, d
             layer = store.load(i, device)
             out = torch.empty_like(h)
             for s in range(n):
-                out[s:s + 1] = inputs.run(layer, h[s:s + 1])
+                out[s:s + 1] = inputs.run(layer, h[s:s + 1], i, s)
             store.unload(i)
             h = out
     # gradient of each window's loss w.r.t. the last layer's output, through the final norm / head
@@ -485,7 +564,7 @@ def gradient_stats(model, path, layers, store, inputs: LayerInputs, input_ids, d
         with torch.enable_grad():
             for s in range(n):
                 x = act[s:s + 1].detach().clone().requires_grad_(True)
-                out = inputs.run(layer, x)
+                out = inputs.run(layer, x, i, s)
                 grads = torch.autograd.grad(out, [x] + [mods[k].weight for k in names],
                                             grad_outputs=gout[s:s + 1].to(out.dtype), allow_unused=True)
                 gout[s:s + 1] = grads[0].float()
@@ -614,6 +693,7 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
     try:
         with non_layers_on(model, path, layers, device):
             inputs = capture_inputs(model, layers, calib.input_ids, device)
+            record_layer_args(model, path, layers, store, inputs, calib.input_ids, device)
             spill = None
             if stat_kind == "grad":
                 if spill_dir is not None:
@@ -635,7 +715,7 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
                 try:
                     with torch.no_grad():
                         for s in range(n):
-                            inputs.run(layer, h[s:s + 1])
+                            inputs.run(layer, h[s:s + 1], i, s)
                 finally:
                     for hd in handles:
                         hd.remove()
@@ -671,7 +751,7 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
             try:
                 with torch.no_grad():
                     for s in range(n):  # pruned outputs become the next layer's inputs, in place
-                        h[s:s + 1] = inputs.run(layer, h[s:s + 1])
+                        h[s:s + 1] = inputs.run(layer, h[s:s + 1], i, s)
             finally:
                 for hd in handles:
                     hd.remove()
