@@ -311,7 +311,17 @@ def _share(new, old):
     return new
 
 
+def _forward_until_stop(model: nn.Module, ids: torch.Tensor) -> bool:
+    """Run `model` on one window; True if a layer hook ended the forward early (raised _Stop)."""
+    try:
+        model(**forward_inputs(model, ids))
+    except _Stop:
+        return True
+    return False
+
+
 def _record(calls: list, s: int, i: int, args: tuple, kwargs: dict) -> None:
+    """calls[s][i] = (args, kwargs), sharing what equals window 0's arguments for the same layer."""
     while len(calls) <= s:
         calls.append({})
     if s > 0 and i in calls[0]:
@@ -352,10 +362,7 @@ def record_layer_args(model: nn.Module, path: str, layers: nn.ModuleList, store,
         try:
             for s in range(input_ids.shape[0]):
                 window["s"] = s
-                try:
-                    model(**forward_inputs(model, input_ids[s:s + 1].to(device)))
-                except _Stop:
-                    pass
+                _forward_until_stop(model, input_ids[s:s + 1].to(device))
         finally:
             for hd in handles:
                 hd.remove()
@@ -378,11 +385,7 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Ten
     try:
         for s in range(input_ids.shape[0]):
             rec["s"] = s
-            try:
-                model(**forward_inputs(model, input_ids[s:s + 1].to(device)))
-            except _Stop:
-                pass
-            else:
+            if not _forward_until_stop(model, input_ids[s:s + 1].to(device)):
                 raise RuntimeError(f"{type(model).__name__}: layer 0 of its decoder layers was never called")
             h = rec.pop("h")
             if hidden is None:
