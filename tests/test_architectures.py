@@ -176,3 +176,21 @@ def test_gpt2_movement_pruning_masks_conv1d_as_out_in(tok, pattern, schedule):
     c_fc = model.transformer.h[1].mlp.c_fc
     assert (c_fc.weight.t()[~final["transformer.h.1.mlp.c_fc"]] == 0).all()
     assert len(sparserun.sparsify_(model, pattern, masks=final).sparsified) == 8
+
+
+@pytest.mark.parametrize("lora_rank", [None, 4])
+def test_gpt2_packed_finetune_keeps_patterns(tmp_path, tok, lora_rank):
+    """Fine-tuning a packed GPT-2 unpacks each SparseLinear (standing where a Conv1D was) to an nn.Linear,
+    trains under the masks and packs it again: same masks, changed kept weights."""
+    from sparserun.finetune import finetune_checkpoint
+    from sparserun.prune.calibrate import DEFAULT_CALIB
+
+    src = save_dir(tmp_path / "src", causal(tok, "gpt2"), tok)
+    cv.convert(src, tmp_path / "packed", "wanda", "32x32", 0.5, nsamples=2, seqlen=32, progress=False)
+    finetune_checkpoint(tmp_path / "packed", tmp_path / "tuned", DEFAULT_CALIB, steps=3, lora_rank=lora_rank,
+                        batch_size=2, seqlen=32, lr=1e-2, progress=False)
+    before, after = sparserun.load(tmp_path / "packed"), sparserun.load(tmp_path / "tuned")
+    a, b = before.transformer.h[0].mlp.c_fc, after.transformer.h[0].mlp.c_fc
+    assert isinstance(b, sparserun.SparseLinear) and b.shape == a.shape == (4 * H, H)
+    assert torch.equal(a.weight_mask(), b.weight_mask())
+    assert not torch.equal(a.dense_weight(), b.dense_weight())
