@@ -335,20 +335,21 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def estimate_memory(model, path, layers, src: SourceTensors, keymap: dict, dtype, method: str,
+def estimate_memory(model, stacks, src: SourceTensors, keymap: dict, dtype, method: str,
                     nsamples: int, seqlen: int, max_shard_bytes: int) -> dict:
-    """Peak bytes by component (docs/convert_memory.md has the formula)."""
+    """Peak bytes by component (docs/convert_memory.md has the formula); stacks: calibrate.find_stacks."""
     esize = torch.empty((), dtype=dtype).element_size()
-    per_layer = [sum(src.nbytes(sk, dtype) for k, sk in keymap.items() if k.startswith(f"{path}.{i}."))
-                 for i in range(len(layers))]
+    per_layer = [sum(src.nbytes(sk, dtype) for k, sk in keymap.items() if k.startswith(f"{st.path}.{i}."))
+                 for st in stacks for i in range(len(st.layers))]
     layer = max(per_layer) if per_layer else 0
-    outside = sum(src.nbytes(sk, dtype) for k, sk in keymap.items() if not k.startswith(path + "."))
+    outside = sum(src.nbytes(sk, dtype) for k, sk in keymap.items() if not calibrate.in_stacks(k, stacks))
     cfg = getattr(model, "config", None)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
-    # hidden states of every window (updated in place) + one window's attention scores (eager, fp32)
-    act = nsamples * seqlen * hidden * esize + 2 * heads * seqlen * seqlen * 4
-    lin = [m for m in layers[0].modules() if calibrate.is_linear(m)]
+    # hidden states of every window (updated in place) + one window's attention scores (eager, fp32); an
+    # encoder-decoder also holds the pruned encoder's output for the decoder pass
+    act = len(stacks) * nsamples * seqlen * hidden * esize + 2 * heads * seqlen * seqlen * 4
+    lin = [m for st in stacks for m in st.layers[0].modules() if calibrate.is_linear(m)]
     ks = [calibrate.linear_weight(m).shape[1] for m in lin]
     stats = 0
     if method == "sparsegpt":  # XᵀX of every Linear of the layer, plus the inversion's temporaries
@@ -448,7 +449,7 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     # model is processed in fp32 (twice the layer memory, which the estimate counts) and cast when written.
     compute = torch.float32 if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
     model = build_skeleton(config)
-    path, layers = calibrate.find_layers(model)
+    stacks = calibrate.find_stacks(model)
     keymap, missing = match_keys(model, tensors)
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
@@ -466,7 +467,7 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
 
         seqlen_eff = seqlen if seqlen is not None else default_seqlen(config)
     large_allocations_mapped()
-    est = estimate_memory(model, path, layers, tensors, keymap, compute, method,
+    est = estimate_memory(model, stacks, tensors, keymap, compute, method,
                           calib.shape[0] if isinstance(calib, torch.Tensor) else nsamples,
                           calib.shape[1] if isinstance(calib, torch.Tensor) else seqlen_eff, max_shard_bytes)
     check_memory(est, device)
@@ -479,17 +480,19 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     if include_lm_head:
         calibrate.check_head(model, method)  # raises now, not after every layer, if it cannot be pruned
     # everything outside the repeated layers: read once, kept for the capture and the LM head
-    outside = {k: sk for k, sk in keymap.items() if not k.startswith(path + ".")}
+    outside = {k: sk for k, sk in keymap.items() if not calibrate.in_stacks(k, stacks)}
     loaded = tensors.read(list(outside.values()), dtype=compute)
     for k, sk in outside.items():
         _set_tensor(model, k, loaded.pop(sk))
     if tied:
         model.tie_weights()
-    left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(path + ".")]
+    left = [n for n, p in model.named_parameters() if p.is_meta and not calibrate.in_stacks(n, stacks)]
     if left:
         raise ConvertError(f"{src}: no data for {', '.join(left[:4])}")
 
-    store = StreamingLayers(model, path, layers, tensors, keymap, compute)
+    def store(st: calibrate.Stack) -> StreamingLayers:
+        return StreamingLayers(model, st.path, st.layers, tensors, keymap, compute)
+
     extra = {"architecture": type(model).__name__, "model_type": getattr(config, "model_type", None),
              "prune": {"method": method, "pattern": pattern, "sparsity": sparsity,
                        "calibration": cal.describe()}}
@@ -498,7 +501,7 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     with CheckpointWriter(out, source_dir=src, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
                           source=str(src), extra=extra) as w:
 
-        def on_layer(i, layer, packed):
+        def on_layer(prefix, layer, packed):
             for name, (p, bias) in packed.items():
                 p = p.to("cpu", dtype)
                 w.add_layer(name, p, bias=None if bias is None else _stored(bias, dtype))
@@ -506,7 +509,7 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
                 written.update({f"{name}.weight", f"{name}.bias"})
             if layer is None:
                 return
-            for k, t in layer.state_dict(prefix=f"{path}.{i}.").items():
+            for k, t in layer.state_dict(prefix=f"{prefix}.").items():
                 if k not in written:
                     w.add_tensor(k, _stored(t, dtype))
                     written.add(k)
@@ -515,7 +518,7 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
             model, method, pattern, sparsity, cal, device=device, store=store, skip=skip, options=options,
             on_layer=on_layer, keep_masks=False, include_lm_head=include_lm_head,
             spill_dir=out.absolute().parent, progress=progress, release=release_memory)
-        _write_outside(w, model, path, written, dtype)
+        _write_outside(w, model, stacks, written, dtype)
         if compute != dtype:  # the rows measured the fp32 working copies; report what is stored
             esize = torch.empty((), dtype=dtype).element_size()
             for r in rows:
@@ -558,11 +561,11 @@ def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() else t
 
 
-def _write_outside(w: CheckpointWriter, model: nn.Module, path: str, written: set, dtype: torch.dtype) -> None:
+def _write_outside(w: CheckpointWriter, model: nn.Module, stacks, written: set, dtype: torch.dtype) -> None:
     """The tensors outside the repeated layers; a tensor shared by two names is stored once + an alias."""
     first: dict[int, str] = {}
     for k, t in model.state_dict(keep_vars=True).items():
-        if k.startswith(path + ".") or k in written:
+        if calibrate.in_stacks(k, stacks) or k in written:
             continue
         if id(t) in first:
             w.add_alias(k, first[id(t)])

@@ -2,8 +2,9 @@
 
 Each family breaks one assumption the Llama path does not test: GPT-2 stores its Linear weights transposed
 (Conv1D), Falcon's layers return tuples, GPT-NeoX is saved under older tensor names that transformers renames
-at load time, T5 is an encoder-decoder whose blocks return position biases and whose code reads
-`wo.weight`, and Mixtral's experts are merged from per-expert tensors at load time.
+at load time, T5 and BART are encoder-decoders (two stacks, the decoder calibrated on the pruned encoder's
+output), T5's blocks return position biases and its code reads `wo.weight`, and Mixtral's experts are merged
+from per-expert tensors at load time.
 """
 import warnings
 
@@ -98,30 +99,89 @@ def test_gpt2_sparsify_save_load_is_exact(tmp_path, tok):
         assert torch.equal(back(ids).logits, want)
 
 
-def test_t5_decoder_pruned_encoder_reported_and_weight_readable(tmp_path, tok):
+def seq2seq(tok, family: str):
     import transformers as T
 
-    cfg = T.T5Config(d_model=H, d_ff=I, d_kv=16, num_layers=2, num_heads=4, vocab_size=len(tok),
-                     pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    v = dict(vocab_size=len(tok), pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    cfg = {
+        "t5": lambda: T.T5Config(d_model=H, d_ff=I, d_kv=16, num_layers=2, num_heads=4, **v),
+        # more encoder than decoder layers: the encoder is the larger stack, and must still come first
+        "bart": lambda: T.BartConfig(d_model=H, encoder_ffn_dim=I, decoder_ffn_dim=I, encoder_layers=3,
+                                     decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                                     max_position_embeddings=128, bos_token_id=1, **v),
+    }[family]()
     torch.manual_seed(0)
-    src = save_dir(tmp_path / "src", T.T5ForConditionalGeneration(cfg).eval(), tok)
+    return T.AutoModelForSeq2SeqLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("family,method,pattern,sparsity,stacks,pruned", [
+    ("t5", "wanda", "2:4", None, ["encoder.block", "decoder.block"], 2 * 6 + 2 * 10),
+    ("t5", "taylor", "32x32", 0.5, ["encoder.block", "decoder.block"], 2 * 6 + 2 * 10),
+    ("bart", "sparsegpt", "2:4", None, ["model.encoder.layers", "model.decoder.layers"], 3 * 6 + 2 * 10),
+])
+def test_encoder_decoder_both_stacks_convert_equals_prune(tmp_path, tok, family, method, pattern, sparsity,
+                                                          stacks, pruned):
+    """An encoder-decoder has its encoder and its decoder pruned, in that order: streaming convert (which
+    never holds the encoder's layers during the decoder pass) chooses the same masks as in-memory pruning,
+    and the packed model generates the masked dense model's tokens."""
+    import transformers as T
+
+    src = save_dir(tmp_path / "src", seq2seq(tok, family), tok)
     out = tmp_path / "out"
-    rep = cv.convert(src, out, "wanda", "2:4", nsamples=2, seqlen=32, progress=False)
-    assert rep.info["layers_path"] == "decoder.block" and rep.totals()["pruned"] == 2 * 10
-    assert len(rep.info["dense_outside"]) == 2 * 6  # the encoder's q, k, v, o, wi, wo stay dense ...
-    assert "not pruned: 12 Linear layer(s) outside decoder.block" in rep.table()  # ... and the table says so
+    rep = cv.convert(src, out, method, pattern, sparsity, nsamples=2, seqlen=32, progress=False)
+    assert rep.info["stacks"] == stacks and rep.totals()["pruned"] == pruned, rep.table()
+    assert rep.info["dense_outside"] == []
+    ref = T.AutoModelForSeq2SeqLM.from_pretrained(src).eval()
+    ref_rep = sparserun.prune(ref, method, pattern, sparsity, tokenizer=tok, nsamples=2, seqlen=32,
+                              progress=False)
+    assert sorted(ref_rep.masks) == sorted(r["name"] for r in rep.pruned)
     model = sparserun.load(out)
-    wo = model.decoder.block[0].layer[2].DenseReluDense.wo
+    for name in ref_rep.masks:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, sparserun.SparseLinear), name
+        assert torch.equal(layer.dense_weight(), ref.get_submodule(name).weight.detach()), name
+    ids = tok("The keeper wrote in the ledger", return_tensors="pt")["input_ids"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # T5 reads wo.weight (decompressed, with a warning)
+        got = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        want = ref.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_decoder_pass_sees_the_pruned_encoders_output(tok, monkeypatch):
+    """The decoder of an encoder-decoder is calibrated on what the *pruned* encoder outputs (through its
+    final norm), computed once from the encoder stack's last hidden states."""
+    from sparserun.prune import calibrate
+
+    model = seq2seq(tok, "t5")
+    seen = {}
+    orig = calibrate._encoder_outputs
+
+    def spy(*args, **kw):
+        seen["fn"] = orig(*args, **kw)
+        return seen["fn"]
+
+    monkeypatch.setattr(calibrate, "_encoder_outputs", spy)
+    ids = torch.randint(3, len(tok), (3, 24), generator=torch.Generator().manual_seed(2))
+    sparserun.prune(model, "magnitude", "2:4", calib=ids, progress=False)
+    assert (model.encoder.block[0].layer[0].SelfAttention.q.weight == 0).float().mean() == 0.5
+    with torch.no_grad():
+        for s in range(3):
+            want = model.get_encoder()(input_ids=ids[s:s + 1]).last_hidden_state
+            torch.testing.assert_close(seen["fn"](s)["encoder_outputs"].last_hidden_state, want)
+
+
+def test_t5_weight_reads_decompress_with_one_warning(tmp_path, tok):
+    """T5's feed-forward reads wo.weight.dtype in every forward: a SparseLinear's weight decompresses on
+    access and warns once."""
+    src = save_dir(tmp_path / "src", seq2seq(tok, "t5"), tok)
+    cv.convert(src, tmp_path / "out", "magnitude", "2:4", nsamples=2, seqlen=32, progress=False)
+    wo = sparserun.load(tmp_path / "out").decoder.block[0].layer[2].DenseReluDense.wo
     assert isinstance(wo, sparserun.SparseLinear)
     sparserun.SparseLinear._weight_warned = False
     with pytest.warns(UserWarning, match="decompresses the dense weight"):
-        w = wo.weight  # T5's feed-forward reads wo.weight.dtype in every forward
+        w = wo.weight
     assert torch.equal(w, wo.dense_weight())
-    ids = tok("The keeper wrote in the ledger", return_tensors="pt")["input_ids"]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gen = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert gen.shape[0] == 1 and gen.shape[1] >= 2
 
 
 def test_mixtral_convert_error_names_the_way_out(tmp_path, tok):

@@ -96,7 +96,7 @@ class PruneReport:
         outside = self.info.get("dense_outside") or []
         if outside:
             out.append(f"not pruned: {len(outside)} Linear layer(s) outside {self.info.get('layers_path')} "
-                       f"(only that repeated stack is pruned), e.g. {', '.join(outside[:3])}")
+                       f"(only the repeated layers are pruned), e.g. {', '.join(outside[:3])}")
         frac = self.info.get("pruned_param_fraction")
         if frac is not None:
             out.append(f"the pruned layers hold {100 * frac:.1f}% of the model's parameters")

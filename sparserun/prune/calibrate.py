@@ -11,6 +11,9 @@
        Linear's relative output error ‖Wx − W'x‖ / ‖Wx‖ and to produce the *pruned* layer's outputs, which
        become layer i+1's inputs; then hand the layer back (`LayerStore.unload`)
 
+An encoder-decoder has two stacks (find_stacks), pruned in that order: the encoder's, by running the encoder
+alone, then the decoder's, with each window's pruned encoder output passed in as `encoder_outputs`.
+
 Only one decoder layer is on the compute device at a time; a `LayerStore` decides where layers come from
 (in memory: moved there and back; the converter: read from safetensors and dropped after packing).
 
@@ -18,9 +21,10 @@ Gradients for taylor / obd (`gradient_stats`) are computed before pruning, at th
 backpropagating the model's own loss through the layers one at a time in reverse order, from saved layer
 inputs (activation checkpointing at layer granularity), so this too holds one decoder layer at a time:
 
-    causal LMs   the language-model loss (next-token cross-entropy) on each calibration window
-    encoders     there is no loss; the natural one, the distance of the outputs to the dense model's, has a
-                 zero gradient at the dense point. Its curvature is not zero: with J = ∂f/∂W, the Hessian of
+    causal LMs   the language-model loss (next-token cross-entropy) on each calibration window; likewise
+                 a sequence-to-sequence LM's decoder stack, with the window as source and target
+    encoders     (and an encoder-decoder's encoder stack) there is no loss; the natural one, the distance
+                 of the outputs to the dense model's, has a zero gradient at the dense point. Its curvature is not zero: with J = ∂f/∂W, the Hessian of
                  ½‖f(W') − f(W)‖² at W' = W is JᵀJ (Gauss-Newton is exact there since the residual is 0), and
                  for ε ~ N(0, I), g = ∂⟨ε, f⟩/∂W = εᵀJ has E[g²] = diag(JᵀJ). So each window's gradient is
                  that of ⟨ε, f(x)⟩ (last hidden state, a fresh fixed-seed ε per window): obd = ½ W² · mean g²
@@ -218,6 +222,51 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+@dataclass
+class Stack:
+    """One repeated stack of blocks that pruning goes through, and the module run to calibrate it."""
+
+    path: str  # from the model's root: "model.layers", "encoder.block", ...
+    layers: nn.ModuleList
+    runner: nn.Module  # the model, or for an encoder-decoder's encoder stack the encoder alone
+    rel: str  # `path` relative to `runner`
+
+
+def find_stacks(model: nn.Module) -> list[Stack]:
+    """The stacks to prune, in the order the model runs them: the repeated layers (find_layers), or for an
+    encoder-decoder (T5, BART, Marian, ...) its encoder's stack and then its decoder's. The encoder stack is
+    calibrated by running the encoder alone; the decoder then sees the pruned encoder's output."""
+    path, layers = find_layers(model)
+    main = Stack(path, layers, model, path)
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return [main]
+    try:
+        enc, dec = model.get_encoder(), model.get_decoder()
+    except Exception:  # no such accessors (or they raise): prune the one stack found
+        return [main]
+    if not isinstance(enc, nn.Module) or not isinstance(dec, nn.Module) or enc is dec or enc is model:
+        return [main]
+    names = {id(m): n for n, m in model.named_modules()}
+    stacks = []
+    for part in (enc, dec):
+        try:
+            rel, part_layers = find_layers(part)
+        except UnknownModelFamily:
+            return [main]
+        full = f"{names[id(part)]}.{rel}" if names.get(id(part)) else rel
+        stacks.append(Stack(full, part_layers, part, rel))
+    a, b = stacks[0].path, stacks[1].path
+    if a == b or a.startswith(b + ".") or b.startswith(a + ".") or id(dec) not in names:
+        return [main]
+    stacks[1] = Stack(b, stacks[1].layers, model, b)  # the decoder runs inside the whole model
+    return stacks
+
+
+def in_stacks(name: str, stacks) -> bool:
+    """Whether a parameter / module name lies inside one of the stacks."""
+    return any(name.startswith(st.path + ".") for st in stacks)
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     name = type(model).__name__
     try:
@@ -229,27 +278,42 @@ def is_causal_lm(model: nn.Module) -> bool:
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
-def _forward_kwargs(model: nn.Module) -> dict:
+def _forward_params(model: nn.Module) -> "set | None":
+    """The keyword arguments model.forward takes (None if its signature cannot be read)."""
     import inspect
 
     try:
-        params = inspect.signature(model.forward).parameters
+        return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        return {}
-    return {"use_cache": False} if "use_cache" in params else {}
+        return None
 
 
 def forward_inputs(model: nn.Module, ids: torch.Tensor, **extra) -> dict:
     """Keyword arguments for running `model` on token windows `ids`: no KV cache, and for encoder-decoders
-    (T5, BART) decoder inputs too, the window shifted right as in teacher forcing (T5 raises without them)."""
-    kw = {"input_ids": ids, **_forward_kwargs(model), **extra}
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "labels" not in kw:
+    (T5, BART) decoder inputs too, the window shifted right as in teacher forcing (T5 raises without them).
+    An encoder-decoder's own encoder (whose config may still say is_encoder_decoder) gets none."""
+    params = _forward_params(model)
+    kw = {"input_ids": ids, **({"use_cache": False} if params and "use_cache" in params else {}), **extra}
+    seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False) and (
+        params is None or "decoder_input_ids" in params)
+    if seq2seq and "labels" not in kw and "decoder_input_ids" not in kw:
         shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
         try:
             kw["decoder_input_ids"] = shift(labels=ids) if shift is not None else ids
         except Exception:  # a model whose shift needs config fields it lacks: the window itself
             kw["decoder_input_ids"] = ids
     return kw
+
+
+def has_lm_loss(model: nn.Module) -> bool:
+    """The model computes a next-token loss from labels=input_ids: a causal LM, or a sequence-to-sequence LM
+    (T5ForConditionalGeneration, BART) fed the window as both source and target."""
+    if is_causal_lm(model):
+        return True
+    params = _forward_params(model) or set()
+    return (getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "labels" in params
+            and "decoder_input_ids" in params and hasattr(model, "get_output_embeddings")
+            and model.get_output_embeddings() is not None)
 
 
 def _layer_out(out):
@@ -311,10 +375,16 @@ def _share(new, old):
     return new
 
 
-def _forward_until_stop(model: nn.Module, ids: torch.Tensor) -> bool:
+def _window_kwargs(extra, s: int) -> dict:
+    """Keyword arguments besides the tokens for window s (an encoder-decoder's decoder pass: the pruned
+    encoder's output); `extra` is None or a function of the window index."""
+    return extra(s) if extra is not None else {}
+
+
+def _forward_until_stop(model: nn.Module, ids: torch.Tensor, **kw) -> bool:
     """Run `model` on one window; True if a layer hook ended the forward early (raised _Stop)."""
     try:
-        model(**forward_inputs(model, ids))
+        model(**forward_inputs(model, ids, **kw))
     except _Stop:
         return True
     return False
@@ -331,7 +401,7 @@ def _record(calls: list, s: int, i: int, args: tuple, kwargs: dict) -> None:
 
 @torch.no_grad()
 def record_layer_args(model: nn.Module, path: str, layers: nn.ModuleList, store, inputs: LayerInputs,
-                      input_ids: torch.Tensor, device) -> None:
+                      input_ids: torch.Tensor, device, extra=None) -> None:
     """Record what layers 1.. receive, per window, into inputs.calls: run layer 0 for real on one window (to
     learn what the layers return), then run the model on each window with every layer replaced by a stub
     that records its arguments and passes the hidden states on in the layers' own output structure. Only what
@@ -362,15 +432,17 @@ def record_layer_args(model: nn.Module, path: str, layers: nn.ModuleList, store,
         try:
             for s in range(input_ids.shape[0]):
                 window["s"] = s
-                _forward_until_stop(model, input_ids[s:s + 1].to(device))
+                _forward_until_stop(model, input_ids[s:s + 1].to(device), **_window_kwargs(extra, s))
         finally:
             for hd in handles:
                 hd.remove()
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, device) -> LayerInputs:
-    """Run the model up to layer 0 for every window and record what layer 0 receives."""
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, device,
+                   extra=None) -> LayerInputs:
+    """Run the model up to layer 0 for every window and record what layer 0 receives (extra: see
+    _window_kwargs)."""
     rec: dict = {}
     calls: list = []
 
@@ -385,7 +457,7 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Ten
     try:
         for s in range(input_ids.shape[0]):
             rec["s"] = s
-            if not _forward_until_stop(model, input_ids[s:s + 1].to(device)):
+            if not _forward_until_stop(model, input_ids[s:s + 1].to(device), **_window_kwargs(extra, s)):
                 raise RuntimeError(f"{type(model).__name__}: layer 0 of its decoder layers was never called")
             h = rec.pop("h")
             if hidden is None:
@@ -461,25 +533,40 @@ class InMemoryLayers:
 
 
 @contextlib.contextmanager
-def non_layers_on(model: nn.Module, path: str, layers: nn.ModuleList, device):
-    """Move everything except the decoder layers (embeddings, norms, head) to `device` for a while."""
-    parent_name, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    p = next((p for n, p in model.named_parameters() if not n.startswith(path + ".") and not p.is_meta), None)
+def non_layers_on(model: nn.Module, path: str, layers: nn.ModuleList, device, others=()):
+    """Move everything except the decoder layers (embeddings, norms, head) to `device` for a while. `others`:
+    more (path, layers) to leave where they are, such as an encoder-decoder's other stack, which a
+    streaming converter holds on the meta device and whose output the decoder pass is given precomputed."""
+    detached = [(path, layers)] + [(p, m) for p, m in others if p != path]
+    parents = []
+    for p_, m_ in detached:
+        parent_name, _, attr = p_.rpartition(".")
+        parents.append((model.get_submodule(parent_name) if parent_name else model, attr, m_))
+
+    def detach():
+        for parent, attr, _ in parents:
+            setattr(parent, attr, nn.ModuleList())
+
+    def attach():
+        for parent, attr, m_ in parents:
+            setattr(parent, attr, m_)
+
+    inside = tuple(p_ + "." for p_, _ in detached)
+    p = next((p for n, p in model.named_parameters() if not n.startswith(inside) and not p.is_meta), None)
     home = p.device if p is not None else torch.device("cpu")
-    setattr(parent, attr, nn.ModuleList())
+    detach()
     try:
         model.to(device)
     finally:
-        setattr(parent, attr, layers)
+        attach()
     try:
         yield
     finally:
-        setattr(parent, attr, nn.ModuleList())
+        detach()
         try:
             model.to(home)
         finally:
-            setattr(parent, attr, layers)
+            attach()
 
 
 class Spill:
@@ -518,14 +605,14 @@ def _to(obj, device):
 # ---- gradients for taylor / obd -----------------------------------------------------------------------
 
 def gradient_stats(model, path, layers, store, inputs: LayerInputs, input_ids, device, method: str,
-                   select_fn, spill: Spill, seed: int = 0, progress: bool = True) -> None:
+                   select_fn, spill: Spill, seed: int = 0, progress: bool = True, extra=None) -> None:
     """Per-window gradients of the model's loss (see module doc) w.r.t. every selected Linear weight,
     reduced to Σ|g| (taylor) or mean g² (obd) in float32 and put in `spill` under "grad{i}"."""
     from tqdm.auto import tqdm
 
     n = inputs.hidden.shape[0]
     nl = len(layers)
-    causal = is_causal_lm(model)
+    lm_loss = has_lm_loss(model)
     h = inputs.hidden
     with torch.no_grad():
         for i in tqdm(range(nl), desc="gradients: forward", unit="layer", disable=not progress, leave=False):
@@ -545,10 +632,11 @@ def gradient_stats(model, path, layers, store, inputs: LayerInputs, input_ids, d
             x = h[s:s + 1].detach().clone().requires_grad_(True)
             holder["inject"] = x
             ids = input_ids[s:s + 1].to(device)
-            if causal:
-                loss = model(**forward_inputs(model, ids, labels=ids)).loss
+            kw = _window_kwargs(extra, s)
+            if lm_loss:
+                loss = model(**forward_inputs(model, ids, labels=ids, **kw)).loss
             else:
-                y = _model_output(model(**forward_inputs(model, ids)))
+                y = _model_output(model(**forward_inputs(model, ids, **kw)))
                 eps = torch.randn(y.shape, generator=gen).to(device=device, dtype=y.dtype)
                 loss = (y * eps).sum()
             gout[s:s + 1] = torch.autograd.grad(loss, x)[0].float()
@@ -652,62 +740,114 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
                     device, store=None, skip: str | None = None, options: Options | None = None,
                     on_layer=None, keep_masks: bool = True,
                     include_lm_head: bool = False, spill_dir=None, progress: bool = True, release=None):
-    """Prune every Linear in the repeated layers (see module doc). Returns (rows, masks, info).
+    """Prune every Linear in the repeated layers (see module doc), stack by stack (find_stacks: an
+    encoder-decoder's encoder, then its decoder). Returns (rows, masks, info).
 
-    store:        a LayerStore (default InMemoryLayers over the model's own layers)
-    on_layer:     called as on_layer(i, layer, packed) after layer i is pruned and measured, before it is
-                  unloaded; packed maps the full Linear name to (formats.Packed, bias or None)
+    store:        where layers come from: a LayerStore for a one-stack model, or a function Stack -> LayerStore
+                  (default InMemoryLayers over the model's own layers)
+    on_layer:     called as on_layer(prefix, layer, packed) after the layer named `prefix` (e.g.
+                  "model.layers.3") is pruned and measured, before it is unloaded; packed maps the full Linear
+                  name to (formats.Packed, bias or None). For the LM head: on_layer(None, None, packed)
     keep_masks:   return the bool masks (a converter turns this off: they would grow with depth)
     include_lm_head: also prune the output projection (after the layers, on the final hidden states)
     release:      called after each Linear is pruned and packed (a converter returns freed memory to the OS)
     """
-    from tqdm.auto import tqdm
-
     method = scores.check_method(method)
     pat = parse(pattern)
     opts = options or Options()
     per_row = opts.per_row if opts.per_row is not None else method in PER_ROW_DEFAULT
     skip_re = re.compile(skip) if skip else None
     device = torch.device(device)
-    path, layers = find_layers(model)
-    store = store or InMemoryLayers(layers)
+    stacks = find_stacks(model)
+    if store is not None and hasattr(store, "load"):
+        if len(stacks) > 1:
+            raise ValueError("a single LayerStore cannot serve several stacks; pass a function Stack -> LayerStore")
+        one = store
+        store = lambda st: one  # noqa: E731
+    store_for = store or (lambda st: InMemoryLayers(st.layers))
     rows: list[dict] = []
     kept_masks: dict[str, torch.Tensor] = {}
-    stat_kind = scores.STAT[method]
     if include_lm_head:
         check_head(model, method)  # fail before any work if the head cannot be pruned
     was_training = model.training
     model.eval()
+    ctx = dict(method=method, pat=pat, sparsity=sparsity, opts=opts, per_row=per_row, skip_re=skip_re,
+               skip=skip, device=device, calib=calib, rows=rows, kept_masks=kept_masks if keep_masks else None,
+               on_layer=on_layer, release=release, spill_dir=spill_dir, progress=progress)
+    try:
+        extra = None  # the decoder pass of an encoder-decoder: each window's pruned encoder output
+        for j, st in enumerate(stacks):
+            last = j == len(stacks) - 1
+            h, tuple_out = _prune_stack(model, st, stacks, store_for(st), extra, ctx)
+            if not last:
+                extra = _encoder_outputs(st, h, tuple_out, calib, device)
+        if include_lm_head:
+            st = stacks[-1]
+            head_rows, head_packed = _prune_head(model, st.path, st.layers, h, calib, method, pat, sparsity, opts,
+                                                  per_row, device, keep_masks, kept_masks, tuple_out, extra,
+                                                  [(o.path, o.layers) for o in stacks])
+            rows.extend(head_rows)
+            if on_layer is not None and head_packed:
+                on_layer(None, None, head_packed)
+    finally:
+        model.train(was_training)
+    paths = [st.path for st in stacks]
+    info = {"layers_path": ", ".join(paths), "stacks": paths, "num_layers": sum(len(st.layers) for st in stacks),
+            "causal_lm": is_causal_lm(model),
+            "dense_outside": linears_outside(model, stacks, {r["name"] for r in rows}),
+            # how much of the model the pruned layers are (embeddings, MoE experts held as 3-D parameters and
+            # other non-Linear weights are not): "50 % sparse" of 12 % of the weights is not a smaller model
+            "pruned_param_fraction": round(sum(math.prod(r["shape"]) for r in rows if r["status"] == "pruned")
+                                           / max(1, sum(p.numel() for p in model.parameters())), 4)}
+    return rows, kept_masks, info
+
+
+def _prune_stack(model: nn.Module, st: Stack, stacks: list, store, extra, ctx: dict):
+    """Prune one stack layer by layer; returns (its final hidden states [n, T, H], what its layers return
+    besides them)."""
+    from tqdm.auto import tqdm
+
+    method, pat, opts, device = ctx["method"], ctx["pat"], ctx["opts"], ctx["device"]
+    rows, kept_masks, skip_re = ctx["rows"], ctx["kept_masks"], ctx["skip_re"]
+    release, on_layer = ctx["release"], ctx["on_layer"]
+    runner, rel, layers = st.runner, st.rel, st.layers
+    input_ids = ctx["calib"].input_ids
+    stat_kind = scores.STAT[method]
+    # the other stacks, as paths relative to this stack's runner (those inside it), left off the device
+    base = st.path[:len(st.path) - len(rel)]
+    others = [(o.path[len(base):], o.layers) for o in stacks if o is not st and o.path.startswith(base)]
 
     def select_modules(i: int, layer: nn.Module, record: bool = False) -> dict:
         chosen = {}
         for sub, m in layer.named_modules():
             if not is_linear(m):
                 continue
-            name = f"{path}.{i}.{sub}"
+            name = f"{st.path}.{i}.{sub}"
             if skip_re is not None and skip_re.search(name):
                 if record:
-                    rows.append(_row(name, m, pat, "skipped", f"matches skip regex {skip!r}"))
+                    rows.append(_row(name, m, pat, "skipped", f"matches skip regex {ctx['skip']!r}"))
                 continue
             chosen[name] = m
         return chosen
 
     tmp = None
     try:
-        with non_layers_on(model, path, layers, device):
-            inputs = capture_inputs(model, layers, calib.input_ids, device)
-            record_layer_args(model, path, layers, store, inputs, calib.input_ids, device)
+        with non_layers_on(runner, rel, layers, device, others):
+            inputs = capture_inputs(runner, layers, input_ids, device, extra)
+            record_layer_args(runner, rel, layers, store, inputs, input_ids, device, extra)
             spill = None
             if stat_kind == "grad":
-                if spill_dir is not None:
-                    tmp = tempfile.TemporaryDirectory(prefix="sparserun-grad-", dir=spill_dir)
+                if ctx["spill_dir"] is not None:
+                    tmp = tempfile.TemporaryDirectory(prefix="sparserun-grad-", dir=ctx["spill_dir"])
                 spill = Spill(tmp.name if tmp is not None else None)
-                gradient_stats(model, path, layers, store, inputs, calib.input_ids, device, method,
-                               lambda i, layer: select_modules(i, layer), spill, opts.seed, progress)
+                gradient_stats(runner, rel, layers, store, inputs, input_ids, device, method,
+                               lambda i, layer: select_modules(i, layer), spill, opts.seed, ctx["progress"],
+                               extra)
 
         h = inputs.hidden
         n = h.shape[0]
-        bar = tqdm(range(len(layers)), desc=f"prune {method} {pat}", unit="layer", disable=not progress)
+        desc = f"prune {method} {pat}" + (f" ({st.path})" if len(stacks) > 1 else "")
+        bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not ctx["progress"])
         for i in bar:
             layer = store.load(i, device)
             mods = select_modules(i, layer, record=True)
@@ -731,7 +871,8 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
             for name, m in mods.items():
                 w = linear_weight(m).detach()
                 try:
-                    new_w, mask = _prune_one(method, w, stats.get(name), pat, sparsity, opts, per_row, name)
+                    new_w, mask = _prune_one(method, w, stats.get(name), pat, ctx["sparsity"], opts,
+                                             ctx["per_row"], name)
                 except UnsupportedShape as e:
                     rows.append(_row(name, m, pat, "dense", str(e).split(": ", 1)[-1]))
                     continue
@@ -743,7 +884,7 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
                 row = _row(name, m, pat, "pruned", "")
                 row.update(sparsity=round(1.0 - float(mask.sum()) / mask.numel(), 6), bytes_after=p.nbytes())
                 layer_rows[name] = row
-                if keep_masks:
+                if kept_masks is not None:
                     kept_masks[name] = mask.cpu()
                 del w, new_w, mask, p
                 if release is not None:
@@ -763,36 +904,38 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
                 rows.append(row)
             meters.clear()
             if on_layer is not None:
-                on_layer(i, layer, packed)
+                on_layer(f"{st.path}.{i}", layer, packed)
             packed.clear()
             store.unload(i)
-
-        if include_lm_head:
-            head_rows, head_packed = _prune_head(model, path, layers, h, calib, method, pat, sparsity, opts,
-                                                  per_row, device, keep_masks, kept_masks, inputs.tuple_out)
-            rows.extend(head_rows)
-            if on_layer is not None and head_packed:
-                on_layer(None, None, head_packed)
     finally:
         if tmp is not None:
             tmp.cleanup()
-        model.train(was_training)
-    info = {"layers_path": path, "num_layers": len(layers), "causal_lm": is_causal_lm(model),
-            "dense_outside": linears_outside(model, path, {r["name"] for r in rows}),
-            # how much of the model the pruned layers are (embeddings, MoE experts held as 3-D parameters and
-            # other non-Linear weights are not): "50 % sparse" of 12 % of the weights is not a smaller model
-            "pruned_param_fraction": round(sum(math.prod(r["shape"]) for r in rows if r["status"] == "pruned")
-                                           / max(1, sum(p.numel() for p in model.parameters())), 4)}
-    return rows, kept_masks, info
+    return h, inputs.tuple_out
 
 
-def linears_outside(model: nn.Module, path: str, named: set) -> list[str]:
-    """Linear layers that pruning leaves alone because they are outside the one repeated stack at `path` (an
-    encoder-decoder's other stack, a pooler, a vision tower), not counting the output projection: the report
-    names them, so that "N pruned" is never read as "the whole model"."""
+@torch.no_grad()
+def _encoder_outputs(st: Stack, h: torch.Tensor, tuple_out, calib: CalibData, device):
+    """Per-window keyword arguments for the decoder pass of an encoder-decoder: the pruned encoder's output
+    (its stack's final hidden states `h` through what follows the stack, e.g. T5's final norm), computed once
+    here so that the decoder pass never runs, or loads, the encoder's layers."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    enc, holder = st.runner, {"tuple": tuple_out}
+    outs = torch.empty_like(h)
+    with non_layers_on(enc, st.rel, st.layers, device), stubbed(enc, st.rel, st.layers, holder):
+        for s in range(h.shape[0]):
+            holder["inject"] = h[s:s + 1]
+            outs[s:s + 1] = _model_output(enc(**forward_inputs(enc, calib.input_ids[s:s + 1].to(device))))
+    return lambda s: {"encoder_outputs": BaseModelOutput(last_hidden_state=outs[s:s + 1])}
+
+
+def linears_outside(model: nn.Module, stacks, named: set) -> list[str]:
+    """Linear layers that pruning leaves alone because they are outside the repeated stacks (a pooler, a
+    vision tower), not counting the output projection: the report names them, so that "N pruned" is never
+    read as "the whole model"."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [n for n, m in model.named_modules() if is_linear(m) and m is not head and n not in named
-            and not n.startswith(path + ".")]
+            and not in_stacks(n, stacks)]
 
 
 def _prune_one(method, w, stat, pat, sparsity, opts: Options, per_row, name):
@@ -835,21 +978,23 @@ def check_head(model: nn.Module, method: str) -> tuple[str, nn.Linear]:
 
 
 def _prune_head(model, path, layers, h, calib, method, pat, sparsity, opts, per_row, device, keep_masks,
-                kept_masks, tuple_out: "tuple | None"):
-    """Prune the output projection on the final hidden states (the layers are stubbed out)."""
+                kept_masks, tuple_out: "tuple | None", extra=None, others=()):
+    """Prune the output projection on the final hidden states (the layers are stubbed out; extra and others:
+    an encoder-decoder's precomputed encoder outputs and its stacks, as in _prune_stack)."""
     name, head = output_projection(model)
     kind = scores.STAT[method]
     holder: dict = {"tuple": tuple_out}
     col = _Collector(kind, head.in_features, device) if kind else None
     rows = []
-    with non_layers_on(model, path, layers, device), stubbed(model, path, layers, holder):
+    with non_layers_on(model, path, layers, device, others), stubbed(model, path, layers, holder):
         hd = head.register_forward_hook(col) if col else None
         try:
             with torch.no_grad():
                 if col:
                     for s in range(h.shape[0]):
                         holder["inject"] = h[s:s + 1]
-                        model(**forward_inputs(model, calib.input_ids[s:s + 1].to(device)))
+                        model(**forward_inputs(model, calib.input_ids[s:s + 1].to(device),
+                                               **_window_kwargs(extra, s)))
         finally:
             if hd:
                 hd.remove()
@@ -866,7 +1011,7 @@ def _prune_head(model, path, layers, h, calib, method, pat, sparsity, opts, per_
             with torch.no_grad():
                 for s in range(h.shape[0]):
                     holder["inject"] = h[s:s + 1]
-                    model(**forward_inputs(model, calib.input_ids[s:s + 1].to(device)))
+                    model(**forward_inputs(model, calib.input_ids[s:s + 1].to(device), **_window_kwargs(extra, s)))
         finally:
             hd.remove()
         row = _row(name, head, pat, "pruned", "")
