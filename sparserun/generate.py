@@ -1,4 +1,5 @@
-"""`sparserun generate DIR --prompt TEXT`: stream text from a packed causal LM and report its speed.
+"""`sparserun generate DIR --prompt TEXT`: stream text from a packed causal LM (or sequence-to-sequence LM,
+such as T5) and report its speed.
 
 The loaded model is used exactly as user code would use it: `sparserun.load`, the checkpoint's own tokenizer,
 and transformers' `model.generate` with a streamer, so what this prints is what a drop-in user gets.
@@ -77,7 +78,8 @@ def check_causal_lm(model, model_dir) -> None:
     can = getattr(model, "can_generate", None)
     if not (hasattr(model, "generate") and callable(can) and can()):
         raise GenerateError(f"{model_dir} holds a {type(model).__name__}, which cannot generate text: "
-                            f"`sparserun generate` needs a causal language model (e.g. LlamaForCausalLM)")
+                            f"`sparserun generate` needs a causal or sequence-to-sequence language model (e.g. "
+                            f"LlamaForCausalLM, T5ForConditionalGeneration)")
 
 
 def _backend_note(device: torch.device) -> str:
@@ -176,7 +178,10 @@ def generate(model_dir, prompt: str, *, max_new_tokens: int = 64, device=None, d
         t0 = time.perf_counter()
         seq = model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **kw)
         t_end = time.perf_counter()
-    new = seq[0, input_ids.shape[1]:]
+    # a decoder-only model returns prompt + completion; an encoder-decoder (T5, BART) returns the decoder's
+    # sequence, which starts with its one decoder-start token
+    start = 1 if getattr(model.config, "is_encoder_decoder", False) else input_ids.shape[1]
+    new = seq[0, start:]
     n = int(new.numel())
     res = {"text": tok.decode(new, skip_special_tokens=True), "new_tokens": n,
            "prompt_tokens": int(input_ids.shape[1]), "ttft_s": (times[0] - t0) if times else None,

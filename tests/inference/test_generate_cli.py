@@ -1,5 +1,7 @@
 """`sparserun generate`: streams the completion, reports time to first token and decode tokens/s, and fails
 with one line (no traceback) when it cannot run."""
+import warnings
+
 import pytest
 import torch
 
@@ -98,6 +100,29 @@ def test_not_a_causal_lm_is_one_line(tmp_path, capsys):
     make_tokenizer().save_pretrained(tmp_path / "src")
     sparserun.save(bert, tmp_path / "p", source_dir=tmp_path / "src")
     _one_line_error(capsys, main(["generate", str(tmp_path / "p"), "--prompt", "x"]), "cannot generate text")
+
+
+def test_encoder_decoder_counts_only_generated_tokens(tmp_path, capsys):
+    """T5 returns the decoder's sequence (decoder-start token + completion), not prompt + completion."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=1, num_heads=4,
+                                             vocab_size=len(tok), pad_token_id=0, eos_token_id=2,
+                                             decoder_start_token_id=0)).eval()
+    sparserun.sparsify_(t5, "2:4")
+    tok.save_pretrained(tmp_path / "src")
+    sparserun.save(t5, tmp_path / "p", source_dir=tmp_path / "src")
+    prompt = "The ferry leaves the harbour at dawn"  # longer than the completion: a prompt-length slice is empty
+    rc = main(["generate", str(tmp_path / "p"), "--prompt", prompt, "--max-new-tokens", "5", "--ignore-eos"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # T5 reads wo.weight
+        ref = t5.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert "5 new tokens" in err and out == tok.decode(ref[0, 1:], skip_special_tokens=True) + "\n"
 
 
 @pytest.mark.gpu
