@@ -13,6 +13,7 @@ import torch
 
 import sparserun
 from sparserun import convert as cv
+from sparserun.prune import calibrate
 
 from .prune._models import make_tokenizer, one_cpu_thread  # noqa: F401 (autouse fixture)
 
@@ -151,7 +152,6 @@ def test_encoder_decoder_both_stacks_convert_equals_prune(tmp_path, tok, family,
 def test_decoder_pass_sees_the_pruned_encoders_output(tok, monkeypatch):
     """The decoder of an encoder-decoder is calibrated on what the *pruned* encoder outputs (through its
     final norm), computed once from the encoder stack's last hidden states."""
-    from sparserun.prune import calibrate
 
     model = seq2seq(tok, "t5")
     seen = {}
@@ -169,6 +169,21 @@ def test_decoder_pass_sees_the_pruned_encoders_output(tok, monkeypatch):
         for s in range(3):
             want = model.get_encoder()(input_ids=ids[s:s + 1]).last_hidden_state
             torch.testing.assert_close(seen["fn"](s)["encoder_outputs"].last_hidden_state, want)
+
+
+def test_audio_encoder_decoder_is_a_one_line_calibration_error(tmp_path, tok):
+    """Whisper's encoder reads audio features: calibration on text cannot run it, and says so before any layer
+    is pruned (nothing is written)."""
+    import transformers as T
+
+    cfg = T.WhisperConfig(d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=I, decoder_ffn_dim=I, vocab_size=len(tok),
+                          num_mel_bins=16, max_source_positions=32, max_target_positions=64, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    src = save_dir(tmp_path / "src", T.WhisperForConditionalGeneration(cfg).eval(), tok)
+    with pytest.raises(calibrate.CalibrationError, match=r"WhisperEncoder takes no input_ids.*sparsify_"):
+        cv.convert(src, tmp_path / "out", "wanda", "2:4", nsamples=2, seqlen=16, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_t5_weight_reads_decompress_with_one_warning(tmp_path, tok):

@@ -444,6 +444,11 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Ten
                    extra=None) -> LayerInputs:
     """Run the model up to layer 0 for every window and record what layer 0 receives (extra: see
     _window_kwargs)."""
+    params = _forward_params(model)
+    if params is not None and "input_ids" not in params:
+        raise CalibrationError(f"{type(model).__name__} takes no input_ids (it reads other inputs, such as audio "
+                               f"features or pixels), and calibration runs text windows through it; prune it "
+                               f"without calibration: sparserun.sparsify_(model, pattern) + sparserun.save")
     rec: dict = {}
     calls: list = []
 
