@@ -152,7 +152,6 @@ def test_encoder_decoder_both_stacks_convert_equals_prune(tmp_path, tok, family,
 def test_decoder_pass_sees_the_pruned_encoders_output(tok, monkeypatch):
     """The decoder of an encoder-decoder is calibrated on what the *pruned* encoder outputs (through its
     final norm), computed once from the encoder stack's last hidden states."""
-
     model = seq2seq(tok, "t5")
     seen = {}
     orig = calibrate._encoder_outputs
