@@ -514,10 +514,12 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
                     w.add_tensor(k, _stored(t, dtype))
                     written.add(k)
 
+        # taylor / obd spill per-layer activations to disk inside the writer's temp directory: whatever stops
+        # the conversion, they go with it
         rows, _, info = calibrate.prune_layerwise(
             model, method, pattern, sparsity, cal, device=device, store=store, skip=skip, options=options,
             on_layer=on_layer, keep_masks=False, include_lm_head=include_lm_head,
-            spill_dir=out.absolute().parent, progress=progress, release=release_memory)
+            spill_dir=w.tmp, progress=progress, release=release_memory)
         _write_outside(w, model, stacks, written, dtype)
         if compute != dtype:  # the rows measured the fp32 working copies; report what is stored
             esize = torch.empty((), dtype=dtype).element_size()
@@ -602,7 +604,8 @@ def add_parser(sub) -> None:
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction removed, in (0, 1); N:M implies it, unstructured and blocks need it")
     p.add_argument("--calib", default=None,
-                   help="calibration text or JSONL (a \"text\" field per line); default: the shipped text")
+                   help="calibration text, JSONL (a \"text\" field per line) or a .json list of texts; "
+                        "default: the shipped text")
     p.add_argument("--nsamples", type=int, default=calibrate.DEFAULT_NSAMPLES, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=None,
                    help=f"tokens per window (default min({calibrate.DEFAULT_SEQLEN}, the model's limit))")

@@ -245,6 +245,9 @@ def test_interrupt_leaves_nothing(tmp_path, llama_src, monkeypatch):
     def add_layer(self, *a, **k):
         calls.append(1)
         if len(calls) == 9:  # in the middle of layer 1
+            # the gradient spill lives inside the writer's temp directory, never loose next to OUT
+            (tmp,) = list(work.iterdir())
+            assert tmp.name.startswith(".out.tmp-") and list(tmp.glob("sparserun-grad-*")), list(tmp.iterdir())
             raise KeyboardInterrupt
         return orig(self, *a, **k)
 

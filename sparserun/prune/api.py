@@ -128,8 +128,8 @@ def prune(model: nn.Module, method: str, pattern, sparsity: float | None = None,
     method:    magnitude | wanda | sparsegpt | taylor | obd
     pattern:   "unstructured", "N:M" (e.g. "2:4", "4:8"), "BxB" (e.g. "32x32")
     sparsity:  fraction removed, in (0, 1); N:M implies 1 - N/M; unstructured and blocks need it
-    calib:     None (the shipped default text), a text / JSONL file, a list of strings, or a LongTensor
-               [n, T] of token ids (then nsamples / seqlen / tokenizer are not used)
+    calib:     None (the shipped default text), a file (plain text, JSONL, or a .json list of texts), a list
+               of strings, or a LongTensor [n, T] of token ids (then nsamples / seqlen / tokenizer are not used)
     seqlen:    default min(512, the model's max_position_embeddings)
     tokenizer: needed for text calibration; default: AutoTokenizer of model.name_or_path if that is a
                local directory

@@ -102,8 +102,19 @@ class CalibData:
         return d
 
 
+def _json_text_record(line: str) -> "str | None":
+    """The "text" field of a JSONL line, or None if the line is not a JSON object with a string "text"."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj["text"] if isinstance(obj, dict) and isinstance(obj.get("text"), str) else None
+
+
 def read_text(path, what: str = "calibration") -> str:
-    """Plain text, or JSONL with a "text" field per line (.jsonl / .json lines, detected by content)."""
+    """Plain text; JSONL with a "text" field per line (a .jsonl file, or any file whose first line is such a
+    record); or a .json file holding a list of strings or of objects with a "text" field. Source code or
+    prose that merely starts with "{" is plain text."""
     p = Path(path)
     if not p.exists():
         raise CalibrationError(f"{what} file not found: {p}")
@@ -116,23 +127,44 @@ def read_text(path, what: str = "calibration") -> str:
     lines = [ln for ln in raw.splitlines() if ln.strip()]
     if not lines:
         raise CalibrationError(f"{what} file {p} is empty")
-    if p.suffix.lower() == ".jsonl" or lines[0].lstrip().startswith("{"):
+    if p.suffix.lower() == ".json":
+        raw = "\n\n".join(_json_list_texts(raw, p, what))
+    elif p.suffix.lower() == ".jsonl" or _json_text_record(lines[0]) is not None:
         texts = []
         for no, ln in enumerate(raw.splitlines(), 1):
             if not ln.strip():
                 continue
-            try:
-                obj = json.loads(ln)
-            except ValueError as e:
-                raise CalibrationError(f"{what} file {p}, line {no}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise CalibrationError(f"{what} file {p}, line {no}: expected an object with a string "
-                                       f"\"text\" field")
-            texts.append(obj["text"])
+            text = _json_text_record(ln)
+            if text is None:
+                try:
+                    json.loads(ln)
+                    why = "expected an object with a string \"text\" field"
+                except ValueError as e:
+                    why = f"not valid JSON ({e})"
+                raise CalibrationError(f"{what} file {p}, line {no}: {why}")
+            texts.append(text)
         raw = "\n\n".join(texts)
-        if not raw.strip():
-            raise CalibrationError(f"{what} file {p} has no text in its \"text\" fields")
+    if not raw.strip():
+        raise CalibrationError(f"{what} file {p} has no text in its \"text\" fields")
     return raw
+
+
+def _json_list_texts(raw: str, p: Path, what: str) -> list[str]:
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        raise CalibrationError(f"{what} file {p}: not valid JSON ({e}); plain text belongs in a .txt file") from None
+    if not isinstance(obj, list):
+        raise CalibrationError(f"{what} file {p}: expected a JSON list of strings or of objects with a \"text\" "
+                               f"field, got a {type(obj).__name__}")
+    texts = []
+    for i, it in enumerate(obj):
+        t = it if isinstance(it, str) else it.get("text") if isinstance(it, dict) else None
+        if not isinstance(t, str):
+            raise CalibrationError(f"{what} file {p}, item {i}: expected a string or an object with a string "
+                                   f"\"text\" field")
+        texts.append(t)
+    return texts
 
 
 def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
@@ -791,7 +823,7 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
             st = stacks[-1]
             head_rows, head_packed = _prune_head(model, st.path, st.layers, h, calib, method, pat, sparsity, opts,
                                                   per_row, device, keep_masks, kept_masks, tuple_out, extra,
-                                                  [(o.path, o.layers) for o in stacks])
+                                                  [(o.path, o.layers) for o in stacks], skip)
             rows.extend(head_rows)
             if on_layer is not None and head_packed:
                 on_layer(None, None, head_packed)
@@ -984,10 +1016,12 @@ def check_head(model: nn.Module, method: str) -> tuple[str, nn.Linear]:
 
 
 def _prune_head(model, path, layers, h, calib, method, pat, sparsity, opts, per_row, device, keep_masks,
-                kept_masks, tuple_out: "tuple | None", extra=None, others=()):
+                kept_masks, tuple_out: "tuple | None", extra=None, others=(), skip=None):
     """Prune the output projection on the final hidden states (the layers are stubbed out; extra and others:
     an encoder-decoder's precomputed encoder outputs and its stacks, as in _prune_stack)."""
     name, head = output_projection(model)
+    if skip and re.search(skip, name):
+        return [_row(name, head, pat, "skipped", f"matches skip regex {skip!r}")], {}
     kind = scores.STAT[method]
     holder: dict = {"tuple": tuple_out}
     col = _Collector(kind, head.in_features, device) if kind else None

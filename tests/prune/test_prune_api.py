@@ -154,6 +154,11 @@ def test_lm_head_only_when_asked(tok):
         _prune(tied, tok, "wanda", "2:4", include_lm_head=True)
     with pytest.raises(ValueError, match="lm_head with taylor is not supported"):
         _prune(make_llama(tok), tok, "taylor", "2:4", include_lm_head=True)
+    skipped = make_llama(tok)
+    head = skipped.lm_head.weight.detach().clone()
+    rep = _prune(skipped, tok, "wanda", "2:4", include_lm_head=True, skip="lm_head")
+    assert rep.rows[-1]["name"] == "lm_head" and rep.rows[-1]["status"] == "skipped"  # --skip covers the head
+    assert "lm_head" not in rep.masks and torch.equal(skipped.lm_head.weight, head)
 
 
 @pytest.mark.parametrize("method,pattern,sparsity,err,msg", [
@@ -211,6 +216,31 @@ def test_calibration_files(tmp_path, tok):
     assert rep.calib["source"] == str(good)
     with pytest.raises(CalibrationError, match="exceeds the model's max_position_embeddings 256"):
         _prune(make_llama(tok), tok, "wanda", "2:4", seqlen=300)
+
+
+def test_calibration_file_kinds(tmp_path):
+    """JSONL by extension or by a first line that is a {"text": ...} record; a .json list; anything else,
+    including source code whose first line opens a brace, is plain text."""
+    code = tmp_path / "code.txt"
+    code.write_text('{ "indent": 2 }\nfn main() { println!("hi"); }\n')
+    assert calibrate.read_text(code) == code.read_text()
+    sniffed = tmp_path / "records.txt"
+    sniffed.write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert calibrate.read_text(sniffed) == "one\n\ntwo"
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps(["one", {"text": "two"}]))
+    assert calibrate.read_text(listed) == "one\n\ntwo"
+    for name, body, msg in [
+        ("obj.json", json.dumps({"text": "x"}), "expected a JSON list .* got a dict"),
+        ("item.json", json.dumps(["ok", 3]), "item 1: expected a string or an object"),
+        ("broken.json", "[1, ", "not valid JSON"),
+        ("broken.jsonl", '{"text": "a"}\nnot json\n', "line 2: not valid JSON"),
+        ("blank.jsonl", '{"text": "  "}\n', "has no text in its \"text\" fields"),
+    ]:
+        f = tmp_path / name
+        f.write_text(body)
+        with pytest.raises(CalibrationError, match=msg):
+            calibrate.read_text(f)
 
 
 def test_default_calibration_windows(tok, minilm_dir):
