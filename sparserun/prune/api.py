@@ -177,10 +177,22 @@ def load_calibration(model, calib, tokenizer, nsamples, seqlen, seed) -> calibra
         raise calibrate.CalibrationError(f"seqlen {seqlen} exceeds the model's max_position_embeddings "
                                          f"{limit}")
     if isinstance(calib, torch.Tensor):
-        return cal
+        return _check_ids(model, cal)
     if tokenizer is None:
         tokenizer = _tokenizer_for(model)
-    return calibrate.calibration_data(calib, tokenizer, nsamples, seqlen, seed)
+    return _check_ids(model, calibrate.calibration_data(calib, tokenizer, nsamples, seqlen, seed))
+
+
+def _check_ids(model, cal: calibrate.CalibData) -> calibrate.CalibData:
+    """Token ids must index the model's embedding table (a tokenizer of another model, or pre-tokenised ids
+    for another vocabulary, would otherwise end in an IndexError deep inside the embedding)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None)
+    lo, hi = int(cal.input_ids.min()), int(cal.input_ids.max())
+    if lo < 0 or (n is not None and hi >= n):
+        raise calibrate.CalibrationError(f"calibration token ids span [{lo}, {hi}] but the model's embedding has "
+                                         f"{n} rows ({cal.source}): tokenise with the model's own tokenizer")
+    return cal
 
 
 def _tokenizer_for(model):

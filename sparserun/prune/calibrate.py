@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from .. import formats
 from ..formats import UnsupportedShape
 from ..patterns import parse
-from ..runtime.linear import is_linear, linear_weight
+from ..runtime.linear import SparseLinear, is_linear, linear_weight
 from . import masks as masks_mod
 from . import scores
 from .sparsegpt import sparsegpt
@@ -249,6 +249,9 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if size > best_size:
             best, best_size = (name, mod), size
     if best is None:
+        if any(isinstance(m, SparseLinear) for m in model.modules()):
+            raise UnknownModelFamily(f"{type(model).__name__} already holds packed SparseLinear layers (from "
+                                     f"sparserun.load or sparsify_): prune the dense model")
         raise UnknownModelFamily(f"cannot find the repeated decoder/encoder layers of {type(model).__name__}: "
                                  f"no nn.ModuleList of identical blocks with Linear layers (known layouts: "
                                  f"{', '.join(KNOWN_LAYOUTS)})")

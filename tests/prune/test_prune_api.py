@@ -218,6 +218,15 @@ def test_calibration_files(tmp_path, tok):
         _prune(make_llama(tok), tok, "wanda", "2:4", seqlen=300)
 
 
+def test_foreign_token_ids_and_packed_models_are_clear_errors(tok):
+    model = make_llama(tok)
+    with pytest.raises(CalibrationError, match=r"token ids span \[4999, 4999\] but the model's embedding has 400 rows"):
+        sparserun.prune(model, "wanda", "2:4", calib=torch.full((2, 30), 4999), progress=False)
+    sparserun.sparsify_(model, "2:4")
+    with pytest.raises(calibrate.UnknownModelFamily, match="already holds packed SparseLinear layers"):
+        sparserun.prune(model, "wanda", "2:4", calib=torch.randint(0, 400, (2, 30)), progress=False)
+
+
 def test_calibration_file_kinds(tmp_path):
     """JSONL by extension or by a first line that is a {"text": ...} record; a .json list; anything else,
     including source code whose first line opens a brace, is plain text."""
