@@ -92,7 +92,7 @@ def _dir_bytes(d: Path) -> int:
 
 
 def run(out: str | None = None, device: str | None = None, quiet: bool = False,
-        model: str | None = None) -> list[dict]:
+        model: str | None = None, overwrite: bool = False) -> list[dict]:
     from transformers import AutoTokenizer
 
     from .convert import ConvertError, convert, resolve_device
@@ -105,6 +105,11 @@ def run(out: str | None = None, device: str | None = None, quiet: bool = False,
     device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), ConvertError)
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
+    if out:  # the user's directory: refuse, before any work, to replace what is already there
+        for _, _, pattern, _ in CASES:
+            dst = Path(out) / pattern.replace(":", "of")
+            if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+                raise ConvertError(f"--out: {dst} exists and is not empty (use --overwrite to replace it)")
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="sparserun-demo-"))
     say = (lambda *a: None) if quiet else print
     say(f"model: {src}{'' if model else ' (MiniLM-L6, real pretrained weights)'}  device: {device}  dtype: "
@@ -123,7 +128,7 @@ def run(out: str | None = None, device: str | None = None, quiet: bool = False,
             t0 = time.perf_counter()
             dst = work / pattern.replace(":", "of")
             convert(src, dst, method, pattern, sparsity, nsamples=16, seqlen=seqlen, device=device, dtype=dtype,
-                    overwrite=True, progress=not quiet)
+                    overwrite=overwrite or not out, progress=not quiet)
             secs = time.perf_counter() - t0
             pruned = load_model(dst, device, dtype)
             t, s = _embed(pruned, tok, device)
@@ -166,8 +171,10 @@ def _print(rows, say, cuda: bool, what: str) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="prune the bundled MiniLM to 2:4 and 32x32 blocks and compare with dense",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=None, help="keep the converted checkpoints here (default: a temp dir, removed)")
+    p.add_argument("--out", default=None, help="keep the converted checkpoints here, in OUT/2of4 and OUT/32x32 "
+                                                "(default: a temp dir, removed)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT/2of4 and OUT/32x32 if they exist")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--model", default=None,
                    help="a Hugging Face model directory to use instead of the bundled MiniLM (only read)")
-    p.set_defaults(func=lambda a: (run(a.out, a.device, model=a.model), 0)[1])
+    p.set_defaults(func=lambda a: (run(a.out, a.device, model=a.model, overwrite=a.overwrite), 0)[1])

@@ -12,7 +12,7 @@ from .test_convert import run_cli
 
 
 def tree_hash(d):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_demo_on_the_bundled_minilm(tmp_path, minilm_dir, monkeypatch):
@@ -59,6 +59,12 @@ def test_demo_model_option_and_out(tmp_path):
         m = sparserun.load(tmp_path / "out" / sub)
         assert isinstance(m.transformer.h[0].attn.c_attn, sparserun.SparseLinear)
     assert tree_hash(src) == before
+    # a second run into the same --out refuses to replace the checkpoints unless told to
+    kept = tree_hash(tmp_path / "out")
+    rc, out = run_cli("demo", "--model", str(src), "--out", str(tmp_path / "out"))
+    assert rc == 1 and "2of4 exists and is not empty (use --overwrite" in out.strip().splitlines()[-1], out
+    assert tree_hash(tmp_path / "out") == kept
+    assert demo.run(out=str(tmp_path / "out"), device="cpu", quiet=True, model=str(src), overwrite=True)
 
 
 @pytest.mark.parametrize("args,msg", [
