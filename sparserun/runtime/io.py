@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt
 from ..checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, DEFAULT_SHARD_BYTES
-from .linear import SparseLinear, _buffer_shapes, is_linear, linear_shape
+from .linear import SparseLinear, _buffer_shapes, guard_save_pretrained, is_linear, linear_shape
 
 
 # ---- save -----------------------------------------------------------------------------------------------
@@ -245,8 +245,11 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
     if on_meta:
         raise CheckpointError(f"after loading, {len(on_meta)} tensor(s) have no data: "
                               f"{', '.join(on_meta[:5])}{' ...' if len(on_meta) > 5 else ''}")
-    if dtype is not None and hasattr(model, "config"):
-        model.config.dtype = dtype
+    if hasattr(model, "config"):
+        # config.json is the source's, copied unchanged: its dtype may not be what was stored (convert --dtype)
+        # or loaded; the model's config says what the model now holds
+        model.config.dtype = dtype if dtype is not None else getattr(model, "dtype", model.config.dtype)
+    guard_save_pretrained(model)
     if group_siblings is None:
         group_siblings = os.environ.get("SPARSERUN_GROUP_SIBLINGS", "0").strip() == "1"
     if group_siblings:

@@ -176,3 +176,27 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={self.format}, pattern={self.pattern}")
+
+
+class PackedSaveError(RuntimeError):
+    """transformers' save_pretrained was called on a model holding SparseLinear layers."""
+
+
+def _save_pretrained_guard(model: nn.Module, save_directory, *args, **kwargs):
+    if any(isinstance(m, SparseLinear) for m in model.modules()):
+        raise PackedSaveError(
+            f"{type(model).__name__}.save_pretrained cannot save packed sparse layers: transformers would write "
+            f"their packed tensors, and from_pretrained would load the model with those layers initialised at "
+            f"random. Use sparserun.save(model, {str(save_directory)!r}) and sparserun.load")
+    return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make `model.save_pretrained` refuse while the model holds SparseLinear layers (and behave as usual once
+    it holds none, e.g. after fine-tuning unpacked them). The checkpoint it would write looks fine and loads
+    "successfully" in transformers, with every pruned layer silently re-initialised: a failure far from its
+    cause. A partial, not a bound method, so the guard survives copy.deepcopy and pickling (torch.save)."""
+    import functools
+
+    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        model.save_pretrained = functools.partial(_save_pretrained_guard, model)

@@ -25,7 +25,7 @@ import torch.nn as nn
 from .. import formats
 from ..formats.common import check_weight
 from ..patterns import Pattern, parse
-from .linear import SparseLinear, is_linear, linear_shape, linear_weight
+from .linear import SparseLinear, guard_save_pretrained, is_linear, linear_shape, linear_weight
 
 
 @dataclass
@@ -166,4 +166,6 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
         for parent, attr in holders.get(id(lin), []):
             setattr(parent, attr, new)
         report.append(LayerAction(name, "sparsified", "", shape, new.format))
+    if report.sparsified:
+        guard_save_pretrained(model)
     return report

@@ -171,6 +171,50 @@ def test_save_refusals(tmp_path, minilm_packed):
         sparserun.save(model, tmp_path / "p" / "inner", source_dir=tmp_path / "p")
 
 
+def test_transformers_save_pretrained_refuses_packed_layers(tmp_path):
+    """transformers would write the packed tensors, and from_pretrained would then load the model with every
+    pruned layer silently re-initialised: save_pretrained refuses and names sparserun.save, also on copies
+    and on a reloaded model, and works again once no SparseLinear is left."""
+    import copy
+    import io
+
+    from sparserun.runtime.linear import PackedSaveError
+
+    model = tiny_llama()
+    sparserun.sparsify_(model, "2:4")
+    for m in (model, copy.deepcopy(model)):
+        with pytest.raises(PackedSaveError, match=r"Use sparserun.save\(model, '.*x'\) and sparserun.load"):
+            m.save_pretrained(tmp_path / "x")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    with pytest.raises(PackedSaveError):
+        torch.load(buf, weights_only=False).save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    sparserun.save(model, tmp_path / "p")
+    loaded = sparserun.load(tmp_path / "p")
+    with pytest.raises(PackedSaveError):
+        loaded.save_pretrained(tmp_path / "x")
+    for name, mod in list(loaded.named_modules()):  # unpacked again (as fine-tuning does): a plain model
+        if isinstance(mod, SparseLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            lin.weight.data = mod.dense_weight()
+            parent, _, attr = name.rpartition(".")
+            setattr(loaded.get_submodule(parent), attr, lin)
+    loaded.save_pretrained(tmp_path / "x")
+    assert (tmp_path / "x" / "config.json").is_file()
+
+
+def test_loaded_config_states_the_loaded_dtype(tmp_path):
+    """config.json is copied unchanged from the fp32 source; a model stored or loaded in 16 bits says so."""
+    model = tiny_llama()
+    sparserun.sparsify_(model, "2:4")
+    sparserun.save(model.to(torch.bfloat16), tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "config.json").read_text()).get("dtype") in (None, "float32")
+    assert sparserun.load(tmp_path / "p").config.dtype == torch.bfloat16
+    assert sparserun.load(tmp_path / "p", dtype=torch.float16).config.dtype == torch.float16
+
+
 def test_load_refusals(tmp_path, minilm_packed):
     with pytest.raises(ck.CheckpointNotFound, match="not found"):
         sparserun.load(tmp_path / "missing")
