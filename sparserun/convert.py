@@ -405,13 +405,14 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     Returns the PruneReport, also written as OUT/report.json. Lists of masks are not kept (they would grow
     with depth); reload OUT with sparserun.load to get at the layers.
     """
-    from .prune.api import _OPTION_NAMES
+    from .prune.api import _OPTION_NAMES, check_options, check_skip
 
     method, pattern, sparsity = check_args(method, pattern, sparsity)
     unknown = set(opts) - (_OPTION_NAMES - {"include_lm_head"})
     if unknown:
         raise TypeError(f"convert() got unknown option(s) {', '.join(sorted(unknown))}")
     options = calibrate.Options(**opts)
+    check_options(pattern, options)
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise ConvertError(f"source model directory not found: {src}")
@@ -450,6 +451,9 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     compute = torch.float32 if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
     model = build_skeleton(config)
     stacks = calibrate.find_stacks(model)
+    if include_lm_head:
+        calibrate.check_head(model, method)  # raises now, before any weight is read, if it cannot be pruned
+    check_skip(model, skip, include_lm_head)
     keymap, missing = match_keys(model, tensors)
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
@@ -477,8 +481,6 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
         tokenizer = _tokenizer(src)
     # calibration problems (missing / empty / too short text) fail before any weight is read
     cal = load_calibration(model, calib, tokenizer, nsamples, seqlen_eff, options.seed)
-    if include_lm_head:
-        calibrate.check_head(model, method)  # raises now, not after every layer, if it cannot be pruned
     # everything outside the repeated layers: read once, kept for the capture and the LM head
     outside = {k: sk for k, sk in keymap.items() if not calibrate.in_stacks(k, stacks)}
     loaded = tensors.read(list(outside.values()), dtype=compute)

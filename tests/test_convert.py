@@ -145,6 +145,10 @@ def test_cli_convert_prints_table_and_inspect_reads_it(tmp_path, llama_src):
     (["--method", "wanda", "--pattern", "2:4", "--calib", "/nonexistent/calib.txt"],
      "calibration file not found: /nonexistent/calib.txt"),
     (["--method", "wanda", "--pattern", "2:4", "--skip", "(("], "--skip '\\(\\(' is not a valid regular"),
+    (["--method", "wanda", "--pattern", "2:4", "--skip", "mlp.dwn"], "--skip 'mlp.dwn' matches none of the"),
+    (["--method", "wanda", "--pattern", "2:4", "--balance-rows"], "applies to block patterns such as 32x32"),
+    (["--method", "wanda", "--pattern", "32x32", "--sparsity", "0.5", "--per-row", "yes"],
+     "applies to unstructured sparsity, not 32x32"),
     (["--method", "wanda", "--pattern", "2:4", "--device", "cuda:0"], None),
     (["--method", "wanda", "--pattern", "2:4", "--device", "gpu"], "unknown device 'gpu'; use cpu, cuda or cuda:N"),
 ])

@@ -120,6 +120,35 @@ def check_args(method: str, pattern, sparsity) -> tuple[str, str, float]:
 _OPTION_NAMES = {"per_row", "balance_rows", "blocksize", "percdamp", "seed", "include_lm_head"}
 
 
+def check_options(pattern: str, options: calibrate.Options) -> None:
+    """An option that cannot apply to the pattern is an error, not silently ignored."""
+    kind = parse(pattern).kind
+    if options.balance_rows and kind != "block":
+        raise ValueError(f"balance_rows (--balance-rows) applies to block patterns such as 32x32, not {pattern}")
+    if options.per_row is not None and kind != "unstructured":
+        raise ValueError(f"per_row (--per-row) applies to unstructured sparsity, not {pattern} (N:M and blocks "
+                         f"are chosen per group / block-row by construction)")
+
+
+def check_skip(model: nn.Module, skip: str | None, include_lm_head: bool) -> None:
+    """A --skip regex that matches none of the layers pruning would touch is most likely a typo, and one that
+    matches all of them leaves nothing to prune: both are errors, before any data is read."""
+    if not skip:
+        return
+    import re
+
+    names = [f"{st.path}.{i}.{sub}" for st in calibrate.find_stacks(model) for i, block in enumerate(st.layers)
+             for sub, m in block.named_modules() if calibrate.is_linear(m)]
+    if include_lm_head:
+        names.append(calibrate.output_projection(model)[0])
+    hit = [n for n in names if re.search(skip, n)]
+    if not hit:
+        raise ValueError(f"--skip {skip!r} matches none of the {len(names)} Linear layers to prune (e.g. "
+                         f"{', '.join(names[:2])})")
+    if len(hit) == len(names):
+        raise ValueError(f"--skip {skip!r} matches all {len(names)} Linear layers to prune: nothing would be pruned")
+
+
 def prune(model: nn.Module, method: str, pattern, sparsity: float | None = None, calib=None, *,
           nsamples: int = calibrate.DEFAULT_NSAMPLES, seqlen: int | None = None, tokenizer=None,
           skip: str | None = None, device=None, progress: bool = True, **opts) -> PruneReport:
@@ -148,7 +177,9 @@ def prune(model: nn.Module, method: str, pattern, sparsity: float | None = None,
                         f"{', '.join(sorted(_OPTION_NAMES))}")
     include_lm_head = bool(opts.pop("include_lm_head", False))
     options = calibrate.Options(**opts)
+    check_options(pattern, options)
     calibrate.find_layers(model)  # an unknown family fails before any data is read
+    check_skip(model, skip, include_lm_head)
     if device is None:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None and p.device.type == "cuda" else torch.device("cpu")

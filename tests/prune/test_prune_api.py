@@ -175,6 +175,20 @@ def test_bad_arguments(tok, method, pattern, sparsity, err, msg):
         _prune(model, tok, method, pattern, sparsity)
 
 
+@pytest.mark.parametrize("pattern,sparsity,kw,msg", [
+    ("2:4", None, dict(balance_rows=True), "balance_rows .* applies to block patterns such as 32x32, not 2:4"),
+    ("32x32", 0.5, dict(per_row=True), "per_row .* applies to unstructured sparsity, not 32x32"),
+    ("2:4", None, dict(skip="lm_haed"), r"--skip 'lm_haed' matches none of the 14 Linear layers"),
+    ("2:4", None, dict(skip="proj"), r"--skip 'proj' matches all 14 Linear layers to prune: nothing would be"),
+])
+def test_options_that_cannot_apply(tok, pattern, sparsity, kw, msg):
+    """Options that do not apply to the pattern, or a --skip that matches nothing or everything, are errors
+    (raised before any calibration data is read)."""
+    with pytest.raises(ValueError, match=msg):
+        sparserun.prune(make_llama(tok), "wanda", pattern, sparsity, calib="/nonexistent/never-read.txt",
+                        tokenizer=tok, progress=False, **kw)
+
+
 def test_unknown_option(tok):
     with pytest.raises(TypeError, match="unknown option.*blocksz"):
         _prune(make_llama(tok), tok, "wanda", "2:4", blocksz=64)
