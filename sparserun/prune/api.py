@@ -66,9 +66,28 @@ class PruneReport:
                 "bytes_before": before, "bytes_after": after,
                 "ratio": round(after / before, 4) if before else None}
 
+    def warnings(self) -> list[str]:
+        """Pruned layers that did not get what pruning is for: a packed form no smaller than dense (a sparsity
+        too low for the format's index), or no weight removed at all (a target that rounds to zero blocks)."""
+        pr = self.pruned
+        empty = [r for r in pr if r["sparsity"] == 0]
+        larger = [r for r in pr if r["bytes_after"] >= r["bytes_before"] and r["sparsity"] > 0]
+        out = []
+        if empty:
+            unit = f"{self.pattern} blocks" if "x" in self.pattern else "weights"
+            out.append(f"warning: {len(empty)} layer(s) lost no weight (e.g. {empty[0]['name']}): at their shape "
+                       f"the target sparsity rounds down to zero {unit}")
+        if larger:
+            r = larger[0]
+            out.append(f"warning: {len(larger)} layer(s) are not smaller packed than dense (e.g. {r['name']}: "
+                       f"{human_bytes(r['bytes_before'])} -> {human_bytes(r['bytes_after'])}): at "
+                       f"{100 * r['sparsity']:.1f}% the {r['format']} index costs more than the removed weights")
+        return out
+
     def to_dict(self) -> dict:
         return {"method": self.method, "pattern": self.pattern, "sparsity": self.sparsity,
-                "calibration": self.calib, **self.info, "totals": self.totals(), "layers": self.rows}
+                "calibration": self.calib, **self.info, "totals": self.totals(), "warnings": self.warnings(),
+                "layers": self.rows}
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -97,6 +116,7 @@ class PruneReport:
         if outside:
             out.append(f"not pruned: {len(outside)} Linear layer(s) outside {self.info.get('layers_path')} "
                        f"(only the repeated layers are pruned), e.g. {', '.join(outside[:3])}")
+        out.extend(self.warnings())
         frac = self.info.get("pruned_param_fraction")
         if frac is not None:
             out.append(f"the pruned layers hold {100 * frac:.1f}% of the model's parameters")

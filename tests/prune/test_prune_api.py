@@ -1,5 +1,6 @@
 """sparserun.prune on tiny random models: every method x pattern, the report, bad input, the driver."""
 import json
+import re
 
 import pytest
 import torch
@@ -187,6 +188,19 @@ def test_options_that_cannot_apply(tok, pattern, sparsity, kw, msg):
     with pytest.raises(ValueError, match=msg):
         sparserun.prune(make_llama(tok), "wanda", pattern, sparsity, calib="/nonexistent/never-read.txt",
                         tokenizer=tok, progress=False, **kw)
+
+
+@pytest.mark.parametrize("pattern,sparsity,msg", [
+    ("unstructured", 0.001, r"14 layer\(s\) are not smaller packed than dense .* bitmask index costs more"),
+    ("16x16", 0.001, r"14 layer\(s\) lost no weight .* rounds down to zero 16x16 blocks"),
+])
+def test_report_warns_when_pruning_saves_nothing(tok, pattern, sparsity, msg):
+    rep = sparserun.prune(make_llama(tok), "magnitude", pattern, sparsity, calib=torch.randint(0, 400, (2, 32)),
+                          progress=False)
+    assert len(rep.warnings()) == 1 and re.search(msg, rep.warnings()[0])
+    assert rep.warnings()[0] in rep.table() and rep.to_dict()["warnings"] == rep.warnings()
+    assert sparserun.prune(make_llama(tok), "magnitude", "2:4", calib=torch.randint(0, 400, (2, 32)),
+                           progress=False).warnings() == []
 
 
 def test_unknown_option(tok):
