@@ -424,7 +424,9 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
                            f"choose an output outside it")
     if _is_within(s_r, o_r):
         raise ConvertError(f"output {out} contains the source directory {src}; choose another output")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir() and not overwrite:
+        raise ConvertError(f"output {out} exists and is a file, not a directory (use --overwrite to replace it)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConvertError(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
     dtype = resolve_dtype(dtype, ConvertError)
     device = resolve_device(device, ConvertError)
@@ -583,6 +585,12 @@ def _write_outside(w: CheckpointWriter, model: nn.Module, stacks, written: set, 
 def _tokenizer(src: Path):
     from transformers import AutoTokenizer
 
+    from .generate import TOKENIZER_FILES
+
+    if not any((src / f).is_file() for f in TOKENIZER_FILES):
+        raise ConvertError(f"{src} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); calibration text "
+                           f"must be tokenised with the model's own tokenizer: copy its files into {src}, or pass "
+                           f"pre-tokenised calib=LongTensor[n, T] to sparserun.convert.convert()")
     try:
         return AutoTokenizer.from_pretrained(str(src))
     except Exception as e:  # many error types for a directory without tokenizer files

@@ -218,6 +218,10 @@ def test_out_inside_src_and_existing_out(tmp_path, llama_src):
     rc, text = run_cli("convert", src, out, "--method", "magnitude", "--pattern", "2:4")
     assert rc == 1 and "exists and is not empty (use --overwrite" in text
     assert (out / "keep.txt").read_text() == "mine"
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    rc, text = run_cli("convert", src, afile, "--method", "magnitude", "--pattern", "2:4")
+    assert rc == 1 and "exists and is a file, not a directory" in text and afile.read_text() == ""
 
 
 def test_not_enough_memory_fails_before_work(tmp_path, llama_src, monkeypatch):
@@ -269,8 +273,12 @@ def test_pre_tokenised_calibration_without_tokenizer(tmp_path, llama_src):
     shutil.copytree(llama_src, src)
     for p in src.glob("tokenizer*"):
         p.unlink()
+    with pytest.raises(cv.ConvertError, match=r"src has no tokenizer files \(tokenizer.json, .*pre-tokenised"):
+        cv.convert(src, tmp_path / "out", "wanda", "2:4", progress=False)
+    (src / "tokenizer.json").write_text("{not json")
     with pytest.raises(cv.ConvertError, match="has no usable tokenizer"):
         cv.convert(src, tmp_path / "out", "wanda", "2:4", progress=False)
+    (src / "tokenizer.json").unlink()
     ids = torch.randint(3, 300, (3, 24))
     rep = cv.convert(src, tmp_path / "out", "wanda", "2:4", calib=ids, progress=False)
     assert rep.calib["source"].startswith("pre-tokenised") and (tmp_path / "out" / "report.json").is_file()
