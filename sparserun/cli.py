@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import signal
 import sys
+import threading
 
 
 def _human(n: int) -> str:
@@ -169,11 +172,35 @@ def _one_line(e: BaseException) -> str:
     return msg or type(e).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, a job scheduler), raised like Ctrl-C's KeyboardInterrupt: a BaseException that
+    `except Exception` does not swallow, so the `with` blocks and finally clauses that remove temp
+    directories run on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug is accepted anywhere (before or after the subcommand) without every subparser declaring it
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    # Python only lets the main thread set handlers; main() called from another thread keeps the default.
+    # The caller's handler comes back afterwards (main may be called from a program with its own).
+    installed = threading.current_thread() is threading.main_thread()
+    if installed:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv, debug)
+    finally:
+        if installed:
+            # None: the previous handler was not set from Python; SIG_DFL is what such a process starts with
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main(argv: list, debug: bool) -> int:
     try:
         parser = build_parser()
         try:
@@ -183,7 +210,20 @@ def main(argv=None) -> int:
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe fails here, inside the handlers below, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        # stdout's reader went away (`sparserun inspect DIR --json | head -1`): not an error to report. Point
+        # stdout at devnull so the interpreter's flush at exit does not raise again (the Python docs' recipe)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout replaced by an object without a file descriptor
+            pass
+        return 1
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by SIGTERM
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -22,8 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .prune import calibrate
+from .prune.api import position_limit
 
 MANIFEST = "sparserun.json"
+# encoded with both tokenizers when DIR and --against each have their own: a different encoding means the ids
+# fed to --against are not its tokens (letters, digits, punctuation, spaces, non-ASCII)
+PROBE = "Sparse weights, dense results: the 6:45 ferry left Ålesund with 128 passengers, naïvely on time."
 
 
 class EvalError(ValueError):
@@ -69,6 +73,37 @@ def load_tokenizer(*dirs):
         except Exception as e:  # many error types for a directory without tokenizer files
             errors.append(f"{d}: {type(e).__name__}")
     raise EvalError(f"no tokenizer found in {', '.join(str(d) for d in dirs if d is not None)}")
+
+
+def check_windows(seqlen: int, nsamples: int | None, models: dict) -> None:
+    """convert's checks on --seqlen / --nsamples, against every model the windows are fed to ({dir: model})."""
+    if (nsamples is not None and nsamples < 1) or seqlen < 2:
+        raise EvalError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={'all' if nsamples is None else nsamples}, "
+                        f"seqlen={seqlen}")
+    for d, model in models.items():
+        limit, field = position_limit(getattr(model, "config", None))
+        if limit and seqlen > limit:
+            raise EvalError(f"{d}: seqlen {seqlen} exceeds the model's {field} {limit}")
+
+
+def has_tokenizer(path) -> bool:
+    from .generate import TOKENIZER_FILES
+
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def check_same_vocabulary(path, model, against, ref, tokenizer) -> None:
+    """DIR's tokenizer feeds both models: refuse when --against reads other ids (IndexError, or a cosine of
+    unrelated tokens)."""
+    a = getattr(getattr(model, "config", None), "vocab_size", None)
+    b = getattr(getattr(ref, "config", None), "vocab_size", None)
+    if a is not None and b is not None and a != b:
+        raise EvalError(f"{path} has vocab_size {a} but --against {against} has vocab_size {b}: the models use "
+                        f"different tokenizers, so their outputs cannot be compared token by token")
+    if has_tokenizer(path) and has_tokenizer(against):
+        if tokenizer(PROBE)["input_ids"] != load_tokenizer(against)(PROBE)["input_ids"]:
+            raise EvalError(f"the tokenizers of {path} and --against {against} encode the same text differently: "
+                            f"their outputs cannot be compared token by token")
 
 
 def windows(tokenizer, text: str, seqlen: int, nsamples: int | None = None) -> torch.Tensor:
@@ -144,17 +179,24 @@ def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsampl
         dtype = torch.float32
     text = calibrate.read_text(text_file, what="evaluation text")
     model = load_model(path, device, dtype)
+    # --against is loaded now, not after DIR's perplexity, so a mismatch fails before the long part (both
+    # models are in memory for the cosine anyway)
+    ref = load_model(against, device, dtype) if against is not None else None
+    models = {path: model} if ref is None else {path: model, against: ref}
     tok = load_tokenizer(path, against)
+    if ref is not None:
+        check_same_vocabulary(path, model, against, ref, tok)
     from .prune.api import default_seqlen
 
-    seqlen = seqlen or default_seqlen(getattr(model, "config", None))
+    if seqlen is None:  # not `seqlen or ...`: an explicit 0 is an error, not the default
+        seqlen = min(default_seqlen(getattr(m, "config", None)) for m in models.values())
+    check_windows(seqlen, nsamples, models)
     ids = windows(tok, text, seqlen, nsamples)
     result = {"model": str(path), "text": str(text_file), "windows": ids.shape[0], "seqlen": ids.shape[1],
               "tokens": int(ids.numel()), "causal_lm": calibrate.is_causal_lm(model)}
     if result["causal_lm"]:
         result["perplexity"] = perplexity(model, ids, device, progress)
-    if against is not None:
-        ref = load_model(against, device, dtype)
+    if ref is not None:
         result["against"] = str(against)
         result["cosine"] = cosine(model, ref, ids, device, progress=progress)
         if calibrate.is_causal_lm(ref):

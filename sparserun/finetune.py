@@ -601,11 +601,13 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
     if distill is None and not calibrate.is_causal_lm(model):
         raise FinetuneError(f"{type(model).__name__} is not a causal LM, so it has no training loss of its own: "
                             f"give the dense model to distil from with --distill SRC")
-    limit = getattr(model.config, "max_position_embeddings", None)
+    from .prune.api import position_limit
+
+    limit, field = position_limit(model.config)
     if seqlen is None:
-        seqlen = min(DEFAULT_SEQLEN, int(limit)) if limit else DEFAULT_SEQLEN
-    elif limit and seqlen > int(limit):
-        raise FinetuneError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}")
+        seqlen = min(DEFAULT_SEQLEN, limit) if limit else DEFAULT_SEQLEN
+    elif limit and seqlen > limit:
+        raise FinetuneError(f"seqlen {seqlen} exceeds the model's {field} {limit}")
     tok = ev.load_tokenizer(src)
     data = TextWindows(tok, body, seqlen, source=f"training text {text}")
     teacher = None

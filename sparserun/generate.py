@@ -82,6 +82,40 @@ def check_causal_lm(model, model_dir) -> None:
                             f"LlamaForCausalLM, T5ForConditionalGeneration)")
 
 
+def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    # checked even without --sample: a wrong value is a mistake either way, and it is cheaper to hear now
+    # (`not x > 0` is also true for nan)
+    if not temperature > 0:
+        raise GenerateError(f"--temperature must be > 0, got {temperature} (for greedy decoding leave out "
+                            f"--sample)")
+    if not 0 < top_p <= 1:
+        raise GenerateError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise GenerateError(f"--top-k must be >= 0 (0: no top-k filter), got {top_k}")
+
+
+def check_positions(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Prompt and completion must fit the model's position limit: past it a learned position table (GPT-2)
+    raises IndexError mid-generation, and rotary models run on positions they were never trained on."""
+    from .prune.api import position_limit
+
+    limit, field = position_limit(config)
+    if not limit:
+        return  # relative positions (T5): no fixed limit
+    where = f"the model's position limit {limit} ({field})"
+    if prompt_tokens > limit:
+        raise GenerateError(f"prompt ({prompt_tokens} tokens) exceeds {where}; shorten the prompt")
+    if getattr(config, "is_encoder_decoder", False):
+        # the prompt is the encoder's input; the decoder holds its start token and the new tokens
+        if 1 + max_new_tokens > limit:
+            raise GenerateError(f"--max-new-tokens {max_new_tokens} (+ 1 decoder start token) exceeds {where}; "
+                                f"lower --max-new-tokens")
+    elif prompt_tokens + max_new_tokens > limit:
+        raise GenerateError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} = "
+                            f"{prompt_tokens + max_new_tokens} exceeds {where}; shorten the prompt or lower "
+                            f"--max-new-tokens")
+
+
 def _backend_note(device: torch.device) -> str:
     forced = os.environ.get("SPARSERUN_BACKEND", "auto").strip().lower() or "auto"
     if device.type == "cuda":
@@ -126,6 +160,7 @@ def generate(model_dir, prompt: str, *, max_new_tokens: int = 64, device=None, d
         raise GenerateError("--prompt is empty")
     if max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_sampling(temperature, top_p, top_k)
     if not model_dir.is_dir():
         raise GenerateError(f"{model_dir}: no such checkpoint directory")
     dev = resolve_device(device)
@@ -148,6 +183,7 @@ def generate(model_dir, prompt: str, *, max_new_tokens: int = 64, device=None, d
     attention_mask = attention_mask.to(dev) if attention_mask is not None else None
     if input_ids.shape[1] == 0:
         raise GenerateError("the prompt tokenized to zero tokens")
+    check_positions(model.config, input_ids.shape[1], max_new_tokens)
 
     kw = dict(max_new_tokens=max_new_tokens, do_sample=sample)
     if sample:

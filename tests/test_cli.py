@@ -1,7 +1,10 @@
 """`sparserun` command: inspect (table and JSON) and the one-line error contract."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -124,3 +127,51 @@ def test_module_entry_point(minilm_packed):
                         "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["layers"]) == 37
+
+
+def test_sigterm_handler_is_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["--version"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """`timeout` / a job scheduler sends SIGTERM: the writer's temp directory goes, as on Ctrl-C (was: left
+    behind, the process killed without a word)."""
+    from .prune._models import save_llama_dir
+
+    src = save_llama_dir(tmp_path / "src")
+    out = tmp_path / "out"
+    # many calibration windows: pruning runs for seconds after the writer has made its temp directory
+    proc = subprocess.Popen([sys.executable, "-m", "sparserun.cli", "convert", str(src), str(out), "--method",
+                             "sparsegpt", "--pattern", "2:4", "--nsamples", "1024", "--seqlen", "64", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".out.tmp-*")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "convert made no temp directory in 60 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip() == "error: terminated" and stdout == ""
+    assert not list(tmp_path.glob(".out.tmp-*")) and not out.exists()
+
+
+def test_closed_stdout_pipe_is_quiet(minilm_packed):
+    """`sparserun inspect DIR --json | head -1`: was `error: [Errno 32] Broken pipe`. The reading end is closed
+    before the command starts, so its first write fails, however small the output."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "sparserun.cli", "inspect", str(minilm_packed["2:4"]["dir"]),
+                               "--json"], stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert proc.returncode == 1 and proc.stderr == ""

@@ -8,7 +8,7 @@ import torch
 from sparserun import eval as ev
 from sparserun.convert import convert
 
-from .prune._models import one_cpu_thread, save_llama_dir  # noqa: F401 (autouse fixture)
+from .prune._models import make_tokenizer, one_cpu_thread, save_llama_dir  # noqa: F401 (autouse fixture)
 from .test_convert import run_cli
 
 TEXT = ("The harbourmaster wrote the ferry times on the chalkboard every morning at six. Visitors learned "
@@ -86,3 +86,73 @@ def test_cpu_default_dtype_is_float32(tmp_path, dirs):
     assert ev.evaluate(half, text, seqlen=32)["perplexity"] == ev.evaluate(rounded, text, seqlen=32)["perplexity"]
     in_bf16 = ev.evaluate(half, text, seqlen=32, dtype="bfloat16")["perplexity"]
     assert in_bf16 != ev.evaluate(half, text, seqlen=32)["perplexity"]
+
+
+def _one_line(rc, err, *needles):
+    # the error is the last line; transformers' own "Loading weights" bar may come before it
+    errors = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
+    assert rc == 1 and len(errors) == 1 and err.strip().endswith(errors[0]) and "Traceback" not in err, err
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, dirs):
+    """A tiny GPT-2 (learned positions, n_positions 64) with the Llama's tokenizer: a valid --against."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    src = dirs[0]
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("gpt2")
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=1, n_head=4, n_positions=64)
+    GPT2LMHeadModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_seqlen_and_nsamples_are_checked_like_convert(dirs, gpt2_dir, minilm_dir):
+    """Was: IndexError (GPT-2 past n_positions, --nsamples 0), ZeroDivisionError (--seqlen 1), a silent run past
+    Llama's max_position_embeddings; --seqlen 0 became the default."""
+    src, packed, text = dirs
+    cases = [
+        ((src, "--seqlen", "300"), (f"{src}: seqlen 300 exceeds the model's max_position_embeddings 256",)),
+        ((gpt2_dir, "--seqlen", "100"), (f"{gpt2_dir}: seqlen 100 exceeds the model's n_positions 64",)),
+        ((minilm_dir, "--seqlen", "600"), ("seqlen 600 exceeds the model's max_position_embeddings 512",)),
+        ((src, "--seqlen", "1"), ("need nsamples >= 1 and seqlen >= 2", "seqlen=1")),
+        ((src, "--seqlen", "0"), ("need nsamples >= 1 and seqlen >= 2", "seqlen=0")),
+        ((src, "--nsamples", "0"), ("need nsamples >= 1 and seqlen >= 2", "nsamples=0")),
+        # the windows feed --against too: its limit counts
+        ((packed, "--against", gpt2_dir, "--seqlen", "100"), (f"{gpt2_dir}: seqlen 100 exceeds", "n_positions 64")),
+    ]
+    for (d, *opts), needles in cases:
+        rc, out, err = run_cli("eval", d, "--text", text, "--quiet", *opts, split=True)
+        _one_line(rc, err, *needles)
+    # without --seqlen the default fits both models: min(512, 256, 64)
+    r = ev.evaluate(src, text, gpt2_dir, nsamples=1)
+    assert r["seqlen"] == 64 and r["windows"] == 1 and -1 <= r["cosine"] <= 1
+
+
+def test_against_a_model_with_another_tokenizer_is_refused(tmp_path, dirs):
+    """DIR's tokenizer feeds both models: a different vocabulary gave IndexError or a meaningless cosine."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    src, packed, text = dirs
+    small = tmp_path / "small-vocab"
+    shutil.copytree(src, small)
+    cfg = LlamaForCausalLM.from_pretrained(src).config
+    cfg.vocab_size = 300
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(small)
+    make_tokenizer(vocab_size=300).save_pretrained(small)
+    rc, out, err = run_cli("eval", packed, "--text", text, "--against", small, "--seqlen", "32", split=True)
+    _one_line(rc, err, f"{packed} has vocab_size 400 but --against {small} has vocab_size 300")
+
+    # same vocab_size, different tokenizer (fewer merges: the probe text splits differently)
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(src, other)
+    make_tokenizer(vocab_size=300).save_pretrained(other)
+    rc, out, err = run_cli("eval", packed, "--text", text, "--against", other, "--seqlen", "32", split=True)
+    _one_line(rc, err, f"the tokenizers of {packed} and --against {other} encode the same text differently")

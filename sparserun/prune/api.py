@@ -210,23 +210,34 @@ def prune(model: nn.Module, method: str, pattern, sparsity: float | None = None,
     return PruneReport(method, pattern, sparsity, cal.describe(), rows, kept, info)
 
 
+def position_limit(config) -> tuple[int | None, str]:
+    """(the model's position limit, the config.json field it comes from), or (None, "") for a model without
+    one (T5's relative positions). GPT-2's n_positions also answers to max_position_embeddings."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit:
+        # name the field as config.json spells it, so the user can find it
+        return int(limit), getattr(config, "attribute_map", {}).get("max_position_embeddings",
+                                                                     "max_position_embeddings")
+    limit = getattr(config, "n_positions", None)
+    return (int(limit), "n_positions") if limit else (None, "")
+
+
 def default_seqlen(config) -> int:
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return min(calibrate.DEFAULT_SEQLEN, int(limit)) if limit else calibrate.DEFAULT_SEQLEN
+    limit, _ = position_limit(config)
+    return min(calibrate.DEFAULT_SEQLEN, limit) if limit else calibrate.DEFAULT_SEQLEN
 
 
 def load_calibration(model, calib, tokenizer, nsamples, seqlen, seed) -> calibrate.CalibData:
     """Calibration windows for `model` (checks seqlen against its position limit)."""
     config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit, field = position_limit(config)
     if isinstance(calib, torch.Tensor):
         cal = calibrate.calibration_data(calib, seed=seed)
         seqlen = cal.seqlen
     else:
         seqlen = seqlen if seqlen is not None else default_seqlen(config)
-    if limit and seqlen > int(limit):
-        raise calibrate.CalibrationError(f"seqlen {seqlen} exceeds the model's max_position_embeddings "
-                                         f"{limit}")
+    if limit and seqlen > limit:
+        raise calibrate.CalibrationError(f"seqlen {seqlen} exceeds the model's {field} {limit}")
     if isinstance(calib, torch.Tensor):
         return _check_ids(model, cal)
     if tokenizer is None:

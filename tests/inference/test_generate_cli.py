@@ -73,11 +73,48 @@ def test_errors_are_one_line(packed, tmp_path, capsys):
         (["generate", str(path), "--prompt", "x", "--device", "cuda:0"] if not torch.cuda.is_available()
          else ["generate", str(path), "--prompt", "x", "--device", "nonsense"], "--device"),
         (["generate", str(path), "--prompt", "x", "--chat"], "no chat template"),
+        (["generate", str(path), "--prompt", "x", "--sample", "--temperature", "0"], "--temperature must be > 0"),
+        (["generate", str(path), "--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+        (["generate", str(path), "--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["generate", str(path), "--prompt", "x", "--top-k", "-1"], "--top-k must be >= 0 (0: no top-k filter)"),
     ]
     if not torch.cuda.is_available():
         cases.append((["generate", str(path), "--prompt", "x", "--compile"], "--compile needs a CUDA device"))
     for argv, match in cases:
         _one_line_error(capsys, main(argv), match)
+
+
+def test_prompt_and_new_tokens_must_fit_the_position_limit(packed, tmp_path, capsys):
+    """Was: GPT-2 (learned positions) stopped mid-generation with `IndexError: index out of range in self`; a
+    rotary model (the Llama, max_position_embeddings 128) ran on positions it was never trained on."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, path = packed
+    tok = make_tokenizer()
+    n = tok("The ferry", return_tensors="pt")["input_ids"].shape[1]
+    _one_line_error(capsys, main(["generate", str(path), "--prompt", "The ferry", "--max-new-tokens", "200"]),
+                    f"prompt ({n} tokens) + --max-new-tokens 200 = {n + 200} exceeds the model's position limit "
+                    f"128 (max_position_embeddings)")
+    long = "The ferry leaves the harbour at six. " * 30
+    n = tok(long, return_tensors="pt")["input_ids"].shape[1]
+    assert n > 128
+    _one_line_error(capsys, main(["generate", str(path), "--prompt", long]),
+                    f"prompt ({n} tokens) exceeds the model's position limit 128 (max_position_embeddings)")
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=1, n_head=4, n_positions=32)).eval()
+    sparserun.sparsify_(gpt2, "2:4")
+    tok.save_pretrained(tmp_path / "src")
+    sparserun.save(gpt2, tmp_path / "p", source_dir=tmp_path / "src")
+    prompt = "The ferry leaves"
+    n = tok(prompt, return_tensors="pt")["input_ids"].shape[1]
+    base = ["generate", str(tmp_path / "p"), "--prompt", prompt, "--ignore-eos", "--max-new-tokens"]
+    _one_line_error(capsys, main(base + [str(33 - n)]),
+                    f"prompt ({n} tokens) + --max-new-tokens {33 - n} = 33 exceeds the model's position limit 32 "
+                    f"(n_positions); shorten the prompt or lower --max-new-tokens")
+    rc = main(base + [str(32 - n)])  # exactly at the limit: runs
+    out, err = capsys.readouterr()
+    assert rc == 0 and f"{32 - n} new tokens" in err, err
 
 
 def test_missing_tokenizer_is_one_line(tmp_path, capsys):
