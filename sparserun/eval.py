@@ -34,15 +34,16 @@ class EvalError(ValueError):
     """Evaluation cannot run (one line naming the directory or file)."""
 
 
-def load_model(path, device="cpu", dtype=None) -> nn.Module:
-    """A packed checkpoint via sparserun.load, or a Hugging Face directory via from_pretrained."""
+def load_model(path, device="cpu", dtype=None, progress: bool | None = None) -> nn.Module:
+    """A packed checkpoint via sparserun.load, or a Hugging Face directory via from_pretrained.
+    progress=False also silences transformers' own loading bar (--quiet means quiet)."""
     p = Path(path)
     if not p.is_dir():
         raise EvalError(f"model directory not found: {p}")
     if (p / MANIFEST).is_file():
         from .runtime.io import load
 
-        return load(p, device=device, dtype=dtype)
+        return load(p, device=device, dtype=dtype, progress=progress)
     if not (p / "config.json").is_file():
         raise EvalError(f"{p} has no config.json (neither a packed checkpoint nor a Hugging Face directory)")
     import transformers
@@ -51,13 +52,22 @@ def load_model(path, device="cpu", dtype=None) -> nn.Module:
     config = AutoConfig.from_pretrained(str(p))
     cls = next((getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)), None)
     kw = {"dtype": dtype} if dtype is not None else {}
-    if cls is None:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(p), **kw)
-        except ValueError:
-            model = AutoModel.from_pretrained(str(p), **kw)
-    else:
-        model = cls.from_pretrained(str(p), **kw)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if progress is False:
+        hf_logging.disable_progress_bar()
+    try:
+        if cls is None:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(p), **kw)
+            except ValueError:
+                model = AutoModel.from_pretrained(str(p), **kw)
+        else:
+            model = cls.from_pretrained(str(p), **kw)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 
@@ -178,10 +188,10 @@ def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsampl
     if dtype is None and device.type == "cpu":
         dtype = torch.float32
     text = calibrate.read_text(text_file, what="evaluation text")
-    model = load_model(path, device, dtype)
+    model = load_model(path, device, dtype, progress=progress)
     # --against is loaded now, not after DIR's perplexity, so a mismatch fails before the long part (both
     # models are in memory for the cosine anyway)
-    ref = load_model(against, device, dtype) if against is not None else None
+    ref = load_model(against, device, dtype, progress=progress) if against is not None else None
     models = {path: model} if ref is None else {path: model, against: ref}
     tok = load_tokenizer(path, against)
     if ref is not None:

@@ -60,6 +60,7 @@ def test_encoder_cosine_and_cli(tmp_path, minilm_dir):
     assert r["causal_lm"] is False and "perplexity" not in r and r["cosine"] == pytest.approx(1.0, abs=1e-5)
     rc, out = run_cli("eval", minilm_dir, "--text", text, "--seqlen", "32", "--quiet")
     assert rc == 0 and "perplexity: n/a (not a causal language model)" in out
+    assert "Loading weights" not in out  # --quiet silences transformers' loading bar too
 
 
 def test_eval_errors(tmp_path, dirs):
