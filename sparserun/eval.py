@@ -134,11 +134,15 @@ def windows(tokenizer, text: str, seqlen: int, nsamples: int | None = None) -> t
 
 
 def last_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The last hidden state [1, T, H]: what the LM head reads, or an encoder's output."""
+    """The last hidden state [1, T, H]: what the LM head reads (a causal LM's, or a sequence-to-sequence
+    model's decoder's, fed the window shifted right), or an encoder's output."""
     if calibrate.is_causal_lm(model):
         out = model(**calibrate.forward_inputs(model, ids, output_hidden_states=True))
         return out.hidden_states[-1]
-    out = model(**calibrate.forward_inputs(model, ids))
+    out = model(**calibrate.forward_inputs(model, ids, output_hidden_states=True))
+    dec = getattr(out, "decoder_hidden_states", None)
+    if dec:  # a seq2seq output has logits but no last_hidden_state: compare hidden states, not vocab scores
+        return dec[-1]
     return calibrate._model_output(out)
 
 

@@ -149,6 +149,15 @@ def test_encoder_decoder_both_stacks_convert_equals_prune(tmp_path, tok, family,
     assert torch.equal(got, want)
 
 
+def test_eval_compares_seq2seq_hidden_states_not_vocabulary_scores(tok):
+    from sparserun.eval import last_hidden
+
+    ids = torch.randint(3, len(tok), (1, 9))
+    with torch.no_grad():
+        for family in ("t5", "bart"):
+            assert last_hidden(seq2seq(tok, family), ids).shape == (1, 9, H), family
+
+
 def test_decoder_pass_sees_the_pruned_encoders_output(tok, monkeypatch):
     """The decoder of an encoder-decoder is calibrated on what the *pruned* encoder outputs (through its
     final norm), computed once from the encoder stack's last hidden states."""

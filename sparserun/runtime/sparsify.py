@@ -105,14 +105,15 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
 
     pattern:   "2:4", "4:8", "32x32", "unstructured", ... (sparserun.patterns)
     filter_fn: (module, name) -> bool choosing layers; default skips lm_head and embeddings. With `masks`,
-               only layers named in `masks` are considered (and the filter still applies).
+               exactly the layers named in `masks` are packed (a filter_fn you pass still applies; the default
+               one does not, so an lm_head that sparserun.prune(include_lm_head=True) pruned is packed).
     masks:     {layer name: bool mask [out, in]}; without it a magnitude mask is computed (module docstring).
     sparsity:  target for blocks / unstructured when no masks are given.
     """
     from tqdm.auto import tqdm
 
     pat = parse(pattern)
-    filter_fn = filter_fn or default_filter
+    filter_fn = filter_fn or (default_filter if masks is None else (lambda module, name: True))
     # Every (parent, attribute) holding each module, so a module reachable by two paths is swapped in both.
     holders: dict[int, list[tuple[nn.Module, str]]] = {}
     for pname, parent in model.named_modules(remove_duplicate=False):

@@ -150,6 +150,9 @@ def test_lm_head_only_when_asked(tok):
     assert rep.rows[-1]["name"] == "lm_head" and rep.rows[-1]["status"] == "pruned"
     formats.check_nm(rep.masks["lm_head"], 2, 4)
     assert (model.lm_head.weight[~rep.masks["lm_head"]] == 0).all()
+    # the documented next step packs exactly the pruned layers, the head included
+    assert len(sparserun.sparsify_(model, "2:4", masks=rep.masks).sparsified) == len(rep.masks) == 15
+    assert isinstance(model.lm_head, sparserun.SparseLinear)
     tied = make_llama(tok, tie_word_embeddings=True)
     with pytest.raises(ValueError, match="lm_head shares its weight with the input embeddings"):
         _prune(tied, tok, "wanda", "2:4", include_lm_head=True)
