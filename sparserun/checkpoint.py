@@ -104,6 +104,16 @@ class OutputExists(CheckpointError):
     """The output directory exists and is not empty (pass overwrite=True / --overwrite to replace it)."""
 
 
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """OUT may be missing or an empty directory; a non-empty one only with overwrite; a file never (it is not
+    ours to delete). Commands call this before any long work, and the writer again when it starts."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExists(f"output {out} exists and is a file, not a directory; choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExists(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
+
+
 # ---- helpers --------------------------------------------------------------------------------------------
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -242,12 +252,7 @@ class CheckpointWriter:
             if _is_within(out_r, src_r) or _is_within(src_r, out_r):
                 raise CheckpointError(f"output {self.out} overlaps the source directory {self.source_dir}; "
                                       "the source is never written, choose another output directory")
-        if self.out.exists():
-            if not self.out.is_dir():
-                raise OutputExists(f"output {self.out} exists and is not a directory")
-            if any(self.out.iterdir()) and not overwrite:
-                raise OutputExists(f"output directory {self.out} exists and is not empty "
-                                   "(use --overwrite / overwrite=True to replace it)")
+        check_output_dir(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         self.config = config

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import DEFAULT_SHARD_BYTES, CheckpointError, CheckpointWriter, _is_within
+from .checkpoint import DEFAULT_SHARD_BYTES, CheckpointError, CheckpointWriter, _is_within, check_output_dir
 from .prune import calibrate
 from .prune.api import PruneReport, check_args, human_bytes, load_calibration
 
@@ -424,10 +424,7 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
                            f"choose an output outside it")
     if _is_within(s_r, o_r):
         raise ConvertError(f"output {out} contains the source directory {src}; choose another output")
-    if out.exists() and not out.is_dir() and not overwrite:
-        raise ConvertError(f"output {out} exists and is a file, not a directory (use --overwrite to replace it)")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConvertError(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
+    check_output_dir(out, overwrite)
     dtype = resolve_dtype(dtype, ConvertError)
     device = resolve_device(device, ConvertError)
     if skip:

@@ -461,7 +461,7 @@ def train_loop(model: nn.Module, params, data, *, steps: int, lr: float, weight_
             ids = data.sample(batch_size, gen).to(device)
             loss = recovery_loss(model, ids, teacher, distill_weight=distill_weight, temperature=temperature)
             if not torch.isfinite(loss):
-                raise FinetuneError(f"the loss became {float(loss)} at step {step} (lower --lr)")
+                raise FinetuneError(f"the loss became {float(loss.detach())} at step {step} (lower --lr)")
             loss.backward()
             if after_backward is not None:
                 after_backward(step)
@@ -570,13 +570,15 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
     seqlen:  tokens per training window (default min(128, the model's max_position_embeddings))
     """
     from . import eval as ev
-    from .checkpoint import OutputExists
+    from .checkpoint import check_output_dir
     from .runtime.io import load, save
 
     src, out = Path(src), Path(out)
     _check_positive(steps=steps, batch_size=batch_size)
     if lora_rank is not None:
         _check_positive(lora_rank=lora_rank)
+    if lora_alpha is not None and not lora_alpha > 0:
+        raise FinetuneError(f"lora_alpha must be > 0 (it scales the adapters; 0 would train nothing), got {lora_alpha}")
     if lr is not None and not lr > 0:
         raise FinetuneError(f"lr must be > 0, got {lr}")
     if not src.is_dir():
@@ -585,9 +587,7 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
     if _is_within(o_r, s_r) or _is_within(s_r, o_r):
         raise FinetuneError(f"output {out} overlaps the checkpoint {src}, which is only read; choose another "
                             f"output directory")
-    # refuse before spending minutes training (the writer would refuse again at the end)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputExists(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
+    check_output_dir(out, overwrite)  # before spending minutes training (the writer checks again at the end)
     if distill is not None and not Path(distill).is_dir():
         raise FinetuneError(f"teacher directory not found: {distill}")
     from .convert import resolve_device, resolve_dtype
@@ -612,7 +612,7 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
     data = TextWindows(tok, body, seqlen, source=f"training text {text}")
     teacher = None
     if distill is not None:
-        teacher = ev.load_model(distill, device, torch.float32).eval()
+        teacher = ev.load_model(distill, device, torch.float32, progress=progress).eval()
         teacher.requires_grad_(False)
     infos = unpack_sparse_(model)
     if not infos:

@@ -220,8 +220,9 @@ def test_out_inside_src_and_existing_out(tmp_path, llama_src):
     assert (out / "keep.txt").read_text() == "mine"
     afile = tmp_path / "afile"
     afile.write_text("")
-    rc, text = run_cli("convert", src, afile, "--method", "magnitude", "--pattern", "2:4")
-    assert rc == 1 and "exists and is a file, not a directory" in text and afile.read_text() == ""
+    for extra in ([], ["--overwrite"]):  # --overwrite replaces a directory, never a file
+        rc, text = run_cli("convert", src, afile, "--method", "magnitude", "--pattern", "2:4", *extra)
+        assert rc == 1 and "exists and is a file, not a directory" in text and afile.read_text() == ""
 
 
 def test_not_enough_memory_fails_before_work(tmp_path, llama_src, monkeypatch):

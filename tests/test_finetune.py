@@ -338,6 +338,8 @@ def packed_bert(tmp_path_factory):
     (["{packed}", "{out}", "--text", "{text}", "--steps", "0"], "steps must be a positive integer"),
     (["{packed}", "{out}", "--text", "{text}", "--lora-rank", "0"], "lora_rank must be a positive integer"),
     (["{packed}", "{out}", "--text", "{text}", "--lr", "-1"], "lr must be > 0"),
+    (["{packed}", "{out}", "--text", "{text}", "--lora-rank", "2", "--lora-alpha", "0"], "lora_alpha must be > 0"),
+    (["{packed}", "{out}", "--text", "{text}", "--steps", "6", "--lr", "1e9"], "the loss became"),
     (["{packed}", "{out}", "--text", "{text}", "--distill", "{tmp}/nope"], "teacher directory not found"),
     (["{bert}", "{out}", "--text", "{text}"], "not a causal LM"),
     (["{packed}", "{out}", "--text", "{short}"], "has only"),
@@ -359,6 +361,19 @@ def test_cli_errors(tmp_path, packed_llama, packed_bert, args, msg):
     assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err  # one line, no traceback
     assert not (tmp_path / "out").exists()
     assert tree_hash(packed) == before
+
+
+def test_output_that_is_a_file_is_refused_before_training(tmp_path, packed_llama, monkeypatch):
+    from sparserun import finetune as ft
+
+    _, packed = packed_llama
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    monkeypatch.setattr(ft, "recover", lambda *a, **k: pytest.fail("trained before checking OUT"))
+    for extra in ([], ["--overwrite"]):  # --overwrite replaces a directory, never a file
+        rc, _, err = run_cli("finetune", packed, afile, "--text", DEFAULT_CALIB, "--quiet", *extra)
+        assert rc == 1 and "exists and is a file, not a directory" in err and err.count("\n") == 1, err
+    assert afile.read_text() == "mine"
 
 
 def test_bert_checkpoint_with_teacher(tmp_path, packed_bert):
