@@ -391,12 +391,16 @@ def _run_bench_tune(args) -> int:
     import torch
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, None: None}[args.dtype]
-    m_values = [int(m) for m in args.m.split(",")] if args.m else list(M_BUCKETS)
+    try:
+        m_values = [int(m) for m in args.m.split(",")] if args.m else list(M_BUCKETS)
+    except ValueError:
+        raise ValueError(f"--m takes comma-separated token counts such as 1,16,2048, got {args.m!r}") from None
     if any(m < 1 for m in m_values):
         raise ValueError(f"--m values must be >= 1, got {args.m!r}")
     if not str(args.device).startswith("cuda") or not torch.cuda.is_available():
-        raise RuntimeError(f"bench tune times GPU kernels and needs a CUDA device (got --device {args.device}, "
-                           f"CUDA available: {torch.cuda.is_available()})")
+        # ValueError: a usage error the CLI prints as one plain line, not as a crash
+        raise ValueError(f"bench tune times GPU kernels and needs a CUDA device (got --device {args.device}, "
+                         f"CUDA available: {torch.cuda.is_available()})")
     tuner = get_tuner()
     print(f"tuning cache: {tuner.path}", flush=True)
     rows = tune_dir(args.dir, device=args.device, dtype=dtype, m_values=m_values,

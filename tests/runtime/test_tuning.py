@@ -332,9 +332,13 @@ def test_cli_bench_group_and_tune(monkeypatch, tmp_path, capsys):
 
     assert cli.main(["bench"]) == 2  # a group without a sub-subcommand: help, usage error
     assert cli.main(["bench", "tune", "--help"]) == 0
+    capsys.readouterr()
     if not torch.cuda.is_available():
         assert cli.main(["bench", "tune", str(tmp_path)]) == 1
-        assert "needs a CUDA device" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.startswith("error: bench tune times GPU kernels and needs a CUDA device") and err.count("\n") == 1
+    assert cli.main(["bench", "tune", str(tmp_path), "--m", "x"]) == 1
+    assert "--m takes comma-separated token counts such as 1,16,2048, got 'x'" in capsys.readouterr().err
     # the command wires its options through to tune_dir and writes the rows
     seen = {}
 
