@@ -12,7 +12,8 @@ from .test_convert import run_cli
 
 
 def tree_hash(d):
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_demo_on_the_bundled_minilm(tmp_path, minilm_dir, monkeypatch):

@@ -839,8 +839,9 @@ def run_cli(a) -> int:
         cfg = dict(TINY)
         batches, prompts = _ints(a.batches) if a.batches else (1, 2), _ints(a.prompts) if a.prompts else (16,)
         variants = parse_variants(a.variants if a.variants != "all" else "dense,2:4,32x32-50,64x64-90")
-        kw = dict(decode_tokens=a.decode_tokens or 4, warmup=min(a.warmup, 2), prefill_reps=min(a.prefill_reps, 2),
-                  dtype=torch.float32, dry_run=True, backend=a.backend or "reference")
+        kw = dict(decode_tokens=4 if a.decode_tokens is None else a.decode_tokens, warmup=min(a.warmup, 2),
+                  prefill_reps=min(a.prefill_reps, 2), dtype=torch.float32, dry_run=True,
+                  backend=a.backend or "reference")
     else:
         if not torch.cuda.is_available():
             print("error: the e2e benchmark needs a CUDA GPU (use --dry-run to check the harness on a CPU)",
@@ -849,7 +850,7 @@ def run_cli(a) -> int:
         cfg = dict(LLAMA_31_8B)
         batches, prompts = _ints(a.batches) if a.batches else BATCHES, _ints(a.prompts) if a.prompts else PROMPTS
         variants = parse_variants(a.variants)
-        kw = dict(decode_tokens=a.decode_tokens or 64, warmup=a.warmup, prefill_reps=a.prefill_reps,
+        kw = dict(decode_tokens=64 if a.decode_tokens is None else a.decode_tokens, warmup=a.warmup, prefill_reps=a.prefill_reps,
                   dtype=torch.bfloat16, backend=a.backend)
     if a.layers:
         cfg["num_hidden_layers"] = a.layers

@@ -264,22 +264,48 @@ def write(result: dict, out_dir="benchmarks/results", kind="kernels") -> None:
     finish_results(stem, md, result, plot)
 
 
+def _add_options(p) -> None:
+    p.add_argument("--quick", action="store_true", help="two shapes, M in 1, 16, 2048")
+    p.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16")
+    p.add_argument("--shapes", default=None, help="comma-separated indices into the shape list (benchmarks/shapes.py)")
+    p.add_argument("--out", default="benchmarks/results", help="results directory")
+    p.add_argument("--kind", default="kernels", help="results file suffix (letters, digits, - and _)")
+    p.add_argument("--blocks", default="all", choices=("all", "none"),
+                   help="'none' to time only 2:4 (and the baselines)")
+    p.add_argument("--m", default=None, help="comma-separated M values (default: the full sweep)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="no GPU: tiny shapes on the CPU through the Triton interpreter (checks the harness)")
+
+
+def _check_options(a) -> None:
+    """Bad values are one-line errors before anything runs (a dry run included), never silently ignored."""
+    import re
+
+    bad = set(a.dtypes.split(",")) - {"bf16", "fp16"}
+    if bad:
+        raise ValueError(f"--dtypes takes bf16 and/or fp16, got {', '.join(sorted(bad))}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", a.kind):
+        raise ValueError(f"--kind {a.kind!r} must be letters, digits, - and _ (it names the results file)")
+    for opt, value, ok in (("--shapes", a.shapes, lambda i: 0 <= i < len(ALL_SHAPES)), ("--m", a.m, lambda m: m >= 1)):
+        if value is None:
+            continue
+        try:
+            nums = [int(v) for v in value.split(",")]
+        except ValueError:
+            nums = None
+        if nums is None or not all(ok(v) for v in nums):
+            hint = f"indices 0..{len(ALL_SHAPES) - 1}" if opt == "--shapes" else "token counts >= 1"
+            raise ValueError(f"{opt} takes comma-separated {hint}, got {value!r}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="two shapes, M in 1, 16, 2048")
-    ap.add_argument("--dtypes", default="bf16,fp16")
-    ap.add_argument("--shapes", default=None, help="comma-separated indices into the shape list")
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--kind", default="kernels", help="results file suffix")
-    ap.add_argument("--blocks", default="all", help="'none' to time only 2:4 (and the baselines)")
-    ap.add_argument("--m", default=None, help="comma-separated M values (default: the full sweep)")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="no GPU: tiny shapes on the CPU through the Triton interpreter (checks the harness)")
-    a = ap.parse_args(argv)
-    return run_cli(a)
+    _add_options(ap)
+    return run_cli(ap.parse_args(argv))
 
 
 def run_cli(a) -> int:
+    _check_options(a)
     if a.dry_run:
         import os
 
@@ -310,12 +336,5 @@ def add_bench_kernels(bsub) -> None:
     """`sparserun bench kernels`: the same options as benchmarks/bench_kernels.py."""
     p = bsub.add_parser("kernels", help="kernel benchmark vs cuBLAS and torch 2:4 (writes benchmarks/results)",
                         description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--dtypes", default="bf16,fp16")
-    p.add_argument("--shapes", default=None)
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--kind", default="kernels")
-    p.add_argument("--blocks", default="all")
-    p.add_argument("--m", default=None)
-    p.add_argument("--dry-run", action="store_true")
+    _add_options(p)
     p.set_defaults(func=run_cli)

@@ -25,9 +25,9 @@ inputs (activation checkpointing at layer granularity), so this too holds one de
                  a sequence-to-sequence LM's decoder stack, with the window as source and target
     encoders     (and an encoder-decoder's encoder stack) there is no loss; the natural one, the distance
                  of the outputs to the dense model's, has a zero gradient at the dense point. Its curvature is
-                 not zero: with J = ∂f/∂W, the Hessian of ½‖f(W') − f(W)‖² at W' = W is JᵀJ (Gauss-Newton
-                 is exact there since the residual is 0), and
-                 for ε ~ N(0, I), g = ∂⟨ε, f⟩/∂W = εᵀJ has E[g²] = diag(JᵀJ). So each window's gradient is
+                 not zero: with J = ∂f/∂W, the Hessian of ½‖f(W') − f(W)‖² at W' = W is JᵀJ
+                 (Gauss-Newton is exact there since the residual is 0), and for ε ~ N(0, I),
+                 g = ∂⟨ε, f⟩/∂W = εᵀJ has E[g²] = diag(JᵀJ). So each window's gradient is
                  that of ⟨ε, f(x)⟩ (last hidden state, a fresh fixed-seed ε per window): obd = ½ W² · mean g²
                  is then exactly OBD for the output-distance loss, and taylor = |W| · Σ|g| ∝ |W|·sqrt(diag JᵀJ)
                  (E|g| = sqrt(2/π)·sqrt(E g²)) is its first-order counterpart (same ordering up to noise).

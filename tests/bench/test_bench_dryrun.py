@@ -1,13 +1,13 @@
 """The kernel benchmark harness runs end to end without a GPU (tiny shapes, Triton interpreter)."""
-import argparse
 import json
 
-from sparserun.bench.kernels import run_cli
+import pytest
+
+from sparserun.bench.kernels import main
 
 
 def test_dry_run_writes_all_backends(tmp_path):
-    args = argparse.Namespace(dry_run=True, out=str(tmp_path), kind="kernels")
-    assert run_cli(args) == 0
+    assert main(["--dry-run", "--out", str(tmp_path)]) == 0
     (js,) = tmp_path.glob("*-kernels-dryrun.json")
     res = json.loads(js.read_text())
     assert res["env"]["dry_run"]
@@ -18,3 +18,16 @@ def test_dry_run_writes_all_backends(tmp_path):
     assert {r["M"] for r in res["rows"]} == {1, 3, 33}
     assert all(r["ms"] > 0 for r in res["rows"])
     assert "DRY RUN" in js.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--dtypes", "int8"], "--dtypes takes bf16 and/or fp16, got int8"),
+    (["--shapes", "foo"], "--shapes takes comma-separated indices 0.."),
+    (["--shapes", "99"], "--shapes takes comma-separated indices 0.."),
+    (["--m", "0"], "--m takes comma-separated token counts >= 1, got '0'"),
+    (["--kind", "../x"], "--kind '../x' must be letters, digits"),
+])
+def test_bad_options_are_errors_even_in_a_dry_run(tmp_path, args, msg):
+    with pytest.raises(ValueError, match=msg):
+        main(["--dry-run", "--out", str(tmp_path), *args])
+    assert list(tmp_path.iterdir()) == []
