@@ -850,8 +850,8 @@ def run_cli(a) -> int:
         cfg = dict(LLAMA_31_8B)
         batches, prompts = _ints(a.batches) if a.batches else BATCHES, _ints(a.prompts) if a.prompts else PROMPTS
         variants = parse_variants(a.variants)
-        kw = dict(decode_tokens=64 if a.decode_tokens is None else a.decode_tokens, warmup=a.warmup, prefill_reps=a.prefill_reps,
-                  dtype=torch.bfloat16, backend=a.backend)
+        kw = dict(decode_tokens=64 if a.decode_tokens is None else a.decode_tokens, warmup=a.warmup,
+                  prefill_reps=a.prefill_reps, dtype=torch.bfloat16, backend=a.backend)
     if a.layers:
         cfg["num_hidden_layers"] = a.layers
     res = run(config_kw=cfg, variants=variants, batches=batches, prompts=prompts, modes=modes, out_dir=a.out,
