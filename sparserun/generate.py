@@ -82,9 +82,16 @@ def check_causal_lm(model, model_dir) -> None:
                             f"LlamaForCausalLM, T5ForConditionalGeneration)")
 
 
-def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+def check_sampling(sample: bool, temperature: float, top_p: float, top_k: int) -> None:
     # checked even without --sample: a wrong value is a mistake either way, and it is cheaper to hear now
-    # (`not x > 0` is also true for nan)
+    # (`not x > 0` is also true for nan). Without --sample, a sampling option that was set would be ignored
+    # (greedy decoding reads none of them): say so rather than decode greedily behind the user's back.
+    if not sample:
+        given = [f for f, v, d in (("--temperature", temperature, 1.0), ("--top-p", top_p, 1.0),
+                                   ("--top-k", top_k, 50)) if v != d]
+        if given:
+            raise GenerateError(f"{', '.join(given)} only apply to sampling: add --sample (decoding is greedy "
+                                f"without it)")
     if not temperature > 0:
         raise GenerateError(f"--temperature must be > 0, got {temperature} (for greedy decoding leave out "
                             f"--sample)")
@@ -160,7 +167,7 @@ def generate(model_dir, prompt: str, *, max_new_tokens: int = 64, device=None, d
         raise GenerateError("--prompt is empty")
     if max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    check_sampling(temperature, top_p, top_k)
+    check_sampling(sample, temperature, top_p, top_k)
     if not model_dir.is_dir():
         raise GenerateError(f"{model_dir}: no such checkpoint directory")
     dev = resolve_device(device)

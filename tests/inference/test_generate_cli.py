@@ -74,9 +74,11 @@ def test_errors_are_one_line(packed, tmp_path, capsys):
          else ["generate", str(path), "--prompt", "x", "--device", "nonsense"], "--device"),
         (["generate", str(path), "--prompt", "x", "--chat"], "no chat template"),
         (["generate", str(path), "--prompt", "x", "--sample", "--temperature", "0"], "--temperature must be > 0"),
-        (["generate", str(path), "--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-        (["generate", str(path), "--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
-        (["generate", str(path), "--prompt", "x", "--top-k", "-1"], "--top-k must be >= 0 (0: no top-k filter)"),
+        (["generate", str(path), "--prompt", "x", "--sample", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+        (["generate", str(path), "--prompt", "x", "--sample", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["generate", str(path), "--prompt", "x", "--sample", "--top-k", "-1"], "--top-k must be >= 0 (0: no top-k"),
+        (["generate", str(path), "--prompt", "x", "--temperature", "0.5", "--top-k", "5"],
+         "--temperature, --top-k only apply to sampling: add --sample"),
     ]
     if not torch.cuda.is_available():
         cases.append((["generate", str(path), "--prompt", "x", "--compile"], "--compile needs a CUDA device"))
