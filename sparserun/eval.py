@@ -102,15 +102,15 @@ def has_tokenizer(path) -> bool:
     return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
 
 
-def check_same_vocabulary(path, model, against, ref, tokenizer) -> None:
-    """DIR's tokenizer feeds both models: refuse when --against reads other ids (IndexError, or a cosine of
-    unrelated tokens)."""
+def check_same_vocabulary(path, model, against, ref, tokenizer, tokenizer_dir=None) -> None:
+    """DIR's tokenizer (or --tokenizer's) feeds both models: refuse when --against reads other ids (IndexError,
+    or a cosine of unrelated tokens)."""
     a = getattr(getattr(model, "config", None), "vocab_size", None)
     b = getattr(getattr(ref, "config", None), "vocab_size", None)
     if a is not None and b is not None and a != b:
         raise EvalError(f"{path} has vocab_size {a} but --against {against} has vocab_size {b}: the models use "
                         f"different tokenizers, so their outputs cannot be compared token by token")
-    if has_tokenizer(path) and has_tokenizer(against):
+    if has_tokenizer(tokenizer_dir or path) and has_tokenizer(against):
         if tokenizer(PROBE)["input_ids"] != load_tokenizer(against)(PROBE)["input_ids"]:
             raise EvalError(f"the tokenizers of {path} and --against {against} encode the same text differently: "
                             f"their outputs cannot be compared token by token")
@@ -181,10 +181,11 @@ def cosine(model: nn.Module, other: nn.Module, ids: torch.Tensor, device="cpu", 
 
 
 def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsamples: int | None = None,
-             device="cpu", dtype=None, progress: bool | None = None) -> dict:
+             device="cpu", dtype=None, progress: bool | None = None, tokenizer=None) -> dict:
     """Perplexity of DIR (causal LMs) and, with `against`, cosine similarity of outputs to that model.
     dtype: default float32 on the CPU (16-bit matmuls are several times slower there, and less exact), else
-    each model's own. progress: bars over the windows (None: only on a terminal)."""
+    each model's own. progress: bars over the windows (None: only on a terminal). tokenizer: a directory to
+    load the tokenizer from (default: DIR's, else --against's)."""
     from .convert import resolve_dtype, resolve_device
 
     dtype = resolve_dtype(dtype, EvalError)
@@ -197,9 +198,9 @@ def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsampl
     # models are in memory for the cosine anyway)
     ref = load_model(against, device, dtype, progress=progress) if against is not None else None
     models = {path: model} if ref is None else {path: model, against: ref}
-    tok = load_tokenizer(path, against)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else load_tokenizer(path, against)
     if ref is not None:
-        check_same_vocabulary(path, model, against, ref, tok)
+        check_same_vocabulary(path, model, against, ref, tok, tokenizer)
     from .prune.api import default_seqlen
 
     if seqlen is None:  # not `seqlen or ...`: an explicit 0 is an error, not the default
@@ -232,6 +233,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
                    help="default: float32 on the CPU, each model's own dtype on a GPU")
+    p.add_argument("--tokenizer", default=None, help="load the tokenizer from here (default: DIR's, else --against's)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
@@ -239,7 +241,8 @@ def add_parser(sub) -> None:
 
 def _run(args) -> int:
     r = evaluate(args.dir, args.text, args.against, seqlen=args.seqlen, nsamples=args.nsamples,
-                 device=args.device, dtype=args.dtype, progress=False if args.quiet else None)
+                 device=args.device, dtype=args.dtype, progress=False if args.quiet else None,
+                 tokenizer=args.tokenizer)
     if args.json:
         print(json.dumps(r, indent=1))
         return 0

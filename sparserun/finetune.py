@@ -560,7 +560,8 @@ def _cast_params_(model: nn.Module, dtype: torch.dtype) -> None:
 def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | None = None,
                         lora_alpha: float | None = None, distill=None, lr: float | None = None,
                         weight_decay: float = 0.0, batch_size: int = 4, seqlen: int | None = None, seed: int = 0,
-                        device="cpu", dtype=None, overwrite: bool = False, progress: bool = True) -> dict:
+                        device="cpu", dtype=None, overwrite: bool = False, progress: bool = True,
+                        tokenizer=None) -> dict:
     """Load the packed checkpoint SRC, fine-tune it on `text` (a file: plain text or JSONL), write the packed
     checkpoint OUT with every layer's pattern kept (see module doc). Returns a summary dict.
 
@@ -568,6 +569,7 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
              language-model loss (encoders)
     dtype:   of OUT (default: SRC's); training itself runs in float32
     seqlen:  tokens per training window (default min(128, the model's max_position_embeddings))
+    tokenizer: a directory to load the tokenizer from (default: SRC's)
     """
     from . import eval as ev
     from .checkpoint import check_output_dir
@@ -608,7 +610,7 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
         seqlen = min(DEFAULT_SEQLEN, limit) if limit else DEFAULT_SEQLEN
     elif limit and seqlen > limit:
         raise FinetuneError(f"seqlen {seqlen} exceeds the model's {field} {limit}")
-    tok = ev.load_tokenizer(src)
+    tok = ev.load_tokenizer(tokenizer if tokenizer is not None else src)
     data = TextWindows(tok, body, seqlen, source=f"training text {text}")
     teacher = None
     if distill is not None:
@@ -660,6 +662,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
                    help="dtype of OUT (default: DIR's); training runs in float32")
+    p.add_argument("--tokenizer", default=None, help="load the tokenizer from here (default: DIR's)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
@@ -670,7 +673,7 @@ def _run(args) -> int:
                             lora_alpha=args.lora_alpha, distill=args.distill, lr=args.lr,
                             weight_decay=args.weight_decay, batch_size=args.batch_size, seqlen=args.seqlen,
                             seed=args.seed, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-                            progress=not args.quiet)
+                            progress=not args.quiet, tokenizer=args.tokenizer)
     how = "LoRA" if r["mode"] == "lora" else "masked fine-tuning"
     print(f"{how}: {r['steps']} steps in {r['seconds']:.1f} s, loss {r['first_loss']:.4f} -> "
           f"{r['last_loss']:.4f}; {r['sparse_layers']} sparse layers repacked with their patterns")

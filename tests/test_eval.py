@@ -50,6 +50,27 @@ def test_packed_against_source(dirs):
     assert r["perplexity"] != r["against_perplexity"]
 
 
+def test_tokenizer_option_for_a_checkpoint_without_one(tmp_path, dirs):
+    """A packed directory saved without tokenizer files is evaluated (and fine-tuned) with --tokenizer."""
+    import shutil
+
+    src, packed, text = dirs
+    bare = tmp_path / "bare"
+    shutil.copytree(packed, bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "added_tokens", "vocab", "merges")):
+            f.unlink()
+    assert not ev.has_tokenizer(bare)
+    rc, out = run_cli("eval", bare, "--text", text, "--seqlen", "32", "--quiet")
+    assert rc == 1 and "no tokenizer found" in out
+    rc, out, err = run_cli("eval", bare, "--text", text, "--seqlen", "32", "--tokenizer", src, "--json", split=True)
+    assert rc == 0, err
+    assert json.loads(out)["perplexity"] == pytest.approx(ev.evaluate(packed, text, seqlen=32)["perplexity"])
+    rc, out = run_cli("finetune", bare, tmp_path / "tuned", "--text", text, "--steps", "1", "--seqlen", "16",
+                      "--batch-size", "1", "--tokenizer", src, "--quiet")
+    assert rc == 0, out
+
+
 def test_encoder_cosine_and_cli(tmp_path, minilm_dir):
     text = tmp_path / "t.jsonl"
     text.write_text("\n".join(json.dumps({"text": TEXT[i * 100:(i + 1) * 100]}) for i in range(10)))
