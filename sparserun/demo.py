@@ -95,6 +95,7 @@ def run(out: str | None = None, device: str | None = None, quiet: bool = False,
         model: str | None = None, overwrite: bool = False) -> list[dict]:
     from transformers import AutoTokenizer
 
+    from .checkpoint import check_output_dir
     from .convert import ConvertError, convert, resolve_device
     from .eval import load_model
     from .prune.api import default_seqlen
@@ -107,9 +108,7 @@ def run(out: str | None = None, device: str | None = None, quiet: bool = False,
     dtype = torch.float16 if cuda else torch.float32
     if out:  # the user's directory: refuse, before any work, to replace what is already there
         for _, _, pattern, _ in CASES:
-            dst = Path(out) / pattern.replace(":", "of")
-            if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-                raise ConvertError(f"--out: {dst} exists and is not empty (use --overwrite to replace it)")
+            check_output_dir(Path(out) / pattern.replace(":", "of"), overwrite)
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="sparserun-demo-"))
     say = (lambda *a: None) if quiet else print
     say(f"model: {src}{'' if model else ' (MiniLM-L6, real pretrained weights)'}  device: {device}  dtype: "

@@ -157,8 +157,7 @@ def check_skip(model: nn.Module, skip: str | None, include_lm_head: bool) -> Non
         return
     import re
 
-    names = [f"{st.path}.{i}.{sub}" for st in calibrate.find_stacks(model) for i, block in enumerate(st.layers)
-             for sub, m in block.named_modules() if calibrate.is_linear(m)]
+    names = calibrate.stack_linear_names(model)
     if include_lm_head:
         names.append(calibrate.output_projection(model)[0])
     hit = [n for n in names if re.search(skip, n)]

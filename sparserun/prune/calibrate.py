@@ -298,6 +298,12 @@ def find_stacks(model: nn.Module) -> list[Stack]:
     return stacks
 
 
+def stack_linear_names(model: nn.Module) -> list[str]:
+    """Full names of the Linear (and Conv1D) layers inside the stacks: what pruning touches by default."""
+    return [f"{st.path}.{i}.{sub}" for st in find_stacks(model) for i, block in enumerate(st.layers)
+            for sub, m in block.named_modules() if is_linear(m)]
+
+
 def in_stacks(name: str, stacks) -> bool:
     """Whether a parameter / module name lies inside one of the stacks."""
     return any(name.startswith(st.path + ".") for st in stacks)

@@ -195,10 +195,9 @@ class _Layer:
 def _default_layers(model: nn.Module) -> list[str]:
     """The nn.Linear layers inside the model's repeated blocks (what sparserun.prune prunes by default:
     not the LM head, not a pooler, never embeddings)."""
-    from .calibrate import find_stacks
+    from .calibrate import stack_linear_names
 
-    return [f"{st.path}.{i}.{sub}" for st in find_stacks(model) for i, block in enumerate(st.layers)
-            for sub, m in block.named_modules() if is_linear(m)]
+    return stack_linear_names(model)
 
 
 class MovementPruner:
