@@ -582,9 +582,9 @@ def _write_outside(w: CheckpointWriter, model: nn.Module, stacks, written: set, 
 def _tokenizer(src: Path):
     from transformers import AutoTokenizer
 
-    from .generate import TOKENIZER_FILES
+    from .generate import TOKENIZER_FILES, has_tokenizer
 
-    if not any((src / f).is_file() for f in TOKENIZER_FILES):
+    if not has_tokenizer(src):
         raise ConvertError(f"{src} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); calibration text "
                            f"must be tokenised with the model's own tokenizer: copy its files into {src}, or pass "
                            f"pre-tokenised calib=LongTensor[n, T] to sparserun.convert.convert()")

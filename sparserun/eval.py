@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .prune import calibrate
+from .generate import has_tokenizer
 from .prune.api import position_limit
 
 MANIFEST = "sparserun.json"
@@ -94,12 +95,6 @@ def check_windows(seqlen: int, nsamples: int | None, models: dict) -> None:
         limit, field = position_limit(getattr(model, "config", None))
         if limit and seqlen > limit:
             raise EvalError(f"{d}: seqlen {seqlen} exceeds the model's {field} {limit}")
-
-
-def has_tokenizer(path) -> bool:
-    from .generate import TOKENIZER_FILES
-
-    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
 
 
 def check_same_vocabulary(path, model, against, ref, tokenizer, tokenizer_dir=None) -> None:

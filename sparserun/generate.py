@@ -28,6 +28,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
 
 
+def has_tokenizer(path) -> bool:
+    """Whether the directory holds any tokenizer file (checked before transformers' less clear errors)."""
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
 class GenerateError(ValueError):
     """A one-line, user-facing reason `sparserun generate` cannot run (the CLI prints it as `error: ...`)."""
 
@@ -63,7 +68,7 @@ def load_tokenizer(model_dir: Path, tokenizer: str | None = None):
     from transformers import AutoTokenizer
 
     src = tokenizer or str(model_dir)
-    if tokenizer is None and not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+    if tokenizer is None and not has_tokenizer(model_dir):
         raise GenerateError(f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save it "
                             f"with sparserun.save(model, out, source_dir=HF_DIR) so they are copied, or pass "
                             f"--tokenizer PATH")
