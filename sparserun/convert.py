@@ -35,6 +35,7 @@ import torch.nn as nn
 from .checkpoint import DEFAULT_SHARD_BYTES, CheckpointError, CheckpointWriter, _is_within, check_output_dir
 from .prune import calibrate
 from .prune.api import PruneReport, check_args, human_bytes, load_calibration
+from .runtime import experts
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -114,6 +115,20 @@ class SourceTensors:
             dt = dtype
         return n * torch.empty((), dtype=dt).element_size()
 
+    def nbytes_of(self, source, dtype: torch.dtype | None = None) -> int:
+        """Bytes of a keymap value: one tensor name, or a tuple of names stored as one tensor (match_keys)."""
+        return sum(self.nbytes(k, dtype) for k in (source if isinstance(source, tuple) else (source,)))
+
+    def read_mapped(self, keymap: dict, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """{model key: tensor} for a keymap {model key: tensor name, or a tuple of names to concatenate along
+        dim 0 (one expert's gate and up weights stored apart)}."""
+        names = [n for v in keymap.values() for n in (v if isinstance(v, tuple) else (v,))]
+        got = self.read(names, device=device, dtype=dtype)
+        out = {}
+        for k, v in keymap.items():
+            out[k] = torch.cat([got.pop(n) for n in v]) if isinstance(v, tuple) else got.pop(v)
+        return out
+
     def read(self, keys, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Read `keys` (grouped by file; each file is mapped only for the duration of this call)."""
         from safetensors import safe_open
@@ -178,19 +193,71 @@ def build_skeleton(config) -> nn.Module:
     return model.eval()
 
 
-def _transformers_mapping(model: nn.Module) -> tuple[list, bool]:
-    """(renamings, has_converters) of the key mapping transformers >= 5 applies when it loads this model: it
+def _transformers_mapping(model: nn.Module) -> tuple[list, list]:
+    """(renamings, converters) of the key mapping transformers >= 5 applies when it loads this model: it
     saves some models under older names (GPT-NeoX's `embed_out` for `lm_head`) and renames them at load time,
-    and merges others (Mixtral's per-expert weights into one 3-D tensor). ([], False) on older versions."""
+    and merges others (Mixtral's per-expert weights into one 3-D tensor). ([], []) on older versions."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
 
         transforms = list(get_model_conversion_mapping(model))
     except Exception:  # transformers 4.x, or a version whose internals moved: match names as they are
-        return [], False
+        return [], []
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    return renamings, len(renamings) < len(transforms)
+    return renamings, [t for t in transforms if not isinstance(t, WeightRenaming)]
+
+
+def _per_expert_merge(conv) -> "list[str] | None":
+    """The source patterns of a converter that only stacks per-expert 2-D weights into one 3-D tensor
+    (MergeModulelist(dim=0)), perhaps concatenating two of them along the output dim first (gate and up:
+    Concatenate(dim=1) after the merge), each pattern with one `*` for the expert index; else None. Those
+    are the layouts whose experts an unrolled module holds as they are stored (runtime/experts.py)."""
+    try:
+        ops = [(type(o).__name__, getattr(o, "dim", None)) for o in conv.operations]
+        pats = list(conv.source_patterns)
+    except Exception:  # another version's converter objects: not a layout we know
+        return None
+    if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
+        return None
+    if any(p.count("*") != 1 for p in pats) or (len(ops) == 1) != (len(pats) == 1):
+        return None
+    return pats
+
+
+def _expert_sources(model: nn.Module, missing: list, resolve, converters) -> tuple[dict, set]:
+    """({unrolled key: (source names, ...)}, {the 3-D keys they stand for}) for the experts weights in
+    `missing` that transformers builds from per-expert tensors (_per_expert_merge): after runtime.experts.unroll,
+    expert e's Linear holds exactly those tensors, concatenated along dim 0 (Mixtral's w1 and w3, Qwen's
+    gate_proj and up_proj)."""
+    out, done = {}, set()
+    miss = set(missing)
+    for path, mod in experts.experts_modules(model):
+        if mod.is_transposed or mod.has_bias:
+            continue  # stored transposed, or with per-expert biases: not a layout handled here
+        for proj in (experts.in_proj(mod), "down_proj"):
+            key = f"{path}.{proj}"
+            if key not in miss:
+                continue
+            for conv in converters:
+                pats = _per_expert_merge(conv)
+                targets = [t.lstrip("^") for t in getattr(conv, "target_patterns", [])]
+                if pats is None or not any(key.endswith(t) for t in targets):
+                    continue
+                found = {}
+                for e in range(experts.num_experts(mod)):
+                    names = []
+                    for p in pats:
+                        head, tail = p.lstrip("^").split("*")
+                        names.append(resolve(f"{path}.{e}{tail}") if f"{path}.".endswith(head) else None)
+                    if None in names:
+                        break
+                    found[f"{path}.{e}.{proj}.weight"] = tuple(names)
+                else:
+                    out.update(found)
+                    done.add(key)
+                    break
+    return out, done
 
 
 def _renamed(names, renamings) -> dict[str, str]:
@@ -214,20 +281,29 @@ def match_keys(model: nn.Module, src: SourceTensors) -> tuple[dict[str, str], li
     after the renamings transformers itself applies when loading this model class."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     names = set(src.info)
-    renamings, _ = _transformers_mapping(model)
+    renamings, converters = _transformers_mapping(model)
     renamed = _renamed(names, renamings) if renamings else {}
-    out, missing = {}, []
-    for k in model.state_dict(keep_vars=True):
+
+    def resolve(k: str) -> "str | None":
         for cand in (k, k[len(prefix) + 1:] if prefix and k.startswith(prefix + ".") else None,
                      f"{prefix}.{k}" if prefix else None):
             if cand and cand in names:
-                out[k] = cand
-                break
+                return cand
             if cand and cand in renamed:
-                out[k] = renamed[cand]
-                break
-        else:
+                return renamed[cand]
+        return None
+
+    out, missing = {}, []
+    for k in model.state_dict(keep_vars=True):
+        sk = resolve(k)
+        if sk is None:
             missing.append(k)
+        else:
+            out[k] = sk
+    if missing and converters:
+        per_expert, done = _expert_sources(model, missing, resolve, converters)
+        out.update(per_expert)
+        missing = [k for k in missing if k not in done]
     return out, missing
 
 
@@ -238,7 +314,7 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, requires_grad: 
         mod._parameters[attr] = nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
     elif attr in mod._buffers:
         mod._buffers[attr] = value
-    else:
+    elif not experts.set_fused(mod, attr, value):  # a 3-D experts weight, split into the unrolled experts
         raise ConvertError(f"{key} is neither a parameter nor a buffer of {type(model).__name__}")
 
 
@@ -262,10 +338,9 @@ class StreamingLayers:
                      for i in range(len(layers))}
 
     def load(self, i: int, device) -> nn.Module:
-        keys = self.keys[i]
-        tensors = self.src.read(keys.values(), device=device, dtype=self.dtype)
-        for k, sk in keys.items():
-            _set_tensor(self.model, k, tensors.pop(sk))
+        tensors = self.src.read_mapped(self.keys[i], device=device, dtype=self.dtype)
+        for k in list(tensors):
+            _set_tensor(self.model, k, tensors.pop(k))
         layer = self.layers[i]
         for m in layer.modules():  # buffers not in SRC (non-persistent ones) were computed on the CPU
             for bk, b in list(m._buffers.items()):
@@ -339,10 +414,10 @@ def estimate_memory(model, stacks, src: SourceTensors, keymap: dict, dtype, meth
                     nsamples: int, seqlen: int, max_shard_bytes: int) -> dict:
     """Peak bytes by component (docs/convert_memory.md has the formula); stacks: calibrate.find_stacks."""
     esize = torch.empty((), dtype=dtype).element_size()
-    per_layer = [sum(src.nbytes(sk, dtype) for k, sk in keymap.items() if k.startswith(f"{st.path}.{i}."))
+    per_layer = [sum(src.nbytes_of(sk, dtype) for k, sk in keymap.items() if k.startswith(f"{st.path}.{i}."))
                  for st in stacks for i in range(len(st.layers))]
     layer = max(per_layer) if per_layer else 0
-    outside = sum(src.nbytes(sk, dtype) for k, sk in keymap.items() if not calibrate.in_stacks(k, stacks))
+    outside = sum(src.nbytes_of(sk, dtype) for k, sk in keymap.items() if not calibrate.in_stacks(k, stacks))
     cfg = getattr(model, "config", None)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
@@ -449,16 +524,19 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     # model is processed in fp32 (twice the layer memory, which the estimate counts) and cast when written.
     compute = torch.float32 if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
     model = build_skeleton(config)
+    keymap, missing = match_keys(model, tensors)
+    # MoE experts stored as 3-D tensors are pruned and packed one expert at a time (runtime/experts.py); the
+    # keymap keeps their stored names, which StreamingLayers splits into the experts as it reads them
+    experts.unroll_all(model)
     stacks = calibrate.find_stacks(model)
     if include_lm_head:
         calibrate.check_head(model, method)  # raises now, before any weight is read, if it cannot be pruned
     check_skip(model, skip, include_lm_head)
-    keymap, missing = match_keys(model, tensors)
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
     if missing:
         hint = ""
-        if _transformers_mapping(model)[1]:
+        if _transformers_mapping(model)[1]:  # (the per-expert layouts runtime/experts.py holds are matched)
             hint = (f" (transformers builds them at load time by merging tensors stored in another layout, e.g. "
                     f"per-expert weights; convert reads the safetensors as stored and cannot stream such a model: "
                     f"load it with from_pretrained and use sparserun.prune + sparserun.save)")
@@ -482,9 +560,9 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     cal = load_calibration(model, calib, tokenizer, nsamples, seqlen_eff, options.seed)
     # everything outside the repeated layers: read once, kept for the capture and the LM head
     outside = {k: sk for k, sk in keymap.items() if not calibrate.in_stacks(k, stacks)}
-    loaded = tensors.read(list(outside.values()), dtype=compute)
-    for k, sk in outside.items():
-        _set_tensor(model, k, loaded.pop(sk))
+    loaded = tensors.read_mapped(outside, dtype=compute)
+    for k in outside:
+        _set_tensor(model, k, loaded.pop(k))
     if tied:
         model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta and not calibrate.in_stacks(n, stacks)]

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..patterns import parse
+from ..runtime import experts
 from . import calibrate, masks, scores
 
 COLUMNS = ("layer", "pattern", "format", "sparsity", "rel.err", "before", "after", "note")
@@ -82,6 +83,11 @@ class PruneReport:
             out.append(f"warning: {len(larger)} layer(s) are not smaller packed than dense (e.g. {r['name']}: "
                        f"{human_bytes(r['bytes_before'])} -> {human_bytes(r['bytes_after'])}): at "
                        f"{100 * r['sparsity']:.1f}% the {r['format']} index costs more than the removed weights")
+        unreached = [r for r in pr if r["reason"].startswith("no calibration token")]
+        if unreached:
+            out.append(f"warning: {len(unreached)} layer(s) saw no calibration token (e.g. {unreached[0]['name']}, "
+                       f"an MoE expert the router never chose) and were pruned by magnitude; more calibration "
+                       f"text (--nsamples) reaches more experts")
         return out
 
     def to_dict(self) -> dict:
@@ -96,7 +102,7 @@ class PruneReport:
         lines = [(r["name"], r["pattern"], r["format"], f"{100 * r['sparsity']:.1f}%",
                   "-" if r.get("rel_error") is None else f"{r['rel_error']:.4f}",
                   human_bytes(r["bytes_before"]), human_bytes(r["bytes_after"]),
-                  r["reason"] if r["status"] != "pruned" else "") for r in self.rows]
+                  r["reason"]) for r in self.rows]
         t = self.totals()
         lines.append(("total", self.pattern, "", f"{100 * t['sparsity']:.1f}%",
                       "-" if t["mean_rel_error"] is None else f"{t['mean_rel_error']:.4f} mean",
@@ -198,14 +204,20 @@ def prune(model: nn.Module, method: str, pattern, sparsity: float | None = None,
     options = calibrate.Options(**opts)
     check_options(pattern, options)
     calibrate.find_layers(model)  # an unknown family fails before any data is read
-    check_skip(model, skip, include_lm_head)
-    if device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None and p.device.type == "cuda" else torch.device("cpu")
-    cal = load_calibration(model, calib, tokenizer, nsamples, seqlen, options.seed)
-    rows, kept, info = calibrate.prune_layerwise(
-        model, method, pattern, sparsity, cal, device=device, skip=skip, options=options,
-        include_lm_head=include_lm_head, progress=progress)
+    # MoE experts held as 3-D parameters are pruned as one Linear pair per expert (runtime/experts.py), then
+    # stacked back, so the pruned model keeps the layout transformers saves and loads
+    unrolled = experts.unroll_all(model)
+    try:
+        check_skip(model, skip, include_lm_head)
+        if device is None:
+            p = next(iter(model.parameters()), None)
+            device = p.device if p is not None and p.device.type == "cuda" else torch.device("cpu")
+        cal = load_calibration(model, calib, tokenizer, nsamples, seqlen, options.seed)
+        rows, kept, info = calibrate.prune_layerwise(
+            model, method, pattern, sparsity, cal, device=device, skip=skip, options=options,
+            include_lm_head=include_lm_head, progress=progress)
+    finally:
+        experts.fuse_all(model, unrolled)
     return PruneReport(method, pattern, sparsity, cal.describe(), rows, kept, info)
 
 

@@ -842,8 +842,8 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
     info = {"layers_path": ", ".join(paths), "stacks": paths, "num_layers": sum(len(st.layers) for st in stacks),
             "causal_lm": is_causal_lm(model),
             "dense_outside": linears_outside(model, stacks, {r["name"] for r in rows}),
-            # how much of the model the pruned layers are (embeddings, MoE experts held as 3-D parameters and
-            # other non-Linear weights are not): "50 % sparse" of 12 % of the weights is not a smaller model
+            # how much of the model the pruned layers are (embeddings and other non-Linear weights are not):
+            # "50 % sparse" of 12 % of the weights is not a smaller model
             "pruned_param_fraction": round(sum(math.prod(r["shape"]) for r in rows if r["status"] == "pruned")
                                            / max(1, sum(p.numel() for p in model.parameters())), 4)}
     return rows, kept_masks, info
@@ -917,9 +917,14 @@ def _prune_stack(model: nn.Module, st: Stack, stacks: list, store, extra, ctx: d
             packed, meters, layer_rows = {}, {}, {}
             for name, m in mods.items():
                 w = linear_weight(m).detach()
+                stat, note = stats.get(name), ""
+                if stat is not None and not bool(stat.any()):
+                    # no calibration token reached this layer (an MoE expert the router never chose): every
+                    # weight would score 0 and the mask would be arbitrary; magnitude is the informed choice left
+                    stat, note = None, "no calibration token reached it: pruned by magnitude"
                 try:
-                    new_w, mask = _prune_one(method, w, stats.get(name), pat, ctx["sparsity"], opts,
-                                             ctx["per_row"], name)
+                    new_w, mask = _prune_one("magnitude" if note else method, w, stat, pat, ctx["sparsity"],
+                                             opts, ctx["per_row"], name)
                 except UnsupportedShape as e:
                     rows.append(_row(name, m, pat, "dense", str(e).split(": ", 1)[-1]))
                     continue
@@ -928,7 +933,7 @@ def _prune_stack(model: nn.Module, st: Stack, stacks: list, store, extra, ctx: d
                 meters[name] = _ErrorMeter(w.clone())
                 set_weight(m, new_w)
                 packed[name] = (p, m.bias.detach() if m.bias is not None else None)
-                row = _row(name, m, pat, "pruned", "")
+                row = _row(name, m, pat, "pruned", note)
                 row.update(sparsity=round(1.0 - float(mask.sum()) / mask.numel(), 6), bytes_after=p.nbytes())
                 layer_rows[name] = row
                 if kept_masks is not None:

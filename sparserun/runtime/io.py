@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt
 from ..checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, DEFAULT_SHARD_BYTES
+from . import experts
 from .linear import SparseLinear, _buffer_shapes, guard_save_pretrained, is_linear, linear_shape
 
 
@@ -194,6 +195,8 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
         raise CheckpointError(f"{Path(path) / ckpt.CONFIG}: cannot build a transformers config: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model = _build(config, reader.manifest, model_class)
+    # MoE experts the checkpoint stores per expert (packed or pruned): unroll them to match (runtime/experts.py)
+    experts.unroll_stored(model, list(reader.tensor_map) + list(reader.aliases))
 
     # Swap recorded layers for SparseLinear skeletons (meta), in every place that holds the old module.
     holders: dict[int, list[tuple[nn.Module, str]]] = {}

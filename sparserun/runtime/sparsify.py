@@ -13,7 +13,8 @@ The mask of each layer is explicit, never `weight != 0` (a kept weight may be 0.
 
 Layers whose shape the format cannot hold (formats.UnsupportedShape, e.g. not divisible by the block size)
 stay dense and the report says why; so do layers whose weight is tied to another module (packing would
-untie them). By default `lm_head` and anything named like an embedding is skipped.
+untie them). By default `lm_head` and anything named like an embedding is skipped. MoE experts held as 3-D
+parameters are packed per expert, as `<experts>.<e>.gate_up_proj` / `.down_proj` (runtime/experts.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch.nn as nn
 from .. import formats
 from ..formats.common import check_weight
 from ..patterns import Pattern, parse
+from . import experts
 from .linear import SparseLinear, guard_save_pretrained, is_linear, linear_shape, linear_weight
 
 
@@ -114,6 +116,9 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
 
     pat = parse(pattern)
     filter_fn = filter_fn or (default_filter if masks is None else (lambda module, name: True))
+    # MoE experts held as 3-D parameters become one Linear pair per expert (runtime/experts.py): those the
+    # masks name, or without masks all of them; a module none of whose experts gets packed is fused back
+    unrolled = experts.unroll_stored(model, masks) if masks is not None else experts.unroll_all(model)
     # Every (parent, attribute) holding each module, so a module reachable by two paths is swapped in both.
     holders: dict[int, list[tuple[nn.Module, str]]] = {}
     for pname, parent in model.named_modules(remove_duplicate=False):
@@ -167,6 +172,7 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
         for parent, attr in holders.get(id(lin), []):
             setattr(parent, attr, new)
         report.append(LayerAction(name, "sparsified", "", shape, new.format))
+    experts.fuse_all(model, unrolled)
     if report.sparsified:
         guard_save_pretrained(model)
     return report

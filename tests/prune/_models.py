@@ -100,3 +100,43 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Mixture-of-experts families, each breaking one assumption about 3-D experts (runtime/experts.py): Mixtral
+# saves per-expert w1/w2/w3 under an older module name, Qwen3-MoE per-expert gate/up/down, OLMoE the same with
+# q/k norms, gpt-oss its fused 3-D tensors transposed with biases and its own clamped gate, DeepSeek-V3 a
+# dense first layer and shared experts beside the routed ones.
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3")
+
+
+def make_moe(family: str, vocab_size: int, layers: int = 2, seed: int = 0, hidden: int = 64):
+    """A tiny random MoE causal LM of `family` (4-8 experts, top-2), weights drawn with std 0.1 so routing and
+    pruning have something to choose between; pytest.skip if this transformers lacks the family."""
+    import transformers as T
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=128, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=False)
+    specs = {
+        "mixtral": ("MixtralConfig", dict(intermediate_size=96, num_key_value_heads=2, num_local_experts=4)),
+        "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=96, moe_intermediate_size=32, num_key_value_heads=2,
+                                             num_experts=8, head_dim=16)),
+        "olmoe": ("OlmoeConfig", dict(intermediate_size=32, num_key_value_heads=4, num_experts=8)),
+        "gpt_oss": ("GptOssConfig", dict(intermediate_size=32, num_key_value_heads=2, num_local_experts=4,
+                                         head_dim=16, layer_types=["full_attention"] * layers)),
+        "deepseek_v3": ("DeepseekV3Config", dict(intermediate_size=96, moe_intermediate_size=32,
+                                                 num_key_value_heads=4, n_routed_experts=8, first_k_dense_replace=1,
+                                                 n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
+                                                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
+    }
+    cls_name, kw = specs[family]
+    cls = getattr(T, cls_name, None)
+    if cls is None:
+        pytest.skip(f"transformers {T.__version__} has no {cls_name}")
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(cls(**common, **kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.1)
+    return model

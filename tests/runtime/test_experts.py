@@ -1,0 +1,198 @@
+"""MoE experts held as 3-D parameters: unrolled into per-expert Linear layers, pruned, packed, saved, loaded.
+
+The unrolled forward must compute what the family's own experts forward computes (the contract transformers'
+use_experts_implementation states), for every family layout; fuse must give back the exact 3-D parameters.
+"""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparserun
+from sparserun.runtime import experts as X
+from sparserun.runtime.linear import PackedSaveError, SparseLinear
+
+from ..prune._models import MOE_FAMILIES, make_moe, make_tokenizer, one_cpu_thread  # noqa: F401 (autouse)
+
+V = 101
+
+
+def _ids(seed=0, shape=(2, 13)):
+    return torch.randint(3, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_unrolled_forward_equals_the_familys_own_and_fuse_restores_it(family):
+    model = make_moe(family, V)
+    fused = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
+    assert fused and all(p.dim() == 3 or n.endswith("_bias") for n, p in fused.items())
+    ids = _ids()
+    want = _logits(model, ids)
+    names = X.unroll_all(model)
+    assert names and X.experts_modules(model) == []
+    mod = model.get_submodule(names[0])
+    lin = mod._modules["0"].down_proj
+    assert isinstance(lin, nn.Linear) and lin.weight.shape == (64, lin.in_features)
+    calls = []
+    hooks = [model.get_submodule(f"{n}.{e}.down_proj").register_forward_hook(lambda *a: calls.append(1))
+             for n in names for e in range(X.num_experts(model.get_submodule(n)))]
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+    assert len(calls) >= 2 * len(names), "the per-expert Linear layers must be what runs"
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():  # and what they hold is what the output depends on
+        for e in range(X.num_experts(mod)):
+            mod._modules[str(e)].down_proj.weight.mul_(1.5)
+    assert not torch.allclose(_logits(model, ids), want)
+    with torch.no_grad():
+        for e in range(X.num_experts(mod)):
+            mod._modules[str(e)].down_proj.weight.div_(1.5)
+    assert X.fuse_all(model) == names
+    after = {n: p.detach() for n, p in model.named_parameters() if ".experts." in n}
+    assert after.keys() == fused.keys()
+    for n in fused:
+        torch.testing.assert_close(after[n], fused[n], rtol=1e-6, atol=0)
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unrolled_model_survives_deepcopy_and_torch_save():
+    model = make_moe("qwen3_moe", V)
+    X.unroll_all(model)
+    ids = _ids()
+    want = _logits(model, ids)
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    for m in (twin, back):
+        torch.testing.assert_close(_logits(m, ids), want, rtol=0, atol=0)
+        exp = m.model.layers[0].mlp.experts
+        assert exp.forward.args[0] is exp, "the copy's forward must route through the copy's own experts"
+
+
+def test_unroll_refuses_a_module_outside_the_experts_contract():
+    with pytest.raises(ValueError, match="not a fused experts module"):
+        X.unroll(nn.Linear(4, 4))
+    model = make_moe("mixtral", V)
+    exp = model.model.layers[0].mlp.experts
+    X.unroll(exp)
+    with pytest.raises(ValueError, match="not a fused experts module"):
+        X.unroll(exp)  # already unrolled
+
+
+def test_set_fused_splits_a_3d_tensor_into_the_experts():
+    model = make_moe("gpt_oss", V)  # stored transposed, with biases
+    exp = model.model.layers[0].mlp.experts
+    w3, b2 = exp.gate_up_proj.detach().clone(), exp.gate_up_proj_bias.detach().clone()
+    X.unroll(exp)
+    new_w, new_b = torch.randn_like(w3), torch.randn_like(b2)
+    assert X.set_fused(exp, "gate_up_proj", new_w) and X.set_fused(exp, "gate_up_proj_bias", new_b)
+    assert torch.equal(exp._modules["2"].gate_up_proj.weight, new_w[2].t())
+    assert torch.equal(exp._modules["2"].gate_up_proj.bias, new_b[2])
+    assert not X.set_fused(exp, "router", new_w)
+    assert not X.set_fused(model.model.layers[0].mlp, "gate_up_proj", new_w), "not an unrolled experts module"
+
+
+@pytest.mark.parametrize("family,pattern,sparsity", [("mixtral", "2:4", None), ("gpt_oss", "16x16", 0.5)])
+def test_sparsify_packs_every_expert_and_the_checkpoint_round_trips(tmp_path, family, pattern, sparsity):
+    model = make_moe(family, V)
+    report = sparserun.sparsify_(model, pattern, sparsity=sparsity)
+    names = [a.name for a in report.sparsified if ".experts." in a.name]
+    n_exp = sum(X.num_experts(m) for _, m in X.experts_modules(model, unrolled=True))
+    assert len(names) == 2 * n_exp, report.summary()
+    assert all(isinstance(model.get_submodule(n), SparseLinear) for n in names)
+    ids = _ids(1)
+    want = _logits(model, ids)
+    with pytest.raises(PackedSaveError):
+        model.save_pretrained(tmp_path / "hf")
+    sparserun.save(model, tmp_path / "packed")
+    back = sparserun.load(tmp_path / "packed")
+    assert isinstance(back.get_submodule(names[0]), SparseLinear)
+    torch.testing.assert_close(_logits(back, ids), want, rtol=0, atol=0)
+
+
+def test_sparsify_with_masks_leaves_experts_it_does_not_pack_fused():
+    model = make_moe("qwen3_moe", V)
+    masks = {"model.layers.0.self_attn.q_proj": torch.ones(64, 64, dtype=torch.bool)}
+    masks["model.layers.0.self_attn.q_proj"][:, 1::2] = False
+    sparserun.sparsify_(model, "2:4", masks=masks)
+    assert X.experts_modules(model, unrolled=True) == []
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3
+
+
+def test_prune_keeps_the_3d_layout_so_transformers_round_trips_the_pruned_model(tmp_path):
+    import transformers as T
+
+    tok = make_tokenizer()
+    model = make_moe("qwen3_moe", len(tok))
+    rep = sparserun.prune(model, "wanda", "2:4", tokenizer=tok, nsamples=4, seqlen=32, progress=False)
+    exp_rows = [r for r in rep.pruned if ".mlp.experts." in r["name"]]
+    assert len(exp_rows) == 2 * 2 * 8  # 2 layers x 8 experts x (gate_up, down)
+    exp = model.model.layers[1].mlp.experts
+    assert exp.gate_up_proj.dim() == 3 and not X.is_unrolled(exp)
+    mask = rep.masks["model.layers.1.mlp.experts.5.gate_up_proj"]
+    w = exp.gate_up_proj[5].detach()
+    assert torch.equal(w != 0, mask) and mask.view(-1, 4).sum(1).eq(2).all()
+    model.save_pretrained(tmp_path / "hf")
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = _ids(2, (1, 9))
+    torch.testing.assert_close(_logits(back, ids), _logits(model, ids), rtol=0, atol=0)
+
+
+def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude_and_reported():
+    tok = make_tokenizer()
+    model = make_moe("qwen3_moe", len(tok))
+    never = 7
+
+    def reroute(module, args):  # the router never chooses expert 7 (its choices go to expert 0)
+        hidden, idx, wts = args
+        return hidden, torch.where(idx == never, torch.zeros_like(idx), idx), wts
+
+    for layer in model.model.layers:
+        layer.mlp.experts.register_forward_pre_hook(reroute)
+    rep = sparserun.prune(model, "sparsegpt", "2:4", tokenizer=tok, nsamples=4, seqlen=32, progress=False)
+    name = f"model.layers.0.mlp.experts.{never}.down_proj"
+    row = next(r for r in rep.rows if r["name"] == name)
+    assert row["status"] == "pruned" and row["reason"].startswith("no calibration token reached it")
+    others = [r for r in rep.pruned if f".experts.{never}." not in r["name"]]
+    assert not any(r["reason"] for r in others)
+    w_dense = make_moe("qwen3_moe", len(tok)).model.layers[0].mlp.experts.down_proj[never].detach()
+    assert torch.equal(rep.masks[name], sparserun.runtime.sparsify.magnitude_mask(w_dense, "2:4"))
+    assert any("saw no calibration token" in w for w in rep.warnings())
+    assert "no calibration token reached it" in rep.table()
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("2:4", None), ("16x16", 0.5)])
+def test_packed_experts_run_through_the_triton_kernels(tmp_path, monkeypatch, pattern, sparsity):
+    """SPARSERUN_BACKEND=triton (the interpreter on a CPU, the kernels on a GPU): every routed expert is a
+    kernel call, with as many rows as tokens the router sent it (odd M), and the logits are the reference
+    backend's."""
+    from sparserun import ops
+
+    model = make_moe("qwen3_moe", V)
+    sparserun.sparsify_(model, pattern, sparsity=sparsity)
+    sparserun.save(model, tmp_path / "p")
+    model = sparserun.load(tmp_path / "p")
+    ids = _ids(3, (1, 7))
+    want = _logits(model, ids)
+    rows = []
+    orig = ops.sparse_linear_triton
+
+    def counted(layer, x):
+        if x.shape[0] and layer.out_features == 64 and layer.in_features == 32:  # an expert's down_proj
+            rows.append(x.shape[0])
+        return orig(layer, x)
+
+    monkeypatch.setattr(ops, "sparse_linear_triton", counted)
+    monkeypatch.setenv("SPARSERUN_BACKEND", "triton")
+    got = _logits(model, ids)
+    assert len(rows) >= 2 and sum(rows) == 2 * 2 * 7, rows  # 2 layers x top-2 x 7 tokens
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
