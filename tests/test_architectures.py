@@ -3,8 +3,9 @@
 Each family breaks one assumption the Llama path does not test: GPT-2 stores its Linear weights transposed
 (Conv1D), Falcon's layers return tuples, GPT-NeoX is saved under older tensor names that transformers renames
 at load time, T5 and BART are encoder-decoders (two stacks, the decoder calibrated on the pruned encoder's
-output), T5's blocks return position biases and its code reads `wo.weight`, and Mixtral's experts are merged
-from per-expert tensors at load time.
+output), T5's blocks return position biases and its code reads `wo.weight`, and MoE families hold their
+experts as 3-D tensors that transformers merges from per-expert ones at load time (Mixtral, Qwen3-MoE) or
+stores fused and transposed (gpt-oss).
 """
 import warnings
 
@@ -194,35 +195,94 @@ def test_audio_encoder_decoder_is_a_one_line_calibration_error(tmp_path, tok):
     assert not (tmp_path / "out").exists()
 
 
-def test_t5_weight_reads_decompress_with_one_warning(tmp_path, tok):
-    """T5's feed-forward reads wo.weight.dtype in every forward: a SparseLinear's weight decompresses on
-    access and warns once."""
+def test_t5_weight_reads_decompress_once_per_forward_with_one_warning(tmp_path, tok, monkeypatch):
+    """T5's feed-forward reads wo.weight.dtype three times, then calls wo: a SparseLinear's weight decompresses
+    on read, warns once per process, and is kept only until that layer runs, so each forward decompresses it
+    once. A weight written to, or a layer whose packed tensors changed, is decompressed again."""
+    from sparserun.runtime import dispatch
+
     src = save_dir(tmp_path / "src", seq2seq(tok, "t5"), tok)
     cv.convert(src, tmp_path / "out", "magnitude", "2:4", nsamples=2, seqlen=32, progress=False)
-    wo = sparserun.load(tmp_path / "out").decoder.block[0].layer[2].DenseReluDense.wo
+    model = sparserun.load(tmp_path / "out")
+    wo = model.decoder.block[0].layer[2].DenseReluDense.wo
     assert isinstance(wo, sparserun.SparseLinear)
     sparserun.SparseLinear._weight_warned = False
     with pytest.warns(UserWarning, match="decompresses the dense weight"):
         w = wo.weight
-    assert torch.equal(w, wo.dense_weight())
+    assert torch.equal(w, wo.dense_weight()) and wo.weight is w
+    n = {"calls": 0}
+    orig = dispatch.decompress
+
+    def counted(layer):
+        n["calls"] += layer is wo
+        return orig(layer)
+
+    monkeypatch.setattr(dispatch, "decompress", counted)
+    ids = tok("The keeper wrote", return_tensors="pt")["input_ids"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        model(input_ids=ids, decoder_input_ids=ids[:, :3])
+        assert n["calls"] == 1, "three reads of wo.weight in one forward: one decompression"
+        assert sparserun.SparseLinear._last_read is None, "released once wo ran"
+        w = wo.weight
+        w.add_(1.0)  # the caller's copy: the layer is unchanged, and the written tensor is not handed out again
+        assert not torch.equal(wo.weight, w) and torch.equal(wo.weight, wo.dense_weight())
+        before = wo.weight
+        wo.values.mul_(2.0)  # the packed tensors changed: decompress again
+        assert torch.equal(wo.weight, 2 * before)
 
 
-def test_mixtral_convert_error_names_the_way_out(tmp_path, tok):
-    """transformers merges Mixtral's per-expert tensors at load time; convert streams safetensors as stored and
-    says so, with the in-memory route (sparserun.prune + save), before reading any weight."""
+@pytest.mark.parametrize("family,method,pattern,sparsity", [
+    ("mixtral", "wanda", "2:4", None),         # per-expert w1/w3/w2 on disk, under block_sparse_moe
+    ("qwen3_moe", "sparsegpt", "2:4", None),   # per-expert gate/up/down on disk
+    ("gpt_oss", "wanda", "16x16", 0.5),        # fused 3-D tensors on disk, transposed, with biases
+    ("deepseek_v3", "taylor", "16x16", 0.5),   # a dense first layer; gradients through the routed experts
+])
+def test_moe_experts_convert_per_expert_and_equal_in_memory_prune(tmp_path, tok, family, method, pattern, sparsity):
+    """Streaming convert reads each expert's weights as stored (per expert, or split from the 3-D tensor),
+    prunes and packs them one expert at a time, and gives what in-memory prune gives; the packed model
+    generates the pruned model's tokens."""
     import transformers as T
 
-    cfg = T.MixtralConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=4,
-                          num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
-                          max_position_embeddings=64, vocab_size=len(tok))
-    torch.manual_seed(0)
-    src = save_dir(tmp_path / "src", T.MixtralForCausalLM(cfg).eval(), tok)
-    from safetensors import safe_open
+    from sparserun.runtime import experts
 
-    with safe_open(str(src / "model.safetensors"), "pt") as f:
-        if any(k.endswith("experts.gate_up_proj") for k in f.keys()):
-            pytest.skip("this transformers saves the merged expert layout itself")
-    with pytest.raises(cv.ConvertError, match=r"experts.*sparserun.prune \+ sparserun.save"):
+    from .prune._models import make_moe
+
+    src = save_dir(tmp_path / "src", make_moe(family, len(tok)), tok)
+    out = tmp_path / "out"
+    rep = cv.convert(src, out, method, pattern, sparsity, nsamples=4, seqlen=32, progress=False)
+    ref = T.AutoModelForCausalLM.from_pretrained(src).eval()
+    ref_rep = sparserun.prune(ref, method, pattern, sparsity, tokenizer=tok, nsamples=4, seqlen=32, progress=False)
+    assert sorted(ref_rep.masks) == sorted(r["name"] for r in rep.pruned)
+    n_exp = sum(2 * experts.num_experts(m) for _, m in experts.experts_modules(ref))
+    assert sum(".experts." in r["name"] for r in rep.pruned) == n_exp > 0
+    assert rep.info["pruned_param_fraction"] > 0.5, "the experts are most of the weights"
+    model = sparserun.load(out)
+    experts.unroll_all(ref)
+    for name in ref_rep.masks:
+        assert torch.equal(model.get_submodule(name).dense_weight(), ref.get_submodule(name).weight.detach()), name
+    ids = tok("The keeper wrote in the ledger", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        want = ref.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(got, want)
+    packed = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert packed < 0.8 * sum(f.stat().st_size for f in src.glob("*.safetensors"))
+
+
+def test_moe_source_missing_one_experts_tensor_is_a_one_line_error(tmp_path, tok):
+    """An expert whose tensor is missing from the source leaves its module's 3-D weight unmatched: convert
+    names it and the in-memory route, before reading any weight, and writes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from .prune._models import make_moe
+
+    src = save_dir(tmp_path / "src", make_moe("mixtral", len(tok)), tok)
+    tensors = load_file(src / "model.safetensors")
+    gone = [k for k in tensors if k.endswith("experts.1.w3.weight")][0]
+    del tensors[gone]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(cv.ConvertError, match=r"experts\.gate_up_proj.*sparserun.prune \+ sparserun.save"):
         cv.convert(src, tmp_path / "out", "magnitude", "2:4", nsamples=2, seqlen=32, progress=False)
     assert not (tmp_path / "out").exists()
 

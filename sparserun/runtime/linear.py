@@ -8,6 +8,8 @@ state_dict *is* the packed checkpoint) and the kernels the dispatcher may use.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -120,20 +122,33 @@ class SparseLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense [out, in] weight, decompressed anew on every access (writing to it changes nothing).
+        """The dense [out, in] weight, decompressed (writing to it changes nothing in the layer).
 
         Not a parameter: it exists so that model code which inspects a Linear's weight keeps working after the
-        swap (T5 reads `wo.weight.dtype` in every forward). Each access costs a full decompression, hence the
-        warning; sparserun itself never reads it."""
+        swap (T5 reads `wo.weight.dtype` three times in every feed-forward, then calls `wo`). A read costs a
+        full decompression, hence the warning; sparserun itself never reads it. So that T5's three reads cost
+        one, the process keeps the last weight read until that layer runs, or another layer's weight is read
+        (at most one dense layer held, briefly); a read after the packed tensors or that tensor changed
+        decompresses again."""
         if not SparseLinear._weight_warned:
             SparseLinear._weight_warned = True
             import warnings
 
-            warnings.warn("SparseLinear.weight was read: it decompresses the dense weight on every access "
+            warnings.warn("SparseLinear.weight was read: it decompresses the dense weight "
                           "(slow; model code that only needs its dtype/device can use .values)", stacklevel=2)
-        return self.dense_weight()
+        from .dispatch import _data_key, decompress
+
+        if torch.compiler.is_compiling():
+            return decompress(self)
+        key, hit = _data_key(self), SparseLinear._last_read
+        if hit is not None and hit[0]() is self and hit[1] == key and hit[2]._version == hit[3]:
+            return hit[2]
+        w = decompress(self)
+        SparseLinear._last_read = (weakref.ref(self), key, w, w._version)
+        return w
 
     _weight_warned = False  # class-wide: one warning per process, not one per layer
+    _last_read = None  # (weakref to the layer, its data key, the weight, the weight's version): see weight
 
     def weight_mask(self) -> torch.Tensor:
         return formats.mask(self.packed())
@@ -157,6 +172,11 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .dispatch import sparse_linear
+
+        if not torch.compiler.is_compiling():  # the weight read before this call is no longer needed
+            hit = SparseLinear._last_read
+            if hit is not None and hit[0]() is self:
+                SparseLinear._last_read = None
 
         group = self.__dict__.get("_sr_group")  # runtime/siblings.py: q/k/v or gate/up as one launch
         if group is not None and self._group_usable(group, x):
