@@ -424,20 +424,23 @@ def estimate_memory(model, stacks, src: SourceTensors, keymap: dict, dtype, meth
     # hidden states of every window (updated in place) + one window's attention scores (eager, fp32); an
     # encoder-decoder also holds the pruned encoder's output for the decoder pass
     act = len(stacks) * nsamples * seqlen * hidden * esize + 2 * heads * seqlen * seqlen * 4
-    lin = [m for st in stacks for m in st.layers[0].modules() if calibrate.is_linear(m)]
-    ks = [calibrate.linear_weight(m).shape[1] for m in lin]
+    # the Linear layers of each block (on meta): blocks differ (DeepSeek's first layers are dense MLPs, the
+    # rest hold a Linear pair per expert), and the statistics are held for one block at a time
+    shapes = [[tuple(calibrate.linear_weight(m).shape) for m in block.modules() if calibrate.is_linear(m)]
+              for st in stacks for block in st.layers]
     stats = 0
     if method == "sparsegpt":  # XᵀX of every Linear of the layer, plus the inversion's temporaries
-        stats = sum(k * k * 4 for k in ks) + 3 * max(ks, default=0) ** 2 * 4
+        stats = max((sum(k * k * 4 for _, k in b) + 3 * max((k for _, k in b), default=0) ** 2 * 4
+                     for b in shapes), default=0)
     elif method in ("taylor", "obd"):  # fp32 accumulators and gradients + fp32 output gradients
         stats = 2 * layer // esize * 4 + nsamples * seqlen * hidden * 4
     elif method == "wanda":
-        stats = sum(ks) * 4
+        stats = max((sum(k for _, k in b) * 4 for b in shapes), default=0)
     # the dense copy kept for the error measurement + the packed form (≤ dense)
     work = 2 * layer
     # scratch while one Linear is scored, selected and packed: fp32 score, int64 top-k / sort indices, the
     # mask and the packing temporaries, about 5 fp32 copies of the largest Linear (measured)
-    largest = max((calibrate.linear_weight(m).numel() for m in lin), default=0)
+    largest = max((n * k for b in shapes for n, k in b), default=0)
     return {"layer": layer, "outside_layers": outside, "activations": act, "statistics": stats,
             "layer_work": work, "scratch": 5 * 4 * largest,
             "shard_buffer": min(max_shard_bytes, sum(per_layer) + outside)}

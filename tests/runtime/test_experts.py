@@ -196,3 +196,22 @@ def test_packed_experts_run_through_the_triton_kernels(tmp_path, monkeypatch, pa
     got = _logits(model, ids)
     assert len(rows) >= 2 and sum(rows) == 2 * 2 * 7, rows  # 2 layers x top-2 x 7 tokens
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_memory_estimate_counts_the_block_with_the_experts(tmp_path):
+    """DeepSeek-V3's first block is a dense MLP and the next one holds a Linear pair per expert: sparsegpt's
+    Hessians are estimated for the larger block, not the first."""
+    from sparserun import convert as cv
+
+    tok = make_tokenizer()
+    src = tmp_path / "src"
+    make_moe("deepseek_v3", len(tok)).save_pretrained(src)
+    tok.save_pretrained(src)
+    rep = cv.convert(src, tmp_path / "out", "sparsegpt", "2:4", nsamples=2, seqlen=16, progress=False)
+    model = sparserun.load(tmp_path / "out")
+    per_block = []
+    for block in model.model.layers:
+        ks = [m.in_features for m in block.modules() if isinstance(m, (nn.Linear, SparseLinear))]
+        per_block.append(sum(k * k * 4 for k in ks) + 3 * max(ks) ** 2 * 4)
+    assert per_block[1] > per_block[0]
+    assert rep.info["memory_estimate"]["statistics"] == per_block[1]
