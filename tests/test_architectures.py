@@ -230,6 +230,28 @@ def test_t5_weight_reads_decompress_once_per_forward_with_one_warning(tmp_path, 
         before = wo.weight
         wo.values.mul_(2.0)  # the packed tensors changed: decompress again
         assert torch.equal(wo.weight, 2 * before)
+    n["calls"] = 0
+    with torch.inference_mode():  # inference tensors have no write counter (`sparserun generate` runs here)
+        model(input_ids=ids, decoder_input_ids=ids[:, :3])
+        assert n["calls"] == 1
+
+
+def test_a_model_loaded_under_inference_mode_runs_there(tmp_path, tok):
+    """Tensors made under torch.inference_mode have no version counter: the caches keyed on it (dense
+    fallback, repacked operands, the weight read, sibling groups) must not ask them for one."""
+    from sparserun.runtime import dispatch
+
+    src = save_dir(tmp_path / "src", seq2seq(tok, "t5"), tok)
+    cv.convert(src, tmp_path / "out", "magnitude", "2:4", nsamples=2, seqlen=32, progress=False)
+    ids = tok("The keeper wrote", return_tensors="pt")["input_ids"]
+    want = sparserun.load(tmp_path / "out")(input_ids=ids, decoder_input_ids=ids[:, :3]).logits.detach()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparserun.load(tmp_path / "out", group_siblings=True)
+        wo = model.decoder.block[0].layer[2].DenseReluDense.wo
+        assert wo.values.is_inference() and dispatch._data_key(wo)[3] is None
+        got = model(input_ids=ids, decoder_input_ids=ids[:, :3]).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family,method,pattern,sparsity", [

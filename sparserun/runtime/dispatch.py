@@ -95,10 +95,17 @@ def _stale(hit, layer) -> bool:
     return hit[0] != _data_key(layer)
 
 
+def version_of(t: torch.Tensor | None) -> int | None:
+    """t's in-place write counter; None for an inference tensor (made under torch.inference_mode, e.g. a model
+    loaded there), which has none and cannot be written to outside inference mode."""
+    if t is None or t.is_inference():
+        return None
+    return t._version
+
+
 def _data_key(layer):
     v = layer.values
-    meta = getattr(layer, "meta", None)
-    return (v.device, v.dtype, v.data_ptr(), v._version, None if meta is None else meta._version)
+    return (v.device, v.dtype, v.data_ptr(), version_of(v), version_of(getattr(layer, "meta", None)))
 
 
 def keeps_dense(layer) -> bool:

@@ -136,15 +136,16 @@ class SparseLinear(nn.Module):
 
             warnings.warn("SparseLinear.weight was read: it decompresses the dense weight "
                           "(slow; model code that only needs its dtype/device can use .values)", stacklevel=2)
-        from .dispatch import _data_key, decompress
+        from .dispatch import _data_key, decompress, version_of
 
         if torch.compiler.is_compiling():
             return decompress(self)
         key, hit = _data_key(self), SparseLinear._last_read
-        if hit is not None and hit[0]() is self and hit[1] == key and hit[2]._version == hit[3]:
+        if hit is not None and hit[0]() is self and hit[1] == key and version_of(hit[2]) == hit[3]:
             return hit[2]
         w = decompress(self)
-        SparseLinear._last_read = (weakref.ref(self), key, w, w._version)
+        # under inference_mode there is no write counter: a read there trusts that the weight was not written
+        SparseLinear._last_read = (weakref.ref(self), key, w, version_of(w))
         return w
 
     _weight_warned = False  # class-wide: one warning per process, not one per layer

@@ -84,13 +84,10 @@ class SiblingGroup:
         self._taken: set[int] = set()
 
     def _versions(self, x: torch.Tensor):
+        from .dispatch import version_of
+
         f = self.fused
-        try:
-            xv = x._version
-        except RuntimeError:  # inference tensors have no version counter
-            xv = None
-        wv = (f.values._version, None if f.bias is None else f.bias._version)
-        return xv, wv
+        return version_of(x), (version_of(f.values), version_of(f.bias))
 
     def output(self, m: SparseLinear, x: torch.Tensor) -> torch.Tensor:
         from .dispatch import sparse_linear
