@@ -396,11 +396,27 @@ class LayerInputs:
 
 
 def _split_layer_call(args: tuple, kwargs: dict) -> tuple:
-    """(hidden states, other positional args, other keyword args) of a call to a layer."""
-    kwargs = dict(kwargs)
+    """(hidden states, other positional args, other keyword args) of a call to a layer, with no KV cache.
+
+    forward_inputs asks for use_cache=False, but a model whose forward takes only **kwargs (LLaVA, InternVL,
+    Qwen3-VL in transformers 5) cannot be told: its language model builds a cache and hands it to every layer.
+    Recorded as is, each re-run of a layer would append its keys and values to it, and attend to the dense
+    layers' ones. So a cache among the arguments becomes None and use_cache False."""
+    kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    args = tuple(None if _is_cache(a) else a for a in args)
     if args:
         return args[0], tuple(args[1:]), kwargs
     return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _is_cache(obj) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except Exception:  # a transformers without cache objects passes tuples, which forward_inputs turned off
+        return False
+    return isinstance(obj, Cache)
 
 
 def _share(new, old):

@@ -47,7 +47,20 @@ def modernbert():
     return ModernBertModel(cfg).eval(), "layers"
 
 
-@pytest.mark.parametrize("build", [gemma3, t5, falcon, modernbert])
+def llava():
+    """A forward that takes only **kwargs: it cannot be told use_cache=False, and its language model hands a
+    KV cache to every layer (a layer re-run on it would attend to the keys of its earlier runs)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    text = dict(model_type="llama", vocab_size=V, hidden_size=H, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+    cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_id=V - 1)
+    return LlavaForConditionalGeneration(cfg).eval(), "model.language_model.layers"
+
+
+@pytest.mark.parametrize("build", [gemma3, t5, falcon, modernbert, llava])
 def test_layerwise_inputs_equal_the_whole_models(build):
     torch.manual_seed(0)
     model, path = build()
@@ -70,9 +83,32 @@ def test_layerwise_inputs_equal_the_whole_models(build):
 
     inputs = calibrate.capture_inputs(model, layers, ids, "cpu")
     calibrate.record_layer_args(model, path, layers, calibrate.InMemoryLayers(layers), inputs, ids, "cpu")
+    recorded = [v for c in inputs.calls for args, kw in c.values() for v in (*args, *kw.values())]
+    assert not any(calibrate._is_cache(v) for v in recorded), "a KV cache among the recorded layer arguments"
     h = inputs.hidden
     for i, layer in enumerate(layers):
         want = torch.cat(truth[i])
         torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5, msg=f"input of layer {i}")
         with torch.no_grad():
             h = torch.cat([inputs.run(layer, h[s:s + 1], i, s) for s in range(h.shape[0])])
+
+
+def test_llava_language_model_prunes_as_the_same_llama_does():
+    """Text-only calibration of a VLM prunes its language model exactly as the same weights in a plain Llama:
+    a KV cache left among the layer arguments would make each re-run layer attend to stale keys."""
+    import sparserun
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vlm, _ = llava()
+    text = vlm.config.text_config.to_dict()
+    llama = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in text.items() if k != "model_type"})).eval()
+    sd = {k.replace("model.language_model.", "model."): v for k, v in vlm.state_dict().items()
+          if k.startswith(("model.language_model.", "lm_head."))}
+    llama.load_state_dict(sd)
+    ids = torch.randint(3, V - 1, (4, 24), generator=torch.Generator().manual_seed(1))
+    ra = sparserun.prune(vlm, "sparsegpt", "2:4", calib=ids, progress=False)
+    rb = sparserun.prune(llama, "sparsegpt", "2:4", calib=ids, progress=False)
+    assert len(rb.masks) == 21
+    for name, mask in rb.masks.items():
+        assert torch.equal(ra.masks[name.replace("model.", "model.language_model.", 1)], mask), name
