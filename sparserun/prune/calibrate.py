@@ -236,18 +236,61 @@ def set_weight(m: nn.Module, w: torch.Tensor) -> None:
         linear_weight(m).copy_(w)
 
 
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated blocks: the nn.ModuleList of same-class blocks holding Linear layers with the most
-    parameters (model.layers, transformer.h, model.decoder.layers, encoder.layer, bert.encoder.layer, ...)."""
-    best, best_size = None, -1
-    for name, mod in model.named_modules():
+def _language_model(model: nn.Module) -> tuple[str, nn.Module]:
+    """(name, module) of what get_decoder() returns inside `model` (a causal LM's backbone, a VLM's language
+    model), or ("", model) for an encoder-decoder (find_stacks takes both halves), a base model, or none."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "", model
+    try:
+        dec = model.get_decoder()
+    except Exception:  # no such accessor, or one that raises for this model
+        return "", model
+    if not isinstance(dec, nn.Module) or dec is model:
+        return "", model
+    name = next((n for n, m in model.named_modules() if m is dec), "")
+    return (name, dec) if name else ("", model)
+
+
+def _largest_stack(part: nn.Module) -> tuple:
+    """((name, list) of the largest ModuleList of same-class blocks holding Linear layers, or None;
+    (name, list, size) of the largest such list of blocks of several classes, or None)."""
+    best, best_size, mixed = None, -1, None
+    for name, mod in part.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
-        if len({type(b) for b in mod}) != 1 or not any(is_linear(m) for m in mod[0].modules()):
+        if isinstance(mod[0], (nn.ModuleList, nn.ModuleDict)):  # a list of lists (Funnel's blocks): not blocks
+            continue
+        if not any(is_linear(m) for b in mod for m in b.modules()):
             continue
         size = sum(p.numel() for p in mod.parameters())
-        if size > best_size:
+        if len({type(b) for b in mod}) != 1:
+            if mixed is None or size > mixed[2]:
+                mixed = (name, mod, size)
+        elif size > best_size:
             best, best_size = (name, mod), size
+    if mixed is not None and best is not None and mixed[2] <= best_size:
+        mixed = None
+    return best, mixed
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated blocks: the nn.ModuleList of same-class blocks holding Linear layers with the most
+    parameters (model.layers, transformer.h, model.decoder.layers, encoder.layer, bert.encoder.layer, ...),
+    looked for first in the language model get_decoder() names, so that a VLM whose vision tower outweighs
+    its language model (LLaVA-OneVision-0.5B) still has its language model pruned."""
+    prefix, part = _language_model(model)
+    best, mixed = _largest_stack(part)
+    if best is None and mixed is None and part is not model:
+        prefix, (best, mixed) = "", _largest_stack(model)
+    if mixed is not None:
+        name = f"{prefix}.{mixed[0]}" if prefix else mixed[0]
+        kinds = sorted({type(b).__name__ for b in mixed[1]})
+        raise UnknownModelFamily(f"{type(model).__name__}: its largest stack of layers, {name}, mixes layer classes "
+                                 f"({', '.join(kinds[:3])}{', ...' if len(kinds) > 3 else ''}); layer-by-layer pruning "
+                                 f"needs one class of block (magnitude pruning without calibration, "
+                                 f"sparserun.sparsify_, does not)")
+    if best is not None and prefix:
+        best = (f"{prefix}.{best[0]}", best[1])
     if best is None:
         if any(isinstance(m, SparseLinear) for m in model.modules()):
             raise UnknownModelFamily(f"{type(model).__name__} already holds packed SparseLinear layers (from "
