@@ -560,12 +560,22 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Ten
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     hidden = None
+    path = next((n for n, m in model.named_modules() if m is layers), "the layers")
     try:
         for s in range(input_ids.shape[0]):
             rec["s"] = s
             if not _forward_until_stop(model, input_ids[s:s + 1].to(device), **_window_kwargs(extra, s)):
-                raise RuntimeError(f"{type(model).__name__}: layer 0 of its decoder layers was never called")
+                raise CalibrationError(f"{type(model).__name__}: a text-only forward never reaches {path}.0, the "
+                                       f"stack chosen for pruning; prune it without calibration: "
+                                       f"sparserun.sparsify_(model, pattern) + sparserun.save")
             h = rec.pop("h")
+            if not isinstance(h, torch.Tensor) or h.dim() < 2 or h.shape[0] != 1:
+                shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+                raise CalibrationError(f"{type(model).__name__}: the hidden states entering {path}.0 for one window "
+                                       f"are {shape}, not [1, tokens, hidden] (batch first): layer-by-layer "
+                                       f"pruning cannot feed them (Gemma 3n stacks several streams first); "
+                                       f"prune it without calibration: sparserun.sparsify_(model, pattern) + "
+                                       f"sparserun.save")
             if hidden is None:
                 hidden = torch.empty((input_ids.shape[0],) + tuple(h.shape[1:]), dtype=h.dtype, device=device)
             hidden[s] = h[0]

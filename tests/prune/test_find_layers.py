@@ -63,3 +63,43 @@ def test_llava_with_a_larger_vision_tower_prunes_its_language_model():
                   num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
     model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_id=63))
     assert [st.path for st in calibrate.find_stacks(model)] == ["model.language_model.layers"]
+
+
+def test_hidden_states_that_are_not_batch_first_are_a_one_line_error():
+    """Gemma 3n feeds its layers [streams, batch, tokens, hidden]: layer-by-layer calibration cannot slice that
+    per window, and says so with the route that works (sparsify_), before any layer is pruned."""
+    import torch
+    import transformers as T
+
+    import sparserun
+
+    if not hasattr(T, "Gemma3nTextConfig"):
+        pytest.skip("this transformers has no Gemma 3n")
+    cfg = T.Gemma3nTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_kv_shared_layers=0,
+                              laurel_rank=4, altup_num_inputs=2, hidden_size_per_layer_input=4,
+                              vocab_size_per_layer_input=64, activation_sparsity_pattern=[0.0, 0.0],
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64)
+    model = T.Gemma3nForCausalLM(cfg).eval()
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    ids = torch.randint(3, 60, (2, 16))
+    with pytest.raises(calibrate.CalibrationError, match=r"model\.layers\.0 .* are \(2, 1, 16, 32\), not \[1, tokens"):
+        sparserun.prune(model, "wanda", "2:4", calib=ids, progress=False)
+    assert model.model.layers[0].self_attn.q_proj.weight.equal(before)
+
+
+def test_a_stack_the_text_forward_never_reaches_is_a_one_line_error():
+    import torch
+
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 16)
+            self.layers = nn.ModuleList([Block(16) for _ in range(2)])
+
+        def forward(self, input_ids):
+            return self.embed(input_ids)  # the layers are never called (a cross-attention stack, say)
+
+    with pytest.raises(calibrate.CalibrationError, match=r"never reaches layers\.0, the stack chosen for pruning"):
+        model = Skips()
+        calibrate.capture_inputs(model, model.layers, torch.randint(0, 10, (2, 5)), "cpu")
