@@ -537,8 +537,10 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     check_skip(model, skip, include_lm_head)
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
+    computed = set(_compute_unsaved(model, missing, stacks, compute))
+    missing = [k for k in missing if k not in computed]
     if missing:
-        hint = ""
+        hint = " (if from_pretrained loads it, use sparserun.prune + sparserun.save on the loaded model)"
         if _transformers_mapping(model)[1]:  # (the per-expert layouts runtime/experts.py holds are matched)
             hint = (f" (transformers builds them at load time by merging tensors stored in another layout, e.g. "
                     f"per-expert weights; convert reads the safetensors as stored and cannot stream such a model: "
@@ -616,6 +618,32 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
         tmp = w.tmp / "report.json"
         tmp.write_text(report.to_json() + "\n")  # inside the temp dir: appears in OUT with everything else
     return report
+
+
+def _compute_unsaved(model: nn.Module, missing: list, stacks, dtype: torch.dtype) -> list[str]:
+    """Compute the parameters in `missing` that transformers never saves because it computes them when it
+    builds the model (the class's `_keys_to_ignore_on_save`, e.g. Marian's sinusoidal position tables), the
+    way it does: the model's own `_init_weights` on their module. Only outside the stacks (the streamed
+    layers are read from the source). Returns the keys computed."""
+    import re
+
+    patterns = list(getattr(model, "_keys_to_ignore_on_save", None) or [])
+    init = getattr(model, "_init_weights", None)
+    done = []
+    for key in missing:
+        if init is None or calibrate.in_stacks(key, stacks) or not any(re.search(p, key) for p in patterns):
+            continue
+        prefix, _, attr = key.rpartition(".")
+        mod = model.get_submodule(prefix) if prefix else model
+        p = mod._parameters.get(attr)
+        if p is None or not p.is_meta:
+            continue
+        mod._parameters[attr] = nn.Parameter(torch.empty(p.shape, dtype=torch.float32), requires_grad=False)
+        with torch.no_grad():
+            init(mod)
+        mod._parameters[attr] = nn.Parameter(mod._parameters[attr].detach().to(dtype), requires_grad=False)
+        done.append(key)
+    return done
 
 
 def _tied_keys(model: nn.Module) -> dict[str, str]:

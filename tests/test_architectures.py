@@ -111,6 +111,10 @@ def seq2seq(tok, family: str):
         "bart": lambda: T.BartConfig(d_model=H, encoder_ffn_dim=I, decoder_ffn_dim=I, encoder_layers=3,
                                      decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
                                      max_position_embeddings=128, bos_token_id=1, **v),
+        # sinusoidal position tables that transformers never saves (it computes them when it builds the model)
+        "marian": lambda: T.MarianConfig(d_model=H, encoder_ffn_dim=I, decoder_ffn_dim=I, encoder_layers=2,
+                                         decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                                         max_position_embeddings=128, **v),
     }[family]()
     torch.manual_seed(0)
     return T.AutoModelForSeq2SeqLM.from_config(cfg).eval()
@@ -120,6 +124,7 @@ def seq2seq(tok, family: str):
     ("t5", "wanda", "2:4", None, ["encoder.block", "decoder.block"], 2 * 6 + 2 * 10),
     ("t5", "taylor", "32x32", 0.5, ["encoder.block", "decoder.block"], 2 * 6 + 2 * 10),
     ("bart", "sparsegpt", "2:4", None, ["model.encoder.layers", "model.decoder.layers"], 3 * 6 + 2 * 10),
+    ("marian", "wanda", "2:4", None, ["model.encoder.layers", "model.decoder.layers"], 2 * 6 + 2 * 10),
 ])
 def test_encoder_decoder_both_stacks_convert_equals_prune(tmp_path, tok, family, method, pattern, sparsity,
                                                           stacks, pruned):
