@@ -364,3 +364,27 @@ def test_gpt2_packed_finetune_keeps_patterns(tmp_path, tok, lora_rank):
     assert isinstance(b, sparserun.SparseLinear) and b.shape == a.shape == (4 * H, H)
     assert torch.equal(a.weight_mask(), b.weight_mask())
     assert not torch.equal(a.dense_weight(), b.dense_weight())
+
+
+def test_a_linear_the_forward_never_calls_stays_dense(tmp_path, tok):
+    """Mamba's mixer reads dt_proj.weight itself instead of calling dt_proj: calibration never sees it run.
+    Packed, every forward would decompress it (and nothing measured its pruning), so it stays dense, and the
+    report says why; the layers that did run are pruned as usual."""
+    import transformers as T
+
+    cfg = T.MambaConfig(hidden_size=H, num_hidden_layers=2, vocab_size=len(tok), state_size=8, time_step_rank=8,
+                        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    src = save_dir(tmp_path / "src", T.MambaForCausalLM(cfg).eval(), tok)
+    rep = cv.convert(src, tmp_path / "out", "wanda", "2:4", nsamples=2, seqlen=32, progress=False)
+    rows = {r["name"]: r for r in rep.rows}
+    dt = rows["backbone.layers.0.mixer.dt_proj"]
+    assert dt["status"] == "dense" and "never called it" in dt["reason"], dt
+    assert rows["backbone.layers.0.mixer.in_proj"]["status"] == "pruned"
+    model = sparserun.load(tmp_path / "out")
+    assert type(model.backbone.layers[0].mixer.dt_proj) is torch.nn.Linear
+    assert isinstance(model.backbone.layers[0].mixer.in_proj, sparserun.SparseLinear)
+    ids = tok("The keeper wrote", return_tensors="pt")["input_ids"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no SparseLinear.weight read
+        model(ids)

@@ -83,11 +83,16 @@ class PruneReport:
             out.append(f"warning: {len(larger)} layer(s) are not smaller packed than dense (e.g. {r['name']}: "
                        f"{human_bytes(r['bytes_before'])} -> {human_bytes(r['bytes_after'])}): at "
                        f"{100 * r['sparsity']:.1f}% the {r['format']} index costs more than the removed weights")
-        unreached = [r for r in pr if r["reason"].startswith("no calibration token")]
+        unreached = [r for r in pr if r["reason"] == calibrate.UNREACHED_REASON]
         if unreached:
             out.append(f"warning: {len(unreached)} layer(s) saw no calibration token (e.g. {unreached[0]['name']}, "
                        f"an MoE expert the router never chose) and were pruned by magnitude; more calibration "
                        f"text (--nsamples) reaches more experts")
+        frac = self.info.get("unpruned_3d_fraction") or 0
+        if frac >= 0.1:
+            out.append(f"warning: {100 * frac:.0f}% of the parameters are 3-D tensors that no Linear layer holds "
+                       f"(e.g. {self.info.get('unpruned_3d_example')}: MoE experts outside transformers' experts "
+                       f"contract); they stay dense")
         return out
 
     def to_dict(self) -> dict:

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from .. import formats
 from ..formats import UnsupportedShape
 from ..patterns import parse
-from ..runtime.linear import SparseLinear, is_linear, linear_weight
+from ..runtime import experts
+from ..runtime.linear import OWN_FORWARD_REASON, SparseLinear, is_linear, linear_weight, own_forward
 from . import masks as masks_mod
 from . import scores
 from .sparsegpt import sparsegpt
@@ -341,10 +342,19 @@ def find_stacks(model: nn.Module) -> list[Stack]:
     return stacks
 
 
+ROUTER_REASON = "routes tokens to MoE experts: kept dense"
+UNREACHED_REASON = "no calibration token reached it: pruned by magnitude"
+NEVER_CALLED_REASON = ("the model's forward never called it on the calibration text (it reads the weight "
+                       "directly, or needs other inputs): kept dense")
+
+
 def stack_linear_names(model: nn.Module) -> list[str]:
-    """Full names of the Linear (and Conv1D) layers inside the stacks: what pruning touches by default."""
-    return [f"{st.path}.{i}.{sub}" for st in find_stacks(model) for i, block in enumerate(st.layers)
-            for sub, m in block.named_modules() if is_linear(m)]
+    """Full names of the Linear (and Conv1D) layers inside the stacks: what pruning touches by default (MoE
+    routers stay dense, runtime/experts.router_names)."""
+    routers = experts.router_names(model)
+    names = [f"{st.path}.{i}.{sub}" for st in find_stacks(model) for i, block in enumerate(st.layers)
+             for sub, m in block.named_modules() if is_linear(m) and not own_forward(m)]
+    return [n for n in names if n not in routers]
 
 
 def in_stacks(name: str, stacks) -> bool:
@@ -838,8 +848,10 @@ class _ErrorMeter:
         self.dense = dense_w
         self.num = 0.0
         self.den = 0.0
+        self.calls = 0
 
     def __call__(self, module, inp, out):
+        self.calls += 1
         yd = F.linear(inp[0].detach(), self.dense).float()
         yp = out.detach().float()
         if getattr(module, "bias", None) is not None:
@@ -848,7 +860,10 @@ class _ErrorMeter:
         self.den += float(yd.square().sum())
 
     @property
-    def value(self) -> float:
+    def value(self) -> float | None:
+        """None when the layer never ran: there is no error to measure (and a 0 would lower the mean)."""
+        if self.calls == 0:
+            return None
         return math.sqrt(self.num / self.den) if self.den > 0 else (0.0 if self.num == 0 else math.inf)
 
 
@@ -915,6 +930,12 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
             # "50 % sparse" of 12 % of the weights is not a smaller model
             "pruned_param_fraction": round(sum(math.prod(r["shape"]) for r in rows if r["status"] == "pruned")
                                            / max(1, sum(p.numel() for p in model.parameters())), 4)}
+    # weights in the stacks that no Linear holds: MoE experts outside transformers' experts contract (DBRX,
+    # JetMoE, Llama 4 in transformers 5.23), convolution kernels; the report warns when they are a large share
+    total = max(1, sum(p.numel() for p in model.parameters()))
+    dense_3d = [(n, p.numel()) for n, p in model.named_parameters() if p.dim() >= 3 and in_stacks(n, stacks)]
+    info["unpruned_3d_fraction"] = round(sum(k for _, k in dense_3d) / total, 4)
+    info["unpruned_3d_example"] = max(dense_3d, key=lambda t: t[1])[0] if dense_3d else None
     return rows, kept_masks, info
 
 
@@ -933,15 +954,20 @@ def _prune_stack(model: nn.Module, st: Stack, stacks: list, store, extra, ctx: d
     base = st.path[:len(st.path) - len(rel)]
     others = [(o.path[len(base):], o.layers) for o in stacks if o is not st and o.path.startswith(base)]
 
+    routers = experts.router_names(model)
+    expert_names = experts.expert_linear_names(model)
+
     def select_modules(i: int, layer: nn.Module, record: bool = False) -> dict:
         chosen = {}
         for sub, m in layer.named_modules():
             if not is_linear(m):
                 continue
             name = f"{st.path}.{i}.{sub}"
-            if skip_re is not None and skip_re.search(name):
+            reason = (f"matches skip regex {ctx['skip']!r}" if skip_re is not None and skip_re.search(name)
+                      else ROUTER_REASON if name in routers else OWN_FORWARD_REASON if own_forward(m) else None)
+            if reason:
                 if record:
-                    rows.append(_row(name, m, pat, "skipped", f"matches skip regex {ctx['skip']!r}"))
+                    rows.append(_row(name, m, pat, "skipped", reason))
                 continue
             chosen[name] = m
         return chosen
@@ -990,7 +1016,7 @@ def _prune_stack(model: nn.Module, st: Stack, stacks: list, store, extra, ctx: d
                 if stat is not None and not bool(stat.any()):
                     # no calibration token reached this layer (an MoE expert the router never chose): every
                     # weight would score 0 and the mask would be arbitrary; magnitude is the informed choice left
-                    stat, note = None, "no calibration token reached it: pruned by magnitude"
+                    stat, note = None, UNREACHED_REASON
                 try:
                     new_w, mask = _prune_one("magnitude" if note else method, w, stat, pat, ctx["sparsity"],
                                              opts, ctx["per_row"], name)
@@ -1021,7 +1047,18 @@ def _prune_stack(model: nn.Module, st: Stack, stacks: list, store, extra, ctx: d
                 for hd in handles:
                     hd.remove()
             for name, row in layer_rows.items():
-                row["rel_error"] = round(meters[name].value, 6)
+                meter = meters[name]
+                if meter.calls == 0 and name not in expert_names:
+                    # never called in the model's forward: it reads the weight itself (Mamba's dt_proj), or uses
+                    # the layer only on inputs calibration lacks (Longformer's global attention); packed, every
+                    # read would decompress it, and nothing measured says the pruning is harmless
+                    set_weight(mods[name], meter.dense)
+                    packed.pop(name)
+                    if kept_masks is not None:
+                        kept_masks.pop(name)
+                    rows.append(_row(name, mods[name], pat, "dense", NEVER_CALLED_REASON))
+                    continue
+                row["rel_error"] = None if meter.value is None else round(meter.value, 6)
                 rows.append(row)
             meters.clear()
             if on_layer is not None:

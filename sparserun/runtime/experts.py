@@ -22,12 +22,16 @@ a pruned but still dense module back into 3-D parameters, so the model saves and
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn as nn
 
 # the attributes transformers' use_experts_implementation sets on a decorated experts module
 _CONTRACT = ("has_gate", "has_bias", "is_transposed")
+# unrolled module -> {parameter name: weak reference to its 3-D Parameter}: see unroll (outside the module, so
+# that copies and pickles of it, whose experts are no views of these, never see them)
+_FUSED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def in_proj(module: nn.Module) -> str:
@@ -82,25 +86,35 @@ def unroll(module: nn.Module) -> None:
     n = num_experts(module)
     fused = {}
     for name in _fused_names(module):
-        fused[name] = (module._parameters.pop(name), module._parameters.pop(f"{name}_bias", None))
+        for key in (name, f"{name}_bias"):
+            if module._parameters.get(key) is not None:
+                fused[key] = module._parameters.pop(key)
     for e in range(n):
         mlp = nn.Module()
-        for name, (w3, b2) in fused.items():
-            setattr(mlp, name, _as_linear(w3, b2, e, module.is_transposed))
+        for name in _fused_names(module):
+            setattr(mlp, name, _as_linear(fused[name], fused.get(f"{name}_bias"), e, module.is_transposed))
         module.add_module(str(e), mlp)
     module.__dict__["_sr_unrolled"] = True
     module.__dict__["_sr_num_experts"] = n
+    # fuse() gives these very Parameter objects back while the experts are still views of them, so that an
+    # optimizer built before unrolling keeps training them; weak, so that packed experts free the dense ones
+    _FUSED[module] = {k: weakref.ref(p) for k, p in fused.items()}
     # a partial of a module-level function (not a bound method) so deepcopy and torch.save keep it
     module.forward = functools.partial(unrolled_forward, module)
 
 
 def unroll_all(model: nn.Module, names=None) -> list[str]:
-    """Unroll every fused experts module (only those named in `names`, if given); return their names."""
+    """Unroll every fused experts module (only those named in `names`, if given); return their names. While
+    any is unrolled, `model.save_pretrained` refuses (transformers would not load the per-expert names back)."""
+    from .linear import guard_save_pretrained
+
     done = []
     for name, m in experts_modules(model):
         if names is None or name in names:
             unroll(m)
             done.append(name)
+    if done:
+        guard_save_pretrained(model)
     return done
 
 
@@ -142,18 +156,66 @@ def fuse(module: nn.Module) -> bool:
     names = _fused_names(module)
     if not all(type(getattr(m, p)) is nn.Linear for m in mlps for p in names):
         return False
+    originals = {k: r() for k, r in _FUSED.pop(module, {}).items()}
     for p in names:
         lins = [getattr(m, p) for m in mlps]
-        w = torch.stack([lin.weight.detach().t() if module.is_transposed else lin.weight.detach() for lin in lins])
-        module.register_parameter(p, nn.Parameter(w, requires_grad=lins[0].weight.requires_grad))
-        if lins[0].bias is not None:
-            b = torch.stack([lin.bias.detach() for lin in lins])
-            module.register_parameter(f"{p}_bias", nn.Parameter(b, requires_grad=lins[0].bias.requires_grad))
+        for key, parts in ((p, [lin.weight for lin in lins]), (f"{p}_bias", [lin.bias for lin in lins])):
+            if parts[0] is None:
+                continue
+            orig = originals.get(key)
+            if orig is not None and all(_is_view_of(t, orig, e) for e, t in enumerate(parts)):
+                module.register_parameter(key, orig)  # the experts wrote into it in place: it holds their values
+                continue
+            t = torch.stack([x.detach().t() if module.is_transposed and key == p else x.detach() for x in parts])
+            module.register_parameter(key, nn.Parameter(t, requires_grad=parts[0].requires_grad))
     for e in range(n):
         del module._modules[str(e)]
     for k in ("_sr_unrolled", "_sr_num_experts", "forward"):
         module.__dict__.pop(k, None)
     return True
+
+
+def _is_view_of(t: torch.Tensor, whole: torch.Tensor, e: int) -> bool:
+    """Is `t` still expert e's slice of the 3-D `whole` (as _as_linear made it), not a replacement?"""
+    part = whole[e]
+    return (t.device == whole.device and t.dtype == whole.dtype and t.numel() == part.numel()
+            and t.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+            and t.data_ptr() == part.data_ptr())
+
+
+def router_names(model: nn.Module) -> set[str]:
+    """The Linear layers that route tokens to experts: in the block holding an experts module (its parent),
+    outside it, with one output per expert (the router) or a single output (Qwen's shared_expert_gate).
+    Pruning them changes which experts run, and their outputs are too narrow for a pattern to pay off, so
+    pruning leaves them dense. Routers held as plain parameters (most families) are not Linear layers."""
+    from .linear import is_linear
+
+    out = set()
+    for path, mod in experts_modules(model) + experts_modules(model, unrolled=True):
+        parent_path = path.rpartition(".")[0]
+        parent = model.get_submodule(parent_path) if parent_path else model
+        n, h = num_experts(mod), _input_dim(mod)
+        for name, m in parent.named_modules():
+            full = f"{parent_path}.{name}" if parent_path else name
+            if full == path or full.startswith(path + "."):
+                continue
+            if is_linear(m) and getattr(m, "in_features", None) == h and getattr(m, "out_features", None) in (n, 1):
+                out.add(full)
+    return out
+
+
+def _input_dim(module: nn.Module) -> int:
+    """The hidden size the experts read (what a router reads too)."""
+    if is_unrolled(module):
+        return getattr(module._modules["0"], in_proj(module)).in_features
+    w = module._parameters[in_proj(module)]
+    return w.shape[1] if module.is_transposed else w.shape[2]
+
+
+def expert_linear_names(model: nn.Module) -> set[str]:
+    """Full names of the per-expert Linear layers of every unrolled experts module."""
+    return {f"{path}.{e}.{p}" for path, mod in experts_modules(model, unrolled=True)
+            for e in range(num_experts(mod)) for p in _fused_names(mod)}
 
 
 def fuse_all(model: nn.Module, names=None) -> list[str]:

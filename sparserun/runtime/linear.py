@@ -32,6 +32,37 @@ def is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or (bool(_conv1d_type()) and isinstance(m, _conv1d_type()))
 
 
+def own_forward(m: nn.Module) -> bool:
+    """An is_linear module whose class computes something else than y = x Wᵀ + b (PhiMoE's and Llama 4's
+    routers return tuples): a SparseLinear cannot stand in for it, so pruning leaves it dense. A subclass
+    that only restates the matmul (Falcon's FalconLinear) is a plain Linear: one probe row tells them apart
+    (on the meta device, only the output's type and shape can be checked)."""
+    import torch.nn.functional as F
+
+    conv = _conv1d_type()
+    if type(m).forward in (nn.Linear.forward,) + ((conv.forward,) if conv else ()):
+        return False
+    w = linear_weight(m)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, w.shape[1], generator=gen).to(device=w.device, dtype=w.dtype)
+    try:
+        with torch.no_grad():
+            y = m(x)
+    except Exception:  # it cannot even take a row of inputs: certainly not a drop-in matmul
+        return True
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (1, w.shape[0]):
+        return True
+    if w.is_meta:
+        return False
+    with torch.no_grad():
+        ref = F.linear(x, w, m.bias).float()
+    tol = 1e-2 * float(ref.abs().max()) + 1e-3
+    return not bool(((y.float() - ref).abs() <= tol).all())
+
+
+OWN_FORWARD_REASON = "a Linear subclass with its own forward (not y = x Wᵀ + b): kept dense"
+
+
 def linear_weight(m: nn.Module) -> torch.Tensor:
     """The [out, in] weight of an is_linear module (Conv1D's [in, out] weight as a transposed view)."""
     return m.weight if isinstance(m, nn.Linear) else m.weight.t()
@@ -200,7 +231,8 @@ class SparseLinear(nn.Module):
 
 
 class PackedSaveError(RuntimeError):
-    """transformers' save_pretrained was called on a model holding SparseLinear layers."""
+    """transformers' save_pretrained was called on a model holding SparseLinear layers (or MoE experts
+    unrolled into Linear layers, runtime/experts.py)."""
 
 
 def _save_pretrained_guard(model: nn.Module, save_directory, *args, **kwargs):
@@ -209,12 +241,20 @@ def _save_pretrained_guard(model: nn.Module, save_directory, *args, **kwargs):
             f"{type(model).__name__}.save_pretrained cannot save packed sparse layers: transformers would write "
             f"their packed tensors, and from_pretrained would load the model with those layers initialised at "
             f"random. Use sparserun.save(model, {str(save_directory)!r}) and sparserun.load")
+    from .experts import experts_modules
+
+    unrolled = experts_modules(model, unrolled=True)
+    if unrolled:
+        raise PackedSaveError(
+            f"{type(model).__name__}.save_pretrained: {unrolled[0][0]} holds its MoE experts unrolled into "
+            f"per-expert Linear layers, which transformers would save under names it does not load back; "
+            f"call sparserun.runtime.experts.fuse_all(model) first")
     return type(model).save_pretrained(model, save_directory, *args, **kwargs)
 
 
 def guard_save_pretrained(model: nn.Module) -> None:
-    """Make `model.save_pretrained` refuse while the model holds SparseLinear layers (and behave as usual once
-    it holds none, e.g. after fine-tuning unpacked them). The checkpoint it would write looks fine and loads
+    """Make `model.save_pretrained` refuse while the model holds SparseLinear layers or MoE experts unrolled
+    into Linear layers (and behave as usual once it holds neither, e.g. after fine-tuning unpacked them). The checkpoint it would write looks fine and loads
     "successfully" in transformers, with every pruned layer silently re-initialised: a failure far from its
     cause. A partial, not a bound method, so the guard survives copy.deepcopy and pickling (torch.save)."""
     import functools

@@ -27,7 +27,8 @@ from .. import formats
 from ..formats.common import check_weight
 from ..patterns import Pattern, parse
 from . import experts
-from .linear import SparseLinear, guard_save_pretrained, is_linear, linear_shape, linear_weight
+from .linear import (OWN_FORWARD_REASON, SparseLinear, guard_save_pretrained, is_linear, linear_shape,
+                     linear_weight, own_forward)
 
 
 @dataclass
@@ -112,13 +113,22 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
     masks:     {layer name: bool mask [out, in]}; without it a magnitude mask is computed (module docstring).
     sparsity:  target for blocks / unstructured when no masks are given.
     """
-    from tqdm.auto import tqdm
-
     pat = parse(pattern)
     filter_fn = filter_fn or (default_filter if masks is None else (lambda module, name: True))
     # MoE experts held as 3-D parameters become one Linear pair per expert (runtime/experts.py): those the
     # masks name, or without masks all of them; a module none of whose experts gets packed is fused back
     unrolled = experts.unroll_stored(model, masks) if masks is not None else experts.unroll_all(model)
+    try:
+        return _sparsify(model, pat, filter_fn, masks, sparsity, progress)
+    finally:  # also when a mask or an argument is refused: the model keeps the layout it came with
+        experts.fuse_all(model, unrolled)
+
+
+def _sparsify(model, pat, filter_fn, masks, sparsity, progress) -> SparsifyReport:
+    from tqdm.auto import tqdm
+
+    # the default choice leaves MoE routers dense (runtime/experts.router_names); a filter_fn you pass decides
+    routers = experts.router_names(model) if filter_fn is default_filter else set()
     # Every (parent, attribute) holding each module, so a module reachable by two paths is swapped in both.
     holders: dict[int, list[tuple[nn.Module, str]]] = {}
     for pname, parent in model.named_modules(remove_duplicate=False):
@@ -149,6 +159,15 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
         if not filter_fn(lin, name):
             report.append(LayerAction(name, "skipped", "filter_fn excluded it", shape))
             continue
+        if name in routers:
+            report.append(LayerAction(name, "skipped", "routes tokens to MoE experts", shape))
+            continue
+        if own_forward(lin):
+            if masks is not None:
+                raise ValueError(f"mask given for {name}, a {type(lin).__name__}: {OWN_FORWARD_REASON.split(':')[0]}, "
+                                 f"which a SparseLinear cannot stand in for")
+            report.append(LayerAction(name, "dense", OWN_FORWARD_REASON, shape))
+            continue
         if masks is not None and name not in masks:
             report.append(LayerAction(name, "skipped", "no mask given for it", shape))
             continue
@@ -172,7 +191,6 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
         for parent, attr in holders.get(id(lin), []):
             setattr(parent, attr, new)
         report.append(LayerAction(name, "sparsified", "", shape, new.format))
-    experts.fuse_all(model, unrolled)
     if report.sparsified:
         guard_save_pretrained(model)
     return report

@@ -129,6 +129,16 @@ def make_moe(family: str, vocab_size: int, layers: int = 2, seed: int = 0, hidde
                                                  n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
                                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
     }
+    specs.update({  # not in MOE_FAMILIES (CI time): each tests one thing around the experts
+        # a router held as a Parameter, and a shared expert gated by a Linear with one output
+        "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=96, moe_intermediate_size=32, num_key_value_heads=2,
+                                             num_experts=4, shared_expert_intermediate_size=48)),
+        # a router that is a Linear subclass returning a tuple
+        "phimoe": ("PhimoeConfig", dict(intermediate_size=32, num_key_value_heads=2, num_local_experts=4)),
+        # experts as 3-D tensors outside transformers' experts contract
+        "jetmoe": ("JetMoeConfig", dict(intermediate_size=32, num_key_value_heads=2, kv_channels=16,
+                                        num_local_experts=4)),
+    })
     cls_name, kw = specs[family]
     cls = getattr(T, cls_name, None)
     if cls is None:

@@ -162,6 +162,7 @@ def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude_and_repor
     name = f"model.layers.0.mlp.experts.{never}.down_proj"
     row = next(r for r in rep.rows if r["name"] == name)
     assert row["status"] == "pruned" and row["reason"].startswith("no calibration token reached it")
+    assert row["rel_error"] is None, "no token, no error to measure (a 0 would lower the mean)"
     others = [r for r in rep.pruned if f".experts.{never}." not in r["name"]]
     assert not any(r["reason"] for r in others)
     w_dense = make_moe("qwen3_moe", len(tok)).model.layers[0].mlp.experts.down_proj[never].detach()
@@ -215,3 +216,87 @@ def test_convert_memory_estimate_counts_the_block_with_the_experts(tmp_path):
         per_block.append(sum(k * k * 4 for k in ks) + 3 * max(ks) ** 2 * 4)
     assert per_block[1] > per_block[0]
     assert rep.info["memory_estimate"]["statistics"] == per_block[1]
+
+
+def test_a_refused_sparsify_leaves_the_experts_fused():
+    model = make_moe("qwen3_moe", V)
+    ids = _ids(4)
+    want = _logits(model, ids)
+    with pytest.raises(ValueError, match="needs a target sparsity"):
+        sparserun.sparsify_(model, "16x16")  # blocks without a sparsity: refused at the first layer
+    assert X.experts_modules(model, unrolled=True) == [] and model.model.layers[0].mlp.experts.down_proj.dim() == 3
+    torch.testing.assert_close(_logits(model, ids), want, rtol=0, atol=0)
+
+
+def test_prune_gives_back_the_same_parameter_objects_and_an_unrolled_model_refuses_save_pretrained(tmp_path):
+    """An optimizer built before prune keeps training the experts (fuse re-registers the 3-D Parameters the
+    pruned views write into); a model the user unrolled stays unrolled, and transformers' save_pretrained
+    refuses it until fuse_all, because it would save per-expert names that from_pretrained does not load."""
+    tok = make_tokenizer()
+    model = make_moe("qwen3_moe", len(tok))
+    before = model.model.layers[1].mlp.experts.gate_up_proj
+    sparserun.prune(model, "wanda", "2:4", tokenizer=tok, nsamples=2, seqlen=16, progress=False)
+    assert model.model.layers[1].mlp.experts.gate_up_proj is before
+    assert (before[3] == 0).float().mean() == 0.5
+
+    X.unroll_all(model)
+    sparserun.prune(model, "magnitude", "2:4", tokenizer=tok, nsamples=2, seqlen=16, progress=False)
+    assert len(X.experts_modules(model, unrolled=True)) == 2, "the user's unrolled modules stay unrolled"
+    with pytest.raises(PackedSaveError, match=r"unrolled .*fuse_all\(model\) first"):
+        model.save_pretrained(tmp_path / "hf")
+    X.fuse_all(model)
+    model.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("family,name,reason", [
+    ("qwen2_moe", "model.layers.0.mlp.shared_expert_gate", "routes tokens to MoE experts"),
+    ("phimoe", "model.layers.0.mlp.router", "routes tokens to MoE experts"),  # and returns a tuple
+])
+def test_routers_stay_dense(tmp_path, family, name, reason):
+    """A router decides which experts run (and is too narrow to pack usefully); PhiMoE's returns a tuple,
+    which a SparseLinear cannot stand in for. prune reports them skipped or dense; sparsify_ leaves them."""
+    tok = make_tokenizer()
+    model = make_moe(family, len(tok))
+    rep = sparserun.prune(model, "wanda", "2:4", tokenizer=tok, nsamples=2, seqlen=16, progress=False)
+    row = next(r for r in rep.rows if r["name"] == name)
+    assert row["status"] in ("skipped", "dense") and row["reason"].startswith(reason), row
+    assert name not in rep.masks and rep.pruned
+    fresh = make_moe(family, len(tok))
+    report = sparserun.sparsify_(fresh, "2:4")
+    assert type(fresh.get_submodule(name)) is type(model.get_submodule(name))
+    assert not any(a.name == name for a in report.sparsified)
+    ids = _ids(5)
+    assert _logits(fresh, ids).isfinite().all()
+    with pytest.raises(ValueError, match="own forward"):
+        sparserun.sparsify_(make_moe("phimoe", V), "2:4", masks={"model.layers.0.mlp.router":
+                                                                  torch.ones(4, 64, dtype=torch.bool)})
+
+
+def test_experts_outside_the_contract_are_reported_not_silently_left_dense():
+    tok = make_tokenizer()
+    model = make_moe("jetmoe", len(tok))
+    rep = sparserun.prune(model, "magnitude", "2:4", tokenizer=tok, nsamples=2, seqlen=16, progress=False)
+    assert rep.info["unpruned_3d_fraction"] > 0.5
+    assert any("3-D tensors that no Linear layer holds" in w for w in rep.warnings())
+
+
+def test_own_forward_tells_a_different_computation_from_a_restated_matmul():
+    from sparserun.runtime.linear import own_forward
+
+    class Restated(nn.Linear):  # Falcon's FalconLinear: the same y = x Wᵀ + b, written out
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    class Router(nn.Linear):  # PhiMoE / Llama 4: scores and indices
+        def forward(self, x):
+            y = super().forward(x)
+            return y, y.argmax(-1)
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert not own_forward(nn.Linear(8, 4)) and not own_forward(Restated(8, 4))
+    assert own_forward(Router(8, 4)) and own_forward(Scaled(8, 4))
+    assert own_forward(Router(8, 4, device="meta")) and not own_forward(Scaled(8, 4, device="meta"))
