@@ -228,14 +228,22 @@ def prune(model: nn.Module, method: str, pattern, sparsity: float | None = None,
 
 def position_limit(config) -> tuple[int | None, str]:
     """(the model's position limit, the config.json field it comes from), or (None, "") for a model without
-    one (T5's relative positions). GPT-2's n_positions also answers to max_position_embeddings."""
+    one (T5's relative positions; XLNet's -1). GPT-2's n_positions also answers to max_position_embeddings.
+    A composite config (a VLM's) keeps the limit in its text config, named as text_config.<field>."""
     limit = getattr(config, "max_position_embeddings", None)
-    if limit:
+    if isinstance(limit, int) and limit > 0:
         # name the field as config.json spells it, so the user can find it
-        return int(limit), getattr(config, "attribute_map", {}).get("max_position_embeddings",
-                                                                     "max_position_embeddings")
+        return limit, getattr(config, "attribute_map", {}).get("max_position_embeddings", "max_position_embeddings")
     limit = getattr(config, "n_positions", None)
-    return (int(limit), "n_positions") if limit else (None, "")
+    if isinstance(limit, int) and limit > 0:
+        return limit, "n_positions"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        limit, field = position_limit(text)
+        if limit:
+            sub = next((k for k, v in vars(config).items() if v is text), "text_config")
+            return limit, f"{sub}.{field}"
+    return None, ""
 
 
 def default_seqlen(config) -> int:

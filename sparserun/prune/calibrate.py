@@ -583,7 +583,7 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Ten
                 shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
                 raise CalibrationError(f"{type(model).__name__}: the hidden states entering {path}.0 for one window "
                                        f"are {shape}, not [1, tokens, hidden] (batch first): layer-by-layer "
-                                       f"pruning cannot feed them (Gemma 3n stacks several streams first); "
+                                       f"pruning cannot feed them (Gemma 3n stacks streams first, XLNet is sequence first); "
                                        f"prune it without calibration: sparserun.sparsify_(model, pattern) + "
                                        f"sparserun.save")
             if hidden is None:

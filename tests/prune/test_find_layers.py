@@ -103,3 +103,20 @@ def test_a_stack_the_text_forward_never_reaches_is_a_one_line_error():
     with pytest.raises(calibrate.CalibrationError, match=r"never reaches layers\.0, the stack chosen for pruning"):
         model = Skips()
         calibrate.capture_inputs(model, model.layers, torch.randint(0, 10, (2, 5)), "cpu")
+
+
+def test_position_limit_reads_text_configs_and_ignores_negative_sentinels():
+    """XLNet says max_position_embeddings = -1 (no limit); a VLM keeps its limit in its text config."""
+    import transformers as T
+
+    from sparserun.prune.api import default_seqlen, position_limit
+
+    assert position_limit(T.XLNetConfig(vocab_size=64, d_model=32, n_layer=1, n_head=4)) == (None, "")
+    assert default_seqlen(T.XLNetConfig(vocab_size=64, d_model=32, n_layer=1, n_head=4)) == calibrate.DEFAULT_SEQLEN
+    text = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, max_position_embeddings=96)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+    cfg = T.LlavaConfig(text_config=text, vision_config=vision, image_token_id=63)
+    assert position_limit(cfg) == (96, "text_config.max_position_embeddings")
+    assert position_limit(T.GPT2Config(n_positions=40)) == (40, "n_positions")
