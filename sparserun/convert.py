@@ -310,12 +310,21 @@ def match_keys(model: nn.Module, src: SourceTensors) -> tuple[dict[str, str], li
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, requires_grad: bool = False) -> None:
     prefix, _, attr = key.rpartition(".")
     mod = model.get_submodule(prefix) if prefix else model
+    old = mod._parameters.get(attr, mod._buffers.get(attr))
+    if old is not None and tuple(old.shape) != tuple(value.shape):
+        raise ConvertError(f"{key}: the source holds a {tuple(value.shape)} tensor, the model config.json describes "
+                           f"needs {tuple(old.shape)}")
     if attr in mod._parameters:
         mod._parameters[attr] = nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
     elif attr in mod._buffers:
         mod._buffers[attr] = value
-    elif not experts.set_fused(mod, attr, value):  # a 3-D experts weight, split into the unrolled experts
-        raise ConvertError(f"{key} is neither a parameter nor a buffer of {type(model).__name__}")
+    else:
+        try:  # a 3-D experts weight, split into the unrolled experts
+            known = experts.set_fused(mod, attr, value)
+        except ValueError as e:
+            raise ConvertError(f"{key}: {e}") from None
+        if not known:
+            raise ConvertError(f"{key} is neither a parameter nor a buffer of {type(model).__name__}")
 
 
 def _to_meta(module: nn.Module) -> None:
@@ -537,6 +546,7 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     check_skip(model, skip, include_lm_head)
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
+    _check_shapes(model, keymap, tensors)
     computed = set(_compute_unsaved(model, missing, stacks, compute))
     missing = [k for k in missing if k not in computed]
     if missing:
@@ -618,6 +628,22 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
         tmp = w.tmp / "report.json"
         tmp.write_text(report.to_json() + "\n")  # inside the temp dir: appears in OUT with everything else
     return report
+
+
+def _check_shapes(model: nn.Module, keymap: dict, src: SourceTensors) -> None:
+    """Every stored tensor has the shape the model built from config.json gives it, checked before any weight
+    is read (a config edited apart from its weights would otherwise fail layers later, or write a checkpoint
+    that cannot load). The 3-D experts tensors split into unrolled experts are checked as they are split."""
+    own = model.state_dict(keep_vars=True)
+    for k, sk in keymap.items():
+        if k not in own:
+            continue
+        names = sk if isinstance(sk, tuple) else (sk,)
+        shapes = [src.info[n][0] for n in names]
+        stored = shapes[0] if len(shapes) == 1 else (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
+        if tuple(stored) != tuple(own[k].shape):
+            raise ConvertError(f"{src.src}: {' + '.join(names)} holds {tuple(stored)}, but the {type(model).__name__} "
+                               f"that config.json describes needs {tuple(own[k].shape)} for {k}")
 
 
 def _compute_unsaved(model: nn.Module, missing: list, stacks, dtype: torch.dtype) -> list[str]:

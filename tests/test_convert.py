@@ -340,3 +340,16 @@ def test_memory_does_not_grow_with_depth(tmp_path):
         shutil.rmtree(src)
     print(f"peak RSS: 4 layers {peaks[4] / 1024:.0f} MiB, 8 layers {peaks[8] / 1024:.0f} MiB")
     assert peaks[8] < 1.10 * peaks[4], peaks
+
+
+def test_a_config_that_does_not_match_the_stored_shapes_stops_before_any_weight_is_read(tmp_path, llama_src,
+                                                                                        monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(llama_src, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = cfg["intermediate_size"] + 32
+    (src / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(cv.SourceTensors, "read", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(cv.ConvertError, match=r"mlp\.gate_proj\.weight holds \(128, 64\), but .* needs \(160, 64\)"):
+        cv.convert(src, tmp_path / "out", "magnitude", "2:4", nsamples=2, seqlen=16, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -139,10 +139,15 @@ def set_fused(module: nn.Module, attr: str, value: torch.Tensor) -> bool:
         return False
     for e in range(num_experts(module)):
         lin = getattr(module._modules[str(e)], proj)
+        part = value[e] if is_bias or not module.is_transposed else value[e].t()
+        want = lin.bias if is_bias else lin.weight
+        if want is None or part.shape != want.shape:
+            raise ValueError(f"expert {e} gets a {tuple(part.shape)} {'bias' if is_bias else 'weight'}, its "
+                             f"Linear layer holds {None if want is None else tuple(want.shape)}")
         if is_bias:
-            lin.bias = nn.Parameter(value[e], requires_grad=False)
+            lin.bias = nn.Parameter(part, requires_grad=False)
         else:
-            lin.weight = nn.Parameter(value[e].t() if module.is_transposed else value[e], requires_grad=False)
+            lin.weight = nn.Parameter(part, requires_grad=False)
     return True
 
 

@@ -300,3 +300,23 @@ def test_own_forward_tells_a_different_computation_from_a_restated_matmul():
     assert not own_forward(nn.Linear(8, 4)) and not own_forward(Restated(8, 4))
     assert own_forward(Router(8, 4)) and own_forward(Scaled(8, 4))
     assert own_forward(Router(8, 4, device="meta")) and not own_forward(Scaled(8, 4, device="meta"))
+
+
+def test_convert_refuses_experts_of_another_size_than_config_says(tmp_path):
+    """gpt-oss stores its experts as 3-D tensors, split as they are read: a config.json that disagrees with
+    them stops the conversion with the expert and both shapes, and writes nothing."""
+    import json
+
+    from sparserun import convert as cv
+
+    tok = make_tokenizer()
+    src = tmp_path / "src"
+    make_moe("gpt_oss", len(tok)).save_pretrained(src)
+    tok.save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 48
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(cv.ConvertError, match=r"experts\.gate_up_proj: expert 0 gets a \(64, 64\) weight, its "
+                                              r"Linear layer holds \(96, 64\)"):
+        cv.convert(src, tmp_path / "out", "magnitude", "2:4", nsamples=2, seqlen=16, progress=False)
+    assert not (tmp_path / "out").exists()
