@@ -583,9 +583,9 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Ten
                 shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
                 raise CalibrationError(f"{type(model).__name__}: the hidden states entering {path}.0 for one window "
                                        f"are {shape}, not [1, tokens, hidden] (batch first): layer-by-layer "
-                                       f"pruning cannot feed them (Gemma 3n stacks streams first, XLNet is sequence first); "
-                                       f"prune it without calibration: sparserun.sparsify_(model, pattern) + "
-                                       f"sparserun.save")
+                                       f"pruning cannot feed them (Gemma 3n stacks streams first, XLNet is "
+                                       f"sequence first); prune it without calibration: "
+                                       f"sparserun.sparsify_(model, pattern) + sparserun.save")
             if hidden is None:
                 hidden = torch.empty((input_ids.shape[0],) + tuple(h.shape[1:]), dtype=h.dtype, device=device)
             hidden[s] = h[0]
@@ -966,8 +966,8 @@ def _prune_stack(model: nn.Module, st: Stack, stacks: list, store, extra, ctx: d
             reason = (f"matches skip regex {ctx['skip']!r}" if skip_re is not None and skip_re.search(name)
                       else ROUTER_REASON if name in routers else OWN_FORWARD_REASON if own_forward(m) else None)
             if reason:
-                if record:
-                    rows.append(_row(name, m, pat, "skipped", reason))
+                if record:  # a layer SparseLinear cannot stand in for is dense by necessity, not by choice
+                    rows.append(_row(name, m, pat, "dense" if reason == OWN_FORWARD_REASON else "skipped", reason))
                 continue
             chosen[name] = m
         return chosen

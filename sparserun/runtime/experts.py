@@ -16,8 +16,9 @@ other, and the module gets an instance `forward` that routes tokens expert by ex
 unrolling, `model.layers.0.mlp.experts.3.down_proj` is one more Linear to prune, pack (SparseLinear) and
 save; load unrolls the modules whose experts the checkpoint stores that way.
 
-Unrolling holds no extra copy: a non-transposed expert's weight is a view of the 3-D parameter. `fuse` puts
-a pruned but still dense module back into 3-D parameters, so the model saves and loads with transformers.
+Unrolling holds no extra copy: each expert's weight is a view of the 3-D parameter (transposed where the
+family stores it so). `fuse` puts a pruned but still dense module back into its 3-D parameters (the same
+objects, which the views wrote into), so the model saves and loads with transformers.
 """
 from __future__ import annotations
 

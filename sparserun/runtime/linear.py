@@ -254,9 +254,10 @@ def _save_pretrained_guard(model: nn.Module, save_directory, *args, **kwargs):
 
 def guard_save_pretrained(model: nn.Module) -> None:
     """Make `model.save_pretrained` refuse while the model holds SparseLinear layers or MoE experts unrolled
-    into Linear layers (and behave as usual once it holds neither, e.g. after fine-tuning unpacked them). The checkpoint it would write looks fine and loads
-    "successfully" in transformers, with every pruned layer silently re-initialised: a failure far from its
-    cause. A partial, not a bound method, so the guard survives copy.deepcopy and pickling (torch.save)."""
+    into Linear layers (and behave as usual once it holds neither, e.g. after fine-tuning unpacked them). The
+    checkpoint it would write looks fine and loads "successfully" in transformers, with every pruned layer
+    silently re-initialised: a failure far from its cause. A partial, not a bound method, so the guard
+    survives copy.deepcopy and pickling (torch.save)."""
     import functools
 
     if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in vars(model):
