@@ -312,8 +312,8 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, requires_grad: 
     mod = model.get_submodule(prefix) if prefix else model
     old = mod._parameters.get(attr, mod._buffers.get(attr))
     if old is not None and tuple(old.shape) != tuple(value.shape):
-        raise ConvertError(f"{key}: the source holds a {tuple(value.shape)} tensor, the model config.json describes "
-                           f"needs {tuple(old.shape)}")
+        raise ConvertError(f"{key}: the source holds a {tuple(value.shape)} tensor, the model that config.json "
+                           f"describes needs {tuple(old.shape)}")
     if attr in mod._parameters:
         mod._parameters[attr] = nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
     elif attr in mod._buffers:
