@@ -264,6 +264,7 @@ def test_a_model_loaded_under_inference_mode_runs_there(tmp_path, tok):
     ("qwen3_moe", "sparsegpt", "2:4", None),   # per-expert gate/up/down on disk
     ("gpt_oss", "wanda", "16x16", 0.5),        # fused 3-D tensors on disk, transposed, with biases
     ("deepseek_v3", "taylor", "16x16", 0.5),   # a dense first layer; gradients through the routed experts
+    ("jamba", "wanda", "2:4", None),           # a hybrid stack of two layer classes (Mamba, attention + experts)
 ])
 def test_moe_experts_convert_per_expert_and_equal_in_memory_prune(tmp_path, tok, family, method, pattern, sparsity):
     """Streaming convert reads each expert's weights as stored (per expert, or split from the 3-D tensor),

@@ -274,6 +274,17 @@ def _largest_stack(part: nn.Module) -> tuple:
     return best, mixed
 
 
+def _shared_between_layers(layers: nn.ModuleList) -> str:
+    """The name (within its layer) of a module or parameter that two layers hold (tied), or ""."""
+    seen: dict[int, int] = {}
+    for i, block in enumerate(layers):
+        named = list(block.named_modules()) + list(block.named_parameters())
+        for sub, m in named:
+            if sub and seen.setdefault(id(m), i) != i:
+                return f"{i}.{sub}"
+    return ""
+
+
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The repeated blocks: the nn.ModuleList of same-class blocks holding Linear layers with the most
     parameters (model.layers, transformer.h, model.decoder.layers, encoder.layer, bert.encoder.layer, ...),
@@ -284,12 +295,17 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None and mixed is None and part is not model:
         prefix, (best, mixed) = "", _largest_stack(model)
     if mixed is not None:
+        # a hybrid stack (Jamba's attention and Mamba layers): pruned layer by layer like any other, as long
+        # as no module or weight is shared between its layers (Zamba2's shared transformer would be pruned
+        # once per layer that holds it) and a text-only forward calls every layer (record_layer_args checks)
         name = f"{prefix}.{mixed[0]}" if prefix else mixed[0]
-        kinds = sorted({type(b).__name__ for b in mixed[1]})
-        raise UnknownModelFamily(f"{type(model).__name__}: its largest stack of layers, {name}, mixes layer classes "
-                                 f"({', '.join(kinds[:3])}{', ...' if len(kinds) > 3 else ''}); layer-by-layer pruning "
-                                 f"needs one class of block (magnitude pruning without calibration, "
-                                 f"sparserun.sparsify_, does not)")
+        shared = _shared_between_layers(mixed[1])
+        if shared:
+            raise UnknownModelFamily(f"{type(model).__name__}: the layers of {name} share modules or weights "
+                                     f"({shared}); "
+                                     f"layer-by-layer pruning would prune them once per layer that holds them "
+                                     f"(magnitude pruning without calibration, sparserun.sparsify_, does not)")
+        best = (mixed[0], mixed[1])
     if best is not None and prefix:
         best = (f"{prefix}.{best[0]}", best[1])
     if best is None:
@@ -547,6 +563,14 @@ def record_layer_args(model: nn.Module, path: str, layers: nn.ModuleList, store,
         finally:
             for hd in handles:
                 hd.remove()
+    # one class of layer gets one kind of arguments, and a layer the stubs did not see takes layer 0's; a
+    # layer of another class (Mllama's cross-attention layers, skipped without an image) cannot
+    if len({type(b) for b in layers}) > 1:
+        unseen = [i for i in range(1, len(layers)) if i not in inputs.calls[0]]
+        if unseen:
+            raise CalibrationError(f"{type(model).__name__}: a text-only forward never calls {path}.{unseen[0]} "
+                                   f"({type(layers[unseen[0]]).__name__}), so it cannot be calibrated; prune "
+                                   f"without calibration: sparserun.sparsify_(model, pattern) + sparserun.save")
 
 
 @torch.no_grad()
@@ -603,6 +627,12 @@ class _Stub(nn.Module):
         super().__init__()
         object.__setattr__(self, "_orig", orig)  # not a submodule: its (meta) parameters stay out of sight
         object.__setattr__(self, "_holder", holder)
+
+    @property
+    def __class__(self):
+        # isinstance(stub, JambaMambaDecoderLayer) as for the real layer: a model whose forward picks each
+        # layer's mask or cache by its class must hand the stub what it hands the layer
+        return type(object.__getattribute__(self, "_orig"))
 
     def __getattr__(self, name):
         try:

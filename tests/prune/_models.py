@@ -135,6 +135,10 @@ def make_moe(family: str, vocab_size: int, layers: int = 2, seed: int = 0, hidde
                                              num_experts=4, shared_expert_intermediate_size=48)),
         # a router that is a Linear subclass returning a tuple
         "phimoe": ("PhimoeConfig", dict(intermediate_size=32, num_key_value_heads=2, num_local_experts=4)),
+        # a hybrid stack: a Mamba layer, then an attention layer with experts (two layer classes)
+        "jamba": ("JambaConfig", dict(intermediate_size=64, num_key_value_heads=2, num_experts=4,
+                                      attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                      expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8)),
         # experts as 3-D tensors outside transformers' experts contract
         "jetmoe": ("JetMoeConfig", dict(intermediate_size=32, num_key_value_heads=2, kv_channels=16,
                                         num_local_experts=4)),

@@ -35,14 +35,24 @@ def test_the_language_model_get_decoder_names_is_pruned_even_when_the_vision_tow
     assert calibrate.find_layers(model)[0] == "vision"
 
 
-def test_a_stack_mixing_layer_classes_is_a_one_line_error_not_a_smaller_list_picked_silently():
+def test_a_hybrid_stack_is_the_stack_not_a_smaller_one_class_list_beside_it():
     model = nn.Module()
     model.layers = nn.ModuleList([Block(32), Other(32), Block(32)])  # attention and mamba layers, say
-    model.adapters = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
-    with pytest.raises(calibrate.UnknownModelFamily, match=r"layers, mixes layer classes \(Block, Other\)"):
-        calibrate.find_layers(model)
+    model.adapters = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])  # Zamba2's LoRA adapters, say
+    assert calibrate.find_layers(model)[0] == "layers"
     model.big = nn.ModuleList([Block(64) for _ in range(2)])  # a larger single-class stack wins
     assert calibrate.find_layers(model)[0] == "big"
+
+
+def test_a_stack_whose_layers_share_a_module_is_a_one_line_error():
+    """Zamba2's hybrid layers hold one shared transformer block: pruned layer by layer, it would be pruned once
+    per layer that holds it."""
+    model = nn.Module()
+    shared = Block(32)
+    model.layers = nn.ModuleList([Block(32), Other(32), Other(32)])
+    model.layers[1].shared, model.layers[2].shared = shared, shared
+    with pytest.raises(calibrate.UnknownModelFamily, match=r"the layers of layers share modules or weights \(2\.shared\)"):
+        calibrate.find_layers(model)
 
 
 def test_a_list_of_lists_is_not_a_stack_of_blocks_but_each_inner_list_may_be():

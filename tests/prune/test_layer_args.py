@@ -60,7 +60,18 @@ def llava():
     return LlavaForConditionalGeneration(cfg).eval(), "model.language_model.layers"
 
 
-@pytest.mark.parametrize("build", [gemma3, t5, falcon, modernbert, llava])
+def jamba():
+    """A hybrid stack: attention and Mamba layers of two classes, MoE experts in every other layer."""
+    from transformers import JambaConfig, JambaForCausalLM
+
+    cfg = JambaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=2,
+                      attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8,
+                      mamba_dt_rank=8, max_position_embeddings=128)
+    return JambaForCausalLM(cfg).eval(), "model.layers"
+
+
+@pytest.mark.parametrize("build", [gemma3, t5, falcon, modernbert, llava, jamba])
 def test_layerwise_inputs_equal_the_whole_models(build):
     torch.manual_seed(0)
     model, path = build()
