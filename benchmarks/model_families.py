@@ -96,6 +96,17 @@ def families(vocab: int):
         "bart": (T.BartConfig(d_model=H, encoder_ffn_dim=I, decoder_ffn_dim=I, encoder_layers=2, decoder_layers=2,
                               encoder_attention_heads=4, decoder_attention_heads=4, max_position_embeddings=128, **c),
                  s2s),
+        "marian": (T.MarianConfig(d_model=H, encoder_ffn_dim=I, decoder_ffn_dim=I, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, max_position_embeddings=128,
+                                  decoder_start_token_id=0, **c), s2s),
+        "phimoe": (T.PhimoeConfig(**gqa, num_local_experts=4, num_experts_per_tok=2, **c), causal),
+        "mamba": (T.MambaConfig(hidden_size=H, num_hidden_layers=2, state_size=8, time_step_rank=8, **c), causal),
+        # a vision tower beside the language model, and a forward that takes only **kwargs
+        "llava": (T.LlavaConfig(text_config=dict(model_type="llama", **gqa, **c),
+                                vision_config=dict(model_type="clip_vision_model", hidden_size=H, intermediate_size=I,
+                                                   num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                                                   patch_size=8, projection_dim=H),
+                                image_token_id=vocab - 1), "AutoModelForImageTextToText"),
     }
 
 
