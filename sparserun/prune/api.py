@@ -210,7 +210,7 @@ def prune(model: nn.Module, method: str, pattern, sparsity: float | None = None,
     check_options(pattern, options)
     calibrate.find_layers(model)  # an unknown family fails before any data is read
     # MoE experts held as 3-D parameters are pruned as one Linear pair per expert (runtime/experts.py), then
-    # stacked back, so the pruned model keeps the layout transformers saves and loads
+    # the module gets its own 3-D parameters back, so the pruned model keeps the layout transformers saves
     unrolled = experts.unroll_all(model)
     try:
         check_skip(model, skip, include_lm_head)
