@@ -61,11 +61,16 @@ def _print_table(info: dict, show_dense: bool) -> None:
           f"sparserun {info['sparserun_version']}){', ' + info['architecture'] if info['architecture'] else ''}")
     if info["source"]:
         print(f"source: {info['source']}")
+    from .runtime.experts import group_experts, group_name
+
     rows = [("layer", "format", "pattern", "shape", "dtype", "sparsity", "packed", "dense", "ratio")]
-    for x in info["layers"]:
-        rows.append((x["name"], x["format"], x["pattern"], "x".join(map(str, x["shape"])), x["dtype"],
-                     f"{100 * x['sparsity']:.1f}%", _human(x["nbytes"]), _human(x["dense_nbytes"]),
-                     f"{x['nbytes'] / x['dense_nbytes']:.3f}"))
+    # the experts of one MoE module that agree on format, pattern, shape and dtype are one line (--json lists all)
+    for g in group_experts(info["layers"], lambda x: x["name"],
+                           lambda x: (x["format"], x["pattern"], tuple(x["shape"]), x["dtype"])):
+        x, packed, dense = g[0], sum(y["nbytes"] for y in g), sum(y["dense_nbytes"] for y in g)
+        sparsity = sum(y["sparsity"] for y in g) / len(g)  # one shape per group: the plain mean is exact
+        rows.append((group_name(g, lambda y: y["name"]), x["format"], x["pattern"], "x".join(map(str, x["shape"])),
+                     x["dtype"], f"{100 * sparsity:.1f}%", _human(packed), _human(dense), f"{packed / dense:.3f}"))
     if len(rows) > 1:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:

@@ -7,6 +7,7 @@ updates the kept weights), and the report holds the explicit masks, ready for
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -104,10 +105,18 @@ class PruneReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self) -> str:
-        lines = [(r["name"], r["pattern"], r["format"], f"{100 * r['sparsity']:.1f}%",
-                  "-" if r.get("rel_error") is None else f"{r['rel_error']:.4f}",
-                  human_bytes(r["bytes_before"]), human_bytes(r["bytes_after"]),
-                  r["reason"]) for r in self.rows]
+        lines = []
+        # the experts of one MoE module that agree on everything but their numbers are one line (rows keep all)
+        same = lambda r: (r["pattern"], r["format"], r["status"], r["reason"], tuple(r["shape"]))  # noqa: E731
+        for g in experts.group_experts(self.rows, lambda r: r["name"], same):
+            r, n = g[0], sum(math.prod(x["shape"]) for x in g)
+            errs = [x["rel_error"] for x in g if x.get("rel_error") is not None]
+            sparsity = sum(x["sparsity"] * math.prod(x["shape"]) for x in g) / n if n else 0.0
+            note = "; ".join(t for t in (r["reason"], "rel.err: mean over the experts" if len(errs) > 1 else "") if t)
+            lines.append((experts.group_name(g, lambda x: x["name"]), r["pattern"], r["format"],
+                          f"{100 * sparsity:.1f}%", f"{sum(errs) / len(errs):.4f}" if errs else "-",
+                          human_bytes(sum(x["bytes_before"] for x in g)), human_bytes(sum(x["bytes_after"] for x in g)),
+                          note))
         t = self.totals()
         lines.append(("total", self.pattern, "", f"{100 * t['sparsity']:.1f}%",
                       "-" if t["mean_rel_error"] is None else f"{t['mean_rel_error']:.4f} mean",

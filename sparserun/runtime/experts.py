@@ -23,6 +23,7 @@ objects, which the views wrote into), so the model saves and loads with transfor
 from __future__ import annotations
 
 import functools
+import re
 import weakref
 
 import torch
@@ -222,6 +223,27 @@ def expert_linear_names(model: nn.Module) -> set[str]:
     """Full names of the per-expert Linear layers of every unrolled experts module."""
     return {f"{path}.{e}.{p}" for path, mod in experts_modules(model, unrolled=True)
             for e in range(num_experts(mod)) for p in _fused_names(mod)}
+
+
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
+
+
+def group_experts(items: list, name_of, key_of) -> list[list]:
+    """`items` (report rows, checkpoint layer records) grouped for a table: the items of one experts module
+    that differ only in the expert index and agree on key_of(item) form one group, in first-seen order;
+    every other item is a group of its own. A 128-expert, 48-layer model prints 96 expert lines, not 12,288."""
+    groups: dict = {}
+    for item in items:
+        name = name_of(item)
+        wild = _EXPERT_INDEX.sub(".experts.*.", name)
+        groups.setdefault((wild, key_of(item)) if wild != name else (name, id(item)), []).append(item)
+    return list(groups.values())
+
+
+def group_name(group: list, name_of) -> str:
+    """The table name of a group_experts group: the name, or `...experts.*.down_proj (x128)`."""
+    name = name_of(group[0])
+    return name if len(group) == 1 else f"{_EXPERT_INDEX.sub('.experts.*.', name)} (x{len(group)})"
 
 
 def fuse_all(model: nn.Module, names=None) -> list[str]:

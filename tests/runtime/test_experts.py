@@ -336,3 +336,23 @@ def test_gpu_packed_experts_agree_with_the_cpu_reference(tmp_path, monkeypatch, 
     monkeypatch.setenv("SPARSERUN_BACKEND", backend)
     got = _logits(sparserun.load(tmp_path / "p", device="cuda"), ids.cuda()).cpu()
     assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+def test_tables_give_one_line_per_experts_projection_and_json_keeps_every_expert(tmp_path, capsys):
+    """A 128-expert, 48-layer model would print 12,288 expert lines: the report table and `inspect` print one
+    per experts module and projection (the rows, report.json and `inspect --json` keep every expert)."""
+    from sparserun.cli import main
+
+    tok = make_tokenizer()
+    model = make_moe("qwen3_moe", len(tok))
+    rep = sparserun.prune(model, "wanda", "2:4", tokenizer=tok, nsamples=2, seqlen=16, progress=False)
+    table = rep.table()
+    assert "model.layers.1.mlp.experts.*.down_proj (x8)" in table and ".experts.3." not in table
+    assert sum(".experts." in r["name"] for r in rep.rows) == 32
+    sparserun.sparsify_(model, "2:4", masks=rep.masks)
+    sparserun.save(model, tmp_path / "p")
+    assert main(["inspect", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp.experts.*.gate_up_proj (x8)  semi24  2:4      64x64" in out and ".experts.5." not in out
+    assert main(["inspect", "--json", str(tmp_path / "p")]) == 0
+    assert capsys.readouterr().out.count(".experts.") == 32
