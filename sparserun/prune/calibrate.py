@@ -399,12 +399,25 @@ def _forward_params(model: nn.Module) -> "set | None":
         return None
 
 
+def _takes_var_kwargs(model: nn.Module) -> bool:
+    import inspect
+
+    try:
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+
+
 def forward_inputs(model: nn.Module, ids: torch.Tensor, **extra) -> dict:
     """Keyword arguments for running `model` on token windows `ids`: no KV cache, and for encoder-decoders
     (T5, BART) decoder inputs too, the window shifted right as in teacher forcing (T5 raises without them).
     An encoder-decoder's own encoder (whose config may still say is_encoder_decoder) gets none."""
     params = _forward_params(model)
-    kw = {"input_ids": ids, **({"use_cache": False} if params and "use_cache" in params else {}), **extra}
+    # no KV cache: asked for by name, or through **kwargs where the config says the model has a cache (a causal
+    # LM or VLM whose forward takes only **kwargs hands them to the backbone, which would otherwise build one)
+    no_cache = bool(params and "use_cache" in params) or (
+        _takes_var_kwargs(model) and getattr(getattr(model, "config", None), "use_cache", None) is not None)
+    kw = {"input_ids": ids, **({"use_cache": False} if no_cache else {}), **extra}
     seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False) and (
         params is None or "decoder_input_ids" in params)
     if seq2seq and "labels" not in kw and "decoder_input_ids" not in kw:

@@ -123,3 +123,13 @@ def test_llava_language_model_prunes_as_the_same_llama_does():
     assert len(rb.masks) == 21
     for name, mask in rb.masks.items():
         assert torch.equal(ra.masks[name.replace("model.", "model.language_model.", 1)], mask), name
+
+
+def test_a_forward_taking_only_kwargs_is_still_told_not_to_build_a_cache():
+    """LLaVA's (and GraniteMoeHybrid's) forward names no use_cache: it goes through **kwargs to the backbone,
+    which would otherwise build a cache (and a degenerate hybrid of only Mamba layers fails on it)."""
+    model, _ = llava()
+    ids = torch.randint(3, V - 1, (1, 8))
+    assert calibrate.forward_inputs(model, ids)["use_cache"] is False
+    lin = torch.nn.Linear(4, 4)  # no config, no cache to turn off
+    assert "use_cache" not in calibrate.forward_inputs(lin, ids)
