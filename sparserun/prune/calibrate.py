@@ -415,8 +415,10 @@ def forward_inputs(model: nn.Module, ids: torch.Tensor, **extra) -> dict:
     params = _forward_params(model)
     # no KV cache: asked for by name, or through **kwargs where the config says the model has a cache (a causal
     # LM or VLM whose forward takes only **kwargs hands them to the backbone, which would otherwise build one)
-    no_cache = bool(params and "use_cache" in params) or (
-        _takes_var_kwargs(model) and getattr(getattr(model, "config", None), "use_cache", None) is not None)
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    no_cache = bool(params and "use_cache" in params) or (_takes_var_kwargs(model) and any(
+        getattr(c, "use_cache", None) is not None for c in (cfg, text_cfg)))
     kw = {"input_ids": ids, **({"use_cache": False} if no_cache else {}), **extra}
     seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False) and (
         params is None or "decoder_input_ids" in params)
