@@ -252,10 +252,9 @@ def _language_model(model: nn.Module) -> tuple[str, nn.Module]:
     return (name, dec) if name else ("", model)
 
 
-def _largest_stack(part: nn.Module) -> tuple:
-    """((name, list) of the largest ModuleList of same-class blocks holding Linear layers, or None;
-    (name, list, size) of the largest such list of blocks of several classes, or None)."""
-    best, best_size, mixed = None, -1, None
+def _largest_stack(part: nn.Module) -> "tuple[str, nn.ModuleList] | None":
+    """(name, list) of the ModuleList of blocks holding Linear layers with the most parameters, or None."""
+    best, best_size = None, -1
     for name, mod in part.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
@@ -264,14 +263,9 @@ def _largest_stack(part: nn.Module) -> tuple:
         if not any(is_linear(m) for b in mod for m in b.modules()):
             continue
         size = sum(p.numel() for p in mod.parameters())
-        if len({type(b) for b in mod}) != 1:
-            if mixed is None or size > mixed[2]:
-                mixed = (name, mod, size)
-        elif size > best_size:
+        if size > best_size:
             best, best_size = (name, mod), size
-    if mixed is not None and best is not None and mixed[2] <= best_size:
-        mixed = None
-    return best, mixed
+    return best
 
 
 def _shared_between_layers(layers: nn.ModuleList) -> str:
@@ -286,26 +280,25 @@ def _shared_between_layers(layers: nn.ModuleList) -> str:
 
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated blocks: the nn.ModuleList of same-class blocks holding Linear layers with the most
-    parameters (model.layers, transformer.h, model.decoder.layers, encoder.layer, bert.encoder.layer, ...),
-    looked for first in the language model get_decoder() names, so that a VLM whose vision tower outweighs
-    its language model (LLaVA-OneVision-0.5B) still has its language model pruned."""
+    """The repeated blocks: the nn.ModuleList of blocks holding Linear layers with the most parameters
+    (model.layers, transformer.h, model.decoder.layers, encoder.layer, bert.encoder.layer, ...), looked for
+    first in the language model get_decoder() names, so that a VLM whose vision tower outweighs its language
+    model (LLaVA-OneVision-0.5B) still has its language model pruned."""
     prefix, part = _language_model(model)
-    best, mixed = _largest_stack(part)
-    if best is None and mixed is None and part is not model:
-        prefix, (best, mixed) = "", _largest_stack(model)
-    if mixed is not None:
+    best = _largest_stack(part)
+    if best is None and part is not model:
+        prefix, best = "", _largest_stack(model)
+    if best is not None and len({type(b) for b in best[1]}) > 1:
         # a hybrid stack (Jamba's attention and Mamba layers): pruned layer by layer like any other, as long
         # as no module or weight is shared between its layers (Zamba2's shared transformer would be pruned
         # once per layer that holds it) and a text-only forward calls every layer (record_layer_args checks)
-        name = f"{prefix}.{mixed[0]}" if prefix else mixed[0]
-        shared = _shared_between_layers(mixed[1])
+        shared = _shared_between_layers(best[1])
         if shared:
+            name = f"{prefix}.{best[0]}" if prefix else best[0]
             raise UnknownModelFamily(f"{type(model).__name__}: the layers of {name} share modules or weights "
-                                     f"({shared}); "
-                                     f"layer-by-layer pruning would prune them once per layer that holds them "
-                                     f"(magnitude pruning without calibration, sparserun.sparsify_, does not)")
-        best = (mixed[0], mixed[1])
+                                     f"({shared}); layer-by-layer pruning would prune them once per layer that "
+                                     f"holds them (magnitude pruning without calibration, sparserun.sparsify_, "
+                                     f"does not)")
     if best is not None and prefix:
         best = (f"{prefix}.{best[0]}", best[1])
     if best is None:
@@ -313,7 +306,7 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             raise UnknownModelFamily(f"{type(model).__name__} already holds packed SparseLinear layers (from "
                                      f"sparserun.load or sparsify_): prune the dense model")
         raise UnknownModelFamily(f"cannot find the repeated decoder/encoder layers of {type(model).__name__}: "
-                                 f"no nn.ModuleList of identical blocks with Linear layers (known layouts: "
+                                 f"no nn.ModuleList of blocks with Linear layers (known layouts: "
                                  f"{', '.join(KNOWN_LAYOUTS)})")
     return best
 
@@ -390,38 +383,32 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def _forward_params(model: nn.Module) -> "set | None":
-    """The keyword arguments model.forward takes (None if its signature cannot be read)."""
+    """The keyword arguments model.forward takes, with "**" among them if it takes **kwargs (None if its
+    signature cannot be read)."""
     import inspect
 
     try:
-        return set(inspect.signature(model.forward).parameters)
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return None
-
-
-def _takes_var_kwargs(model: nn.Module) -> bool:
-    import inspect
-
-    try:
-        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return False
+    return {"**" if p.kind is inspect.Parameter.VAR_KEYWORD else n for n, p in params.items()}
 
 
 def forward_inputs(model: nn.Module, ids: torch.Tensor, **extra) -> dict:
     """Keyword arguments for running `model` on token windows `ids`: no KV cache, and for encoder-decoders
     (T5, BART) decoder inputs too, the window shifted right as in teacher forcing (T5 raises without them).
     An encoder-decoder's own encoder (whose config may still say is_encoder_decoder) gets none."""
-    params = _forward_params(model)
+    sig = _forward_params(model)
+    params = sig or set()
     # no KV cache: asked for by name, or through **kwargs where the config says the model has a cache (a causal
     # LM or VLM whose forward takes only **kwargs hands them to the backbone, which would otherwise build one)
     cfg = getattr(model, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    no_cache = bool(params and "use_cache" in params) or (_takes_var_kwargs(model) and any(
+    no_cache = "use_cache" in params or ("**" in params and any(
         getattr(c, "use_cache", None) is not None for c in (cfg, text_cfg)))
     kw = {"input_ids": ids, **({"use_cache": False} if no_cache else {}), **extra}
-    seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False) and (
-        params is None or "decoder_input_ids" in params)
+    seq2seq = getattr(cfg, "is_encoder_decoder", False) and (
+        sig is None or "decoder_input_ids" in params)
     if seq2seq and "labels" not in kw and "decoder_input_ids" not in kw:
         shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
         try:
@@ -482,10 +469,10 @@ class LayerInputs:
 def _split_layer_call(args: tuple, kwargs: dict) -> tuple:
     """(hidden states, other positional args, other keyword args) of a call to a layer, with no KV cache.
 
-    forward_inputs asks for use_cache=False, but a model whose forward takes only **kwargs (LLaVA, InternVL,
-    Qwen3-VL in transformers 5) cannot be told: its language model builds a cache and hands it to every layer.
-    Recorded as is, each re-run of a layer would append its keys and values to it, and attend to the dense
-    layers' ones. So a cache among the arguments becomes None and use_cache False."""
+    forward_inputs asks for use_cache=False, but a model may build a cache anyway (a config forward_inputs
+    could not read, a forward that ignores the flag) and hand it to every layer. Recorded as is, each re-run
+    of a layer would append its keys and values to it, and attend to the dense layers' ones. So a cache among
+    the arguments becomes None and use_cache False."""
     kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
@@ -968,16 +955,16 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
     finally:
         model.train(was_training)
     paths = [st.path for st in stacks]
+    total = max(1, sum(p.numel() for p in model.parameters()))
     info = {"layers_path": ", ".join(paths), "stacks": paths, "num_layers": sum(len(st.layers) for st in stacks),
             "causal_lm": is_causal_lm(model),
             "dense_outside": linears_outside(model, stacks, {r["name"] for r in rows}),
             # how much of the model the pruned layers are (embeddings and other non-Linear weights are not):
             # "50 % sparse" of 12 % of the weights is not a smaller model
             "pruned_param_fraction": round(sum(math.prod(r["shape"]) for r in rows if r["status"] == "pruned")
-                                           / max(1, sum(p.numel() for p in model.parameters())), 4)}
+                                           / total, 4)}
     # weights in the stacks that no Linear holds: MoE experts outside transformers' experts contract (DBRX,
     # JetMoE, Llama 4 in transformers 5.23), convolution kernels; the report warns when they are a large share
-    total = max(1, sum(p.numel() for p in model.parameters()))
     dense_3d = [(n, p.numel()) for n, p in model.named_parameters() if p.dim() >= 3 and in_stacks(n, stacks)]
     info["unpruned_3d_fraction"] = round(sum(k for _, k in dense_3d) / total, 4)
     info["unpruned_3d_example"] = max(dense_3d, key=lambda t: t[1])[0] if dense_3d else None

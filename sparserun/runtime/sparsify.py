@@ -164,8 +164,8 @@ def _sparsify(model, pat, filter_fn, masks, sparsity, progress) -> SparsifyRepor
             continue
         if own_forward(lin):
             if masks is not None:
-                raise ValueError(f"mask given for {name}, a {type(lin).__name__}: {OWN_FORWARD_REASON.split(':')[0]}, "
-                                 f"which a SparseLinear cannot stand in for")
+                raise ValueError(f"mask given for {name}: {type(lin).__name__} is a Linear subclass with its own "
+                                 f"forward, which a SparseLinear cannot stand in for")
             report.append(LayerAction(name, "dense", OWN_FORWARD_REASON, shape))
             continue
         if masks is not None and name not in masks:
