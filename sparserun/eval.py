@@ -97,18 +97,20 @@ def check_windows(seqlen: int, nsamples: int | None, models: dict) -> None:
             raise EvalError(f"{d}: seqlen {seqlen} exceeds the model's {field} {limit}")
 
 
-def check_same_vocabulary(path, model, against, ref, tokenizer, tokenizer_dir=None) -> None:
-    """DIR's tokenizer (or --tokenizer's) feeds both models: refuse when --against reads other ids (IndexError,
-    or a cosine of unrelated tokens)."""
+def check_same_vocabulary(path, model, against, ref, tokenizer, tokenizer_dir=None, flag="--against",
+                          error=EvalError) -> None:
+    """DIR's tokenizer (or --tokenizer's) feeds both models: refuse when the other model (`flag`: eval's
+    --against, finetune's --distill teacher) reads other ids (IndexError, or a comparison of unrelated
+    tokens)."""
     a = getattr(getattr(model, "config", None), "vocab_size", None)
     b = getattr(getattr(ref, "config", None), "vocab_size", None)
     if a is not None and b is not None and a != b:
-        raise EvalError(f"{path} has vocab_size {a} but --against {against} has vocab_size {b}: the models use "
-                        f"different tokenizers, so their outputs cannot be compared token by token")
+        raise error(f"{path} has vocab_size {a} but {flag} {against} has vocab_size {b}: the models use "
+                    f"different tokenizers, so their outputs cannot be compared token by token")
     if has_tokenizer(tokenizer_dir or path) and has_tokenizer(against):
         if tokenizer(PROBE)["input_ids"] != load_tokenizer(against)(PROBE)["input_ids"]:
-            raise EvalError(f"the tokenizers of {path} and --against {against} encode the same text differently: "
-                            f"their outputs cannot be compared token by token")
+            raise error(f"the tokenizers of {path} and {flag} {against} encode the same text differently: "
+                        f"their outputs cannot be compared token by token")
 
 
 def windows(tokenizer, text: str, seqlen: int, nsamples: int | None = None) -> torch.Tensor:

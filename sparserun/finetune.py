@@ -616,6 +616,8 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
     if distill is not None:
         teacher = ev.load_model(distill, device, torch.float32, progress=progress).eval()
         teacher.requires_grad_(False)
+        # Logits are compared id by id: a teacher that reads the text as other ids would train silently wrong.
+        ev.check_same_vocabulary(src, model, distill, teacher, tok, tokenizer, flag="--distill", error=FinetuneError)
     infos = unpack_sparse_(model)
     if not infos:
         raise FinetuneError(f"{src} has no sparse layers: finetune keeps the sparse layers' patterns, and "

@@ -331,6 +331,18 @@ def packed_bert(tmp_path_factory):
     return root / "hf", root / "packed"
 
 
+@pytest.fixture(scope="module")
+def other_teachers(tmp_path_factory):
+    """Teachers that read text as other ids: (another vocab_size, the same vocab_size with another tokenizer)."""
+    root = tmp_path_factory.mktemp("teachers")
+    small, default = make_tokenizer(300), make_tokenizer()
+    make_llama(small).save_pretrained(root / "vocab")
+    small.save_pretrained(root / "vocab")
+    make_llama(default).save_pretrained(root / "tok")
+    small.save_pretrained(root / "tok")
+    return root / "vocab", root / "tok"
+
+
 @pytest.mark.parametrize("args, msg", [
     (["{missing}", "{out}", "--text", "{text}"], "checkpoint directory not found"),
     (["{packed}", "{packed}/sub", "--text", "{text}"], "overlaps the checkpoint"),
@@ -341,6 +353,8 @@ def packed_bert(tmp_path_factory):
     (["{packed}", "{out}", "--text", "{text}", "--lora-rank", "2", "--lora-alpha", "0"], "lora_alpha must be > 0"),
     (["{packed}", "{out}", "--text", "{text}", "--steps", "6", "--lr", "1e9"], "the loss became"),
     (["{packed}", "{out}", "--text", "{text}", "--distill", "{tmp}/nope"], "teacher directory not found"),
+    (["{packed}", "{out}", "--text", "{text}", "--distill", "{teacher_vocab}"], "but --distill"),
+    (["{packed}", "{out}", "--text", "{text}", "--distill", "{teacher_tok}"], "encode the same text differently"),
     (["{bert}", "{out}", "--text", "{text}"], "not a causal LM"),
     (["{packed}", "{out}", "--text", "{short}"], "has only"),
     (["{packed}", "{out}", "--text", "{text}", "--seqlen", "1000"], "exceeds the model's max_position"),
@@ -348,13 +362,14 @@ def packed_bert(tmp_path_factory):
      ["{packed}", "{out}", "--text", "{text}", "--steps", "-3"], "cuda" if not torch.cuda.is_available()
      else "steps"),
 ])
-def test_cli_errors(tmp_path, packed_llama, packed_bert, args, msg):
+def test_cli_errors(tmp_path, packed_llama, packed_bert, other_teachers, args, msg):
     _, packed = packed_llama
     text, short = tmp_path / "t.txt", tmp_path / "s.txt"
     text.write_text(DEFAULT_CALIB.read_text())
     short.write_text("Too short.")
     subs = {"missing": tmp_path / "missing", "out": tmp_path / "out", "text": text, "tmp": tmp_path,
-            "packed": packed, "bert": packed_bert[1], "short": short}
+            "packed": packed, "bert": packed_bert[1], "short": short, "teacher_vocab": other_teachers[0],
+            "teacher_tok": other_teachers[1]}
     before = tree_hash(packed)
     rc, _, err = run_cli("finetune", *[a.format(**subs) for a in args], "--quiet")
     assert rc == 1
