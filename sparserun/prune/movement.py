@@ -200,6 +200,20 @@ def _default_layers(model: nn.Module) -> list[str]:
     return stack_linear_names(model)
 
 
+def _refuse_fused_experts(model: nn.Module) -> None:
+    """The default layers would silently leave an MoE's experts (most of its weights) dense when they are
+    still 3-D parameters. Unrolling them here is no fix: it replaces the parameters an optimizer built
+    before the pruner trains, so the order (unroll, then optimizer) must be the caller's."""
+    from ..runtime.experts import experts_modules
+
+    fused = experts_modules(model)
+    if fused:
+        raise MovementError(f"{fused[0][0]} holds MoE experts as 3-D parameters ({len(fused)} such modules), "
+                            f"which MovementPruner prunes only as per-expert Linears: call "
+                            f"sparserun.runtime.experts.unroll_all(model) before building the optimizer and "
+                            f"the pruner, or pass layers= to leave the experts dense")
+
+
 class MovementPruner:
     """Movement pruning driven from a training loop (see module doc).
 
@@ -229,6 +243,8 @@ class MovementPruner:
         self.score_lr, self.regularization = float(score_lr), float(regularization)
         self.per_row, self.balance_rows = bool(per_row), bool(balance_rows)
         self.model = model
+        if layers is None:
+            _refuse_fused_experts(model)
         names = list(layers) if layers is not None else _default_layers(model)
         if not names:
             raise MovementError("no layers to prune")

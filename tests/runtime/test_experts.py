@@ -356,3 +356,27 @@ def test_tables_give_one_line_per_experts_projection_and_json_keeps_every_expert
     assert "model.layers.0.mlp.experts.*.gate_up_proj (x8)  semi24  2:4      64x64" in out and ".experts.5." not in out
     assert main(["inspect", "--json", str(tmp_path / "p")]) == 0
     assert capsys.readouterr().out.count(".experts.") == 32
+
+
+def test_movement_pruner_refuses_fused_experts_and_trains_unrolled_ones():
+    from sparserun.prune.movement import MovementError, MovementPruner
+
+    model = make_moe("mixtral", V)
+    with pytest.raises(MovementError, match=r"experts as 3-D parameters \(2 such modules\).*unroll_all"):
+        MovementPruner(model, "16x16", 0.5, total_steps=2)
+    MovementPruner(model, "16x16", 0.5, total_steps=2, layers=["model.layers.0.self_attn.q_proj"]).remove()
+    X.unroll_all(model)  # the documented order: unroll, then the optimizer and the pruner
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    pr = MovementPruner(model, "16x16", 0.5, total_steps=2)
+    assert any(".experts.0.down_proj" in n for n in pr.layers)
+    w = model.model.layers[0].mlp.experts._modules["0"].down_proj.weight
+    before = w.detach().clone()
+    for _ in range(2):
+        model(_ids(), labels=_ids()).loss.backward()
+        pr.step()
+        opt.step()
+        opt.zero_grad()
+    masks = pr.finalize()
+    assert not torch.equal(w.detach(), before), "the optimizer must train the weights the unrolled experts use"
+    sparserun.sparsify_(model, "16x16", masks=masks, progress=False)
+    assert isinstance(model.model.layers[0].mlp.experts._modules["0"].down_proj, SparseLinear)
