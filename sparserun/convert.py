@@ -5,11 +5,11 @@
 Streaming, so memory does not grow with depth (docs/convert_memory.md):
 
   * the model is built from config.json with every *parameter* on the meta device (no weights allocated)
-  * the tensors outside the repeated layers (embeddings, final norm, lm_head) are read from SRC's safetensors
-  * decoder layer i is read from SRC (safetensors, memory-mapped only while it is read), moved to the compute
-    device, pruned (prune/calibrate.py: layer-sequential, its inputs are the pruned layer i-1's outputs),
-    packed, handed to the CheckpointWriter (which writes a shard whenever `max_shard_bytes` have gathered),
-    and its tensors are put back on meta
+  * the tensors outside the repeated layers (embeddings, final norm, lm_head) are read from SRC's weights files
+  * decoder layer i is read from SRC (safetensors or pytorch_model.bin, memory-mapped only while it is read),
+    moved to the compute device, pruned (prune/calibrate.py: layer-sequential, its inputs are the pruned layer
+    i-1's outputs), packed, handed to the CheckpointWriter (which writes a shard whenever `max_shard_bytes`
+    have gathered), and its tensors are put back on meta
   * taylor / obd first run a gradient pass over the same stream; its saved layer inputs and per-layer
     statistics are spilled to a temporary directory next to OUT, never held for all layers at once
 
@@ -24,9 +24,11 @@ Ctrl-C removes the temp directory, so OUT never exists half-written. SRC is only
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -71,39 +73,21 @@ class NotEnoughMemory(ConvertError):
 # ---- the source directory -----------------------------------------------------------------------------
 
 class SourceTensors:
-    """Names, shapes and dtypes of a HF directory's safetensors, and lazy reads of groups of tensors."""
+    """Names, shapes and dtypes of a HF directory's weights, and lazy reads of groups of tensors. The weights
+    are safetensors (model.safetensors, or shards named by model.safetensors.index.json) or, for the many
+    older checkpoints saved before safetensors, PyTorch's pytorch_model.bin (or its shards): zip-format files
+    that torch.load memory-maps, so neither is read whole."""
 
     def __init__(self, src: Path):
-        from safetensors import safe_open
-
         self.src = src
-        index = src / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                wm = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise ConvertError(f"{index}: not a valid safetensors index ({e})") from None
-            self.file_of = {k: src / f for k, f in wm.items()}
-        elif (src / "model.safetensors").is_file():
-            self.file_of = None
-        else:
-            bins = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
-            hint = f" (found {', '.join(bins[:3])}: re-save the model with safe_serialization=True)" if bins else ""
-            raise ConvertError(f"{src} has no model.safetensors or model.safetensors.index.json{hint}")
         self.info: dict[str, tuple[tuple, torch.dtype]] = {}
-        files = sorted(set(self.file_of.values())) if self.file_of else [src / "model.safetensors"]
         owner = {}
-        for f in files:
+        for f in weight_files(src):
             if not f.is_file():
-                raise ConvertError(f"safetensors shard {f} listed in the index is missing")
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        sl = h.get_slice(k)
-                        self.info[k] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
-                        owner[k] = f
-            except Exception as e:  # safetensors raises its own error types for damaged files
-                raise ConvertError(f"cannot read safetensors file {f}: {e}") from None
+                raise ConvertError(f"shard {f} listed in the index is missing")
+            for k, (shape, dt) in _tensor_infos(f).items():
+                self.info[k] = (shape, dt)
+                owner[k] = f
         self.file_of = owner
 
     def nbytes(self, key: str, dtype: torch.dtype | None = None) -> int:
@@ -131,16 +115,14 @@ class SourceTensors:
 
     def read(self, keys, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Read `keys` (grouped by file; each file is mapped only for the duration of this call)."""
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.file_of[k], []).append(k)
         out = {}
         for f, ks in by_file.items():
-            with safe_open(str(f), framework="pt", device="cpu") as h:
+            with _mapped(f) as get:
                 for k in ks:
-                    t = h.get_tensor(k)  # a view of the file mapping, nothing read yet
+                    t = get(k)  # a view of the file mapping, nothing read yet
                     # always a private copy: a view would keep the whole file mapped after this call,
                     # and writing a pruned weight into it would turn its pages into hidden private copies
                     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
@@ -154,6 +136,83 @@ class SourceTensors:
             if dt.is_floating_point:
                 return dt
         return torch.float32
+
+
+def _listed_files(src: Path) -> dict[str, Path] | Path:
+    """{tensor name: shard} from an index, or the one weights file; safetensors preferred where both exist."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (src / index).is_file():
+            try:
+                wm = json.loads((src / index).read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConvertError(f"{src / index}: not a valid index of weight shards ({e})") from None
+            return {k: src / f for k, f in wm.items()}
+        if (src / single).is_file():
+            return src / single
+    raise ConvertError(f"{src} has no weights: none of model.safetensors, pytorch_model.bin or their "
+                       f"*.index.json")
+
+
+def weight_files(src: Path) -> list[Path]:
+    """The files SRC's weights are read from (what a dense checkpoint's size on disk is)."""
+    listed = _listed_files(Path(src))
+    return sorted(set(listed.values())) if isinstance(listed, dict) else [listed]
+
+
+def _is_safetensors(f: Path) -> bool:
+    return f.suffix == ".safetensors"
+
+
+def _torch_load_mapped(f: Path) -> dict:
+    """A pytorch_model.bin's state dict, memory-mapped (weights_only: a checkpoint's pickle runs no code)."""
+    import pickle
+
+    try:
+        sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # a legacy (pre-zip) file cannot be mapped; a pickle of objects is refused
+        if isinstance(e, pickle.UnpicklingError):
+            why = "it pickles objects other than tensors, which are not unpickled here: they could run code"
+        else:
+            why = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split("\n")[0] or type(e).__name__
+        raise ConvertError(f"cannot read {f} as a memory-mapped PyTorch state dict ({why}): load the model "
+                           f"with from_pretrained and save_pretrained it again (it writes safetensors)") from None
+    if not isinstance(sd, dict):
+        raise ConvertError(f"{f} holds a {type(sd).__name__}, not a state dict of tensors")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+@contextlib.contextmanager
+def _mapped(f: Path):
+    """get(name) -> tensor viewing file f's mapping, valid inside the with block."""
+    if _is_safetensors(f):
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            yield h.get_tensor
+    else:
+        sd = _torch_load_mapped(f)
+        yield sd.__getitem__
+        del sd
+
+
+def _tensor_infos(f: Path) -> dict[str, tuple[tuple, torch.dtype]]:
+    """{name: (shape, dtype)} of one weights file, read from its header (nothing else is read)."""
+    if not _is_safetensors(f):
+        return {k: (tuple(t.shape), t.dtype) for k, t in _torch_load_mapped(f).items()}
+    from safetensors import safe_open
+
+    out = {}
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
+    except ConvertError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ConvertError(f"cannot read safetensors file {f}: {e}") from None
+    return out
 
 
 def _st_dtype(code: str) -> torch.dtype:
@@ -553,10 +612,10 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
         hint = " (if from_pretrained loads it, use sparserun.prune + sparserun.save on the loaded model)"
         if _transformers_mapping(model)[1]:  # (the per-expert layouts runtime/experts.py holds are matched)
             hint = (f" (transformers builds them at load time by merging tensors stored in another layout, e.g. "
-                    f"per-expert weights; convert reads the safetensors as stored and cannot stream such a model: "
+                    f"per-expert weights; convert reads the weights as stored and cannot stream such a model: "
                     f"load it with from_pretrained and use sparserun.prune + sparserun.save)")
         raise ConvertError(f"{src}: {len(missing)} tensor(s) the {type(model).__name__} needs are not in its "
-                           f"safetensors: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}{hint}")
+                           f"weights files: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}{hint}")
     seqlen_eff = seqlen
     if not isinstance(calib, torch.Tensor):
         from .prune.api import default_seqlen
@@ -736,10 +795,11 @@ def _tokenizer(src: Path):
 
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="prune a Hugging Face model directory into a packed checkpoint",
-                       description="Prune SRC (a Hugging Face model directory with safetensors) one decoder "
+                       description="Prune SRC (a Hugging Face model directory: safetensors or pytorch_model.bin) one decoder "
                                    "layer at a time and write the packed checkpoint OUT, with a per-layer "
                                    "report (also saved as OUT/report.json).")
-    p.add_argument("src", help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("src", help="Hugging Face model directory (config.json, *.safetensors or pytorch_model*.bin, "
+                                       "tokenizer)")
     p.add_argument("out", help="output directory (must not exist, be empty, or use --overwrite)")
     p.add_argument("--method", required=True, help="magnitude | wanda | sparsegpt | taylor | obd")
     p.add_argument("--pattern", required=True, help='"2:4", "4:8", "unstructured", "32x32", ...')

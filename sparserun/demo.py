@@ -96,7 +96,7 @@ def run(out: str | None = None, device: str | None = None, quiet: bool = False,
     from transformers import AutoTokenizer
 
     from .checkpoint import check_output_dir
-    from .convert import ConvertError, convert, resolve_device
+    from .convert import ConvertError, convert, resolve_device, weight_files
     from .eval import load_model
     from .prune.api import default_seqlen
 
@@ -120,7 +120,7 @@ def run(out: str | None = None, device: str | None = None, quiet: bool = False,
     seqlen = min(128, default_seqlen(getattr(dense, "config", None)))
     dense_tok, dense_sent = _embed(dense, tok, device)
     dense_ms = _time_forward(dense, tok, device) if cuda else None
-    dense_disk = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    dense_disk = sum(f.stat().st_size for f in weight_files(src) if f.is_file())
     rows = []
     try:
         for label, method, pattern, sparsity in CASES:

@@ -353,3 +353,90 @@ def test_a_config_that_does_not_match_the_stored_shapes_stops_before_any_weight_
     with pytest.raises(cv.ConvertError, match=r"mlp\.gate_proj\.weight holds \(128, 64\), but .* needs \(160, 64\)"):
         cv.convert(src, tmp_path / "out", "magnitude", "2:4", nsamples=2, seqlen=16, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ---- source weight files ------------------------------------------------------------------------------
+
+def _copy_without_weights(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        if not p.name.startswith("model") or p.suffix != ".safetensors":
+            shutil.copy(p, dst / p.name)
+    return dst
+
+
+def _state_dict(src: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(src / "model.safetensors"))
+
+
+def _packed_tensors(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    got = {}
+    for f in sorted(out.glob("*.safetensors")):
+        got.update(load_file(str(f)))
+    return got
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_pytorch_bin_source_converts_as_its_safetensors_twin(tmp_path, llama_src, sharded):
+    """Checkpoints saved before safetensors (pytorch_model.bin, or its shards and index) are read memory-mapped
+    and give the same packed checkpoint."""
+    sd = _state_dict(llama_src)
+    bin_src = _copy_without_weights(llama_src, tmp_path / "bin")
+    if sharded:
+        names = sorted(sd)
+        halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+        for f, ks in halves.items():
+            torch.save({k: sd[k] for k in ks}, bin_src / f)
+        (bin_src / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}))
+    else:
+        torch.save(sd, bin_src / "pytorch_model.bin")
+    before = tree_hash(bin_src)
+    kw = dict(nsamples=2, seqlen=32, progress=False)
+    cv.convert(llama_src, tmp_path / "a", "wanda", "2:4", None, **kw)
+    cv.convert(bin_src, tmp_path / "b", "wanda", "2:4", None, **kw)
+    assert tree_hash(bin_src) == before
+    a, b = _packed_tensors(tmp_path / "a"), _packed_tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _weights_case(d: Path, case: str) -> None:
+    if case == "none":
+        return
+    if case == "bad index":
+        (d / "model.safetensors.index.json").write_text('{"weights": {}}')
+    elif case == "missing shard":
+        (d / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "gone.safetensors"}}')
+    elif case == "damaged safetensors":
+        (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    elif case == "legacy bin":
+        torch.save({"w": torch.ones(3)}, d / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    elif case == "pickled objects":
+        torch.save({"w": torch.ones(3), "opt": Path("x")}, d / "pytorch_model.bin")
+    elif case == "not a dict":
+        torch.save([torch.ones(3)], d / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("none", r"has no weights: none of model\.safetensors, pytorch_model\.bin or their \*\.index\.json"),
+    ("bad index", r"model\.safetensors\.index\.json: not a valid index of weight shards"),
+    ("missing shard", r"shard .*gone\.safetensors listed in the index is missing"),
+    ("damaged safetensors", r"cannot read safetensors file .*model\.safetensors"),
+    ("legacy bin", r"cannot read .*pytorch_model\.bin as a memory-mapped PyTorch state dict .*save_pretrained"),
+    ("pickled objects", r"pytorch_model\.bin as a memory-mapped PyTorch state dict \(it pickles objects other than"),
+    ("not a dict", r"pytorch_model\.bin holds a list, not a state dict"),
+])
+def test_unreadable_source_weights_are_one_line_errors(tmp_path, llama_src, case, msg):
+    src = _copy_without_weights(llama_src, tmp_path / "src")
+    _weights_case(src, case)
+    before = tree_hash(src)
+    rc, out, err = run_cli("convert", src, tmp_path / "out", "--method", "magnitude", "--pattern", "2:4",
+                           "--quiet", split=True)
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and re.search(msg, err), err
+    assert not (tmp_path / "out").exists() and tree_hash(src) == before

@@ -40,7 +40,7 @@ def test_demo_on_the_bundled_minilm(tmp_path, minilm_dir, monkeypatch):
 
 def test_demo_model_option_and_out(tmp_path):
     """--model runs the same comparison on another HF directory (here a tiny GPT-2: Conv1D layers, a
-    tokenizer without a pad token); --out keeps both checkpoints."""
+    tokenizer without a pad token, weights in an older pytorch_model.bin); --out keeps both checkpoints."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import sparserun
@@ -51,9 +51,14 @@ def test_demo_model_option_and_out(tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                bos_token_id=1, eos_token_id=2)).save_pretrained(src)
     tok.save_pretrained(src)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(src / "model.safetensors")), src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
     before = tree_hash(src)
     rows = demo.run(out=str(tmp_path / "out"), device="cpu", quiet=True, model=str(src))
     assert [r["case"] for r in rows] == ["2:4 wanda", "32x32 wanda 50%"]
+    assert {r["dense_disk_bytes"] for r in rows} == {(src / "pytorch_model.bin").stat().st_size}
     assert all(r["linear_bytes"] < 0.6 * r["linear_dense_bytes"] for r in rows)
     assert all(0.0 < r["token_cosine"] < 0.9999 for r in rows)
     for sub in ("2of4", "32x32"):
