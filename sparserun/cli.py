@@ -15,6 +15,8 @@ import os
 import signal
 import sys
 import threading
+import warnings
+from pathlib import Path
 
 
 def _human(n: int) -> str:
@@ -205,7 +207,25 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """sparserun's own warnings as one `warning: ...` line (no source path and code line, which say nothing
+    to a CLI user); other libraries' warnings as Python prints them."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        print(f"warning: {str(message).removeprefix('sparserun: ')}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
 def _main(argv: list, debug: bool) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run_command(argv, debug)
+
+
+def _run_command(argv: list, debug: bool) -> int:
     try:
         parser = build_parser()
         try:

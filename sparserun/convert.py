@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -823,7 +824,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-shard-size", type=int, default=DEFAULT_SHARD_BYTES // (1024 * 1024),
                    help="MiB per output shard (also the most the writer buffers in memory)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or table (warnings still go to stderr)")
     p.set_defaults(func=_run)
 
 
@@ -840,4 +841,7 @@ def _run(args) -> int:
     if not args.quiet:
         print(report.table())
         print(f"\nwrote {args.out} (report: {os.path.join(args.out, 'report.json')})")
+    else:  # --quiet drops the table, not what may be wrong with the result
+        for w in report.warnings():
+            print(w, file=sys.stderr)
     return 0

@@ -113,10 +113,11 @@ def check_same_vocabulary(path, model, against, ref, tokenizer, tokenizer_dir=No
                         f"their outputs cannot be compared token by token")
 
 
-def windows(tokenizer, text: str, seqlen: int, nsamples: int | None = None) -> torch.Tensor:
+def windows(tokenizer, text: str, seqlen: int, nsamples: int | None = None,
+            source: str = "the evaluation text") -> torch.Tensor:
     """Consecutive non-overlapping windows [n, seqlen] (a text shorter than one window gives one shorter
     window), each wrapped in the tokenizer's special tokens."""
-    ids = calibrate.tokenize_text(text, tokenizer)
+    ids = calibrate.tokenize_text(text, tokenizer, source)
     pre, post = calibrate._special_wrap(tokenizer)
     body = seqlen - len(pre) - len(post)
     if body < 1:
@@ -158,7 +159,13 @@ def perplexity(model: nn.Module, ids: torch.Tensor, device="cpu", progress: bool
         logits = model(**calibrate.forward_inputs(model, x)).logits.float()
         nll += float(F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
         count += x.shape[1] - 1
-    return math.exp(nll / count)
+    if count == 0:
+        raise EvalError(f"the evaluation windows are {ids.shape[1]} token(s) long: perplexity needs at least 2 "
+                        f"(a longer text, or a larger --seqlen)")
+    try:
+        return math.exp(nll / count)
+    except OverflowError:  # mean NLL past ~709 nats: a diverged model, reported as such rather than crashing
+        return math.inf
 
 
 @torch.no_grad()
@@ -203,7 +210,7 @@ def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsampl
     if seqlen is None:  # not `seqlen or ...`: an explicit 0 is an error, not the default
         seqlen = min(default_seqlen(getattr(m, "config", None)) for m in models.values())
     check_windows(seqlen, nsamples, models)
-    ids = windows(tok, text, seqlen, nsamples)
+    ids = windows(tok, text, seqlen, nsamples, source=f"evaluation text {text_file}")
     result = {"model": str(path), "text": str(text_file), "windows": ids.shape[0], "seqlen": ids.shape[1],
               "tokens": int(ids.numel()), "causal_lm": calibrate.is_causal_lm(model)}
     if result["causal_lm"]:
@@ -240,8 +247,9 @@ def _run(args) -> int:
     r = evaluate(args.dir, args.text, args.against, seqlen=args.seqlen, nsamples=args.nsamples,
                  device=args.device, dtype=args.dtype, progress=False if args.quiet else None,
                  tokenizer=args.tokenizer)
-    if args.json:
-        print(json.dumps(r, indent=1))
+    if args.json:  # JSON has no NaN or Infinity: a diverged model's non-finite numbers are null
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()},
+                         indent=1, allow_nan=False))
         return 0
     print(f"{r['model']}: {r['windows']} window(s) x {r['seqlen']} tokens of {r['text']}")
     if "perplexity" in r:

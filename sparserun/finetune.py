@@ -313,7 +313,7 @@ class TextWindows:
     def __init__(self, tokenizer, text: str, seqlen: int, source: str = "training text"):
         if seqlen < 2:
             raise FinetuneError(f"seqlen must be >= 2, got {seqlen}")
-        self.ids = calibrate.tokenize_text(text, tokenizer)
+        self.ids = calibrate.tokenize_text(text, tokenizer, source)
         self.pre, self.post = calibrate._special_wrap(tokenizer)
         self.body = seqlen - len(self.pre) - len(self.post)
         if self.body < 1:

@@ -168,8 +168,12 @@ def generate(model_dir, prompt: str, *, max_new_tokens: int = 64, device=None, d
 
     out = out or sys.stdout
     model_dir = Path(model_dir)
-    if not prompt:
-        raise GenerateError("--prompt is empty")
+    if not prompt.strip():
+        raise GenerateError("--prompt is empty" + (" (only whitespace)" if prompt else ""))
+    try:  # bytes the shell passed that are not UTF-8 arrive as lone surrogates, which no tokenizer accepts
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerateError(f"--prompt is not valid UTF-8 text at character {e.start}") from None
     if max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     check_sampling(sample, temperature, top_p, top_k)

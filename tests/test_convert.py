@@ -440,3 +440,14 @@ def test_unreadable_source_weights_are_one_line_errors(tmp_path, llama_src, case
                            "--quiet", split=True)
     assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and re.search(msg, err), err
     assert not (tmp_path / "out").exists() and tree_hash(src) == before
+
+
+def test_unknown_token_warning_reaches_the_report_and_stderr_under_quiet(tmp_path, minilm_dir):
+    emoji = tmp_path / "emoji.txt"
+    emoji.write_text("\U0001F600\U0001F680 \U0001F44D " * 400)
+    rc, out, err = run_cli("convert", minilm_dir, tmp_path / "out", "--method", "magnitude", "--pattern", "2:4",
+                           "--calib", emoji, "--nsamples", 1, "--seqlen", 16, "--quiet", split=True)
+    assert rc == 0 and out == ""
+    want = f"warning: 100% of the 800 tokens of the calibration text {emoji} are the unknown token '[UNK]'"
+    assert err.startswith(want) and err.count("\n") == 1, err
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["warnings"][0].startswith(want)

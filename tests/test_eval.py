@@ -178,3 +178,36 @@ def test_against_a_model_with_another_tokenizer_is_refused(tmp_path, dirs):
     make_tokenizer(vocab_size=300).save_pretrained(other)
     rc, out, err = run_cli("eval", packed, "--text", text, "--against", other, "--seqlen", "32", split=True)
     _one_line(rc, err, f"the tokenizers of {packed} and --against {other} encode the same text differently")
+
+
+def test_a_one_token_text_and_a_diverged_model(tmp_path, dirs):
+    """Perplexity needs two tokens per window; a model whose loss overflows exp() reports inf, and --json
+    prints a non-finite number as null (JSON has no NaN or Infinity)."""
+    from transformers import LlamaForCausalLM
+
+    src, _, _ = dirs
+    # (a text is one token only for a tokenizer that drops the paragraph breaks and adds no BOS: WordPiece)
+    with pytest.raises(ev.EvalError, match=r"windows are 1 token\(s\) long: perplexity needs at least 2"):
+        ev.perplexity(LlamaForCausalLM.from_pretrained(src), torch.tensor([[5]]))
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    for name, spoil, want in [("hot", lambda m: m.lm_head.weight.mul_(1e4), math.inf),
+                              ("nan", lambda m: m.model.norm.weight.fill_(float("nan")), None)]:
+        m = LlamaForCausalLM.from_pretrained(src)
+        with torch.no_grad():
+            spoil(m)
+        m.save_pretrained(tmp_path / name)
+        r = ev.evaluate(tmp_path / name, text, seqlen=32, nsamples=1, progress=False, tokenizer=src)
+        assert r["perplexity"] == want if want else math.isnan(r["perplexity"])
+        rc, out, err = run_cli("eval", tmp_path / name, "--text", text, "--seqlen", 32, "--nsamples", 1,
+                               "--tokenizer", src, "--json", "--quiet", split=True)
+        assert rc == 0 and json.loads(out)["perplexity"] is None, (out, err)
+
+
+def test_cli_prints_sparseruns_own_warnings_as_one_line(tmp_path, minilm_dir):
+    emoji = tmp_path / "emoji.txt"
+    emoji.write_text("\U0001F600\U0001F680 \U0001F44D " * 20)
+    rc, out, err = run_cli("eval", minilm_dir, "--text", emoji, "--against", minilm_dir, "--quiet", split=True)
+    assert rc == 0 and "output cosine similarity" in out
+    line = f"warning: 100% of the 40 tokens of evaluation text {emoji} are the unknown token '[UNK]'"
+    assert [ln for ln in err.splitlines() if "unknown token" in ln][0].startswith(line), err

@@ -89,6 +89,11 @@ class PruneReport:
             out.append(f"warning: {len(unreached)} layer(s) saw no calibration token (e.g. {unreached[0]['name']}, "
                        f"an MoE expert the router never chose) and were pruned by magnitude; more calibration "
                        f"text (--nsamples) reaches more experts")
+        c = self.calib or {}
+        unknown = calibrate.unknown_warning(c.get("unknown_tokens", 0.0), c.get("text_tokens"),
+                                            f"the calibration text {c.get('source')}", c.get("unk_token"))
+        if unknown:
+            out.append(f"warning: {unknown}")
         frac = self.info.get("unpruned_3d_fraction") or 0
         if frac >= 0.1:
             out.append(f"warning: {100 * frac:.0f}% of the parameters are 3-D tensors that no Linear layer holds "

@@ -44,6 +44,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,8 @@ class CalibData:
     source: str
     text_tokens: int | None = None  # tokens in the whole text (None for pre-tokenised input)
     seed: int = 0
+    unknown_tokens: float = 0.0  # fraction of the text's tokens that are the tokenizer's unknown token
+    unk_token: str | None = None
 
     @property
     def nsamples(self) -> int:
@@ -100,6 +103,9 @@ class CalibData:
             # windows are drawn at random: say how often the text is reused, so nobody mistakes 64 windows
             # of a 5k-token text for 64 independent documents
             d["coverage"] = round(self.nsamples * self.seqlen / max(self.text_tokens, 1), 2)
+        if self.unknown_tokens:
+            d["unknown_tokens"] = self.unknown_tokens
+            d["unk_token"] = self.unk_token
         return d
 
 
@@ -112,27 +118,47 @@ def _json_text_record(line: str) -> "str | None":
     return obj["text"] if isinstance(obj, dict) and isinstance(obj.get("text"), str) else None
 
 
+def check_encodable(text: str, where: str) -> None:
+    """A lone surrogate (a JSON "\\ud800" escape, or undecodable bytes in argv) cannot be tokenised, and
+    tokenizers say so without naming the text: refuse it here, saying where it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        hint = (f" (byte 0x{ord(bad) - 0xDC00:02x}, not UTF-8)" if 0xDC80 <= ord(bad) <= 0xDCFF
+                else f" (a lone surrogate \\u{ord(bad):04x})")
+        raise CalibrationError(f"{where} is not valid text at character {e.start}{hint}") from None
+
+
 def read_text(path, what: str = "calibration") -> str:
-    """Plain text; JSONL with a "text" field per line (a .jsonl file, or any file whose first line is such a
-    record); or a .json file holding a list of strings or of objects with a "text" field. Source code or
-    prose that merely starts with "{" is plain text."""
+    """Plain text; JSONL with a "text" field per line (a .jsonl/.ndjson file, or any file whose first line is
+    such a record); or a .json file holding a list of strings or of objects with a "text" field. Source code
+    or prose that merely starts with "{" is plain text. UTF-8, with or without a byte-order mark; a pipe
+    (`<(zcat f.gz)` in bash) reads like a file."""
     p = Path(path)
     if not p.exists():
         raise CalibrationError(f"{what} file not found: {p}")
-    if not p.is_file():
-        raise CalibrationError(f"{what} path is not a file: {p}")
+    if p.is_dir():
+        raise CalibrationError(f"{what} path is a directory, not a file: {p}")
+    data = p.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        raise CalibrationError(f"{what} file {p} is gzip-compressed: decompress it first (zcat, or pass "
+                               f"<(zcat {p}) in bash)")
     try:
-        raw = p.read_text(encoding="utf-8")
+        raw = data.decode("utf-8-sig")  # Notepad and Excel write a byte-order mark; it is not text
     except UnicodeDecodeError as e:
         raise CalibrationError(f"{what} file {p} is not UTF-8 text: {e}") from None
-    lines = [ln for ln in raw.splitlines() if ln.strip()]
-    if not lines:
+    # JSONL records end at "\n" only: str.splitlines() also splits at U+2028, U+0085 and others, which JSON
+    # writes raw inside strings (json.dumps(ensure_ascii=False)); line numbers then match an editor's
+    lines = [ln.removesuffix("\r") for ln in raw.split("\n")]
+    if not any(ln.strip() for ln in lines):
         raise CalibrationError(f"{what} file {p} is empty")
     if p.suffix.lower() == ".json":
-        raw = "\n\n".join(_json_list_texts(raw, p, what))
-    elif p.suffix.lower() == ".jsonl" or _json_text_record(lines[0]) is not None:
+        texts = _json_list_texts(raw, p, what)
+    elif p.suffix.lower() in (".jsonl", ".ndjson") or _json_text_record(
+            next(ln for ln in lines if ln.strip())) is not None:
         texts = []
-        for no, ln in enumerate(raw.splitlines(), 1):
+        for no, ln in enumerate(lines, 1):
             if not ln.strip():
                 continue
             text = _json_text_record(ln)
@@ -143,8 +169,11 @@ def read_text(path, what: str = "calibration") -> str:
                 except ValueError as e:
                     why = f"not valid JSON ({e})"
                 raise CalibrationError(f"{what} file {p}, line {no}: {why}")
+            check_encodable(text, f"{what} file {p}, line {no}")
             texts.append(text)
-        raw = "\n\n".join(texts)
+    else:
+        return raw  # decoded UTF-8 holds no surrogates
+    raw = "\n\n".join(texts)
     if not raw.strip():
         raise CalibrationError(f"{what} file {p} has no text in its \"text\" fields")
     return raw
@@ -164,6 +193,7 @@ def _json_list_texts(raw: str, p: Path, what: str) -> list[str]:
         if not isinstance(t, str):
             raise CalibrationError(f"{what} file {p}, item {i}: expected a string or an object with a string "
                                    f"\"text\" field")
+        check_encodable(t, f"{what} file {p}, item {i}")
         texts.append(t)
     return texts
 
@@ -178,12 +208,36 @@ def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def tokenize_text(text: str, tokenizer) -> list[int]:
-    # paragraph by paragraph: a tokenizer warns (and some truncate) when one call exceeds model_max_length
+UNKNOWN_WARN_FRACTION = 0.05  # English prose gives ~0 unknown tokens on a WordPiece vocabulary; emoji, 100 %
+
+
+def unknown_fraction(ids: list[int], tokenizer) -> float:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return ids.count(unk) / len(ids) if unk is not None and ids else 0.0
+
+
+def unknown_warning(frac: float, n: int, source: str, unk_token) -> str | None:
+    """The warning for a text whose tokens are mostly the unknown token (a script the vocabulary lacks:
+    statistics from [UNK] runs say little about the model), or None."""
+    if frac <= UNKNOWN_WARN_FRACTION:
+        return None
+    return (f"{100 * frac:.0f}% of the {n} tokens of {source} are the unknown token {unk_token!r}: the tokenizer "
+            f"cannot read most of this text (another script or emoji?), so what is computed from it says little "
+            f"about the model")
+
+
+def tokenize_text(text: str, tokenizer, source: str = "the text", warn: bool = True) -> list[int]:
+    """The text's token ids, no special tokens; with `warn`, a Python warning when many are the unknown
+    token (unknown_warning)."""
     ids: list[int] = []
+    # paragraph by paragraph (some tokenizers slow down on one huge call); verbose=False: a paragraph longer
+    # than model_max_length is fine here (windows are cut later), so transformers' warning would mislead
     for para in re.split(r"\n\s*\n", text):
         if para.strip():
-            ids.extend(tokenizer(para.strip() + "\n\n", add_special_tokens=False)["input_ids"])
+            ids.extend(tokenizer(para.strip() + "\n\n", add_special_tokens=False, verbose=False)["input_ids"])
+    msg = unknown_warning(unknown_fraction(ids, tokenizer), len(ids), source, getattr(tokenizer, "unk_token", None))
+    if warn and msg:
+        warnings.warn(msg, stacklevel=2)
     return ids
 
 
@@ -206,12 +260,14 @@ def calibration_data(calib=None, tokenizer=None, nsamples: int = DEFAULT_NSAMPLE
         text, source = "\n\n".join(calib), f"{len(calib)} text(s) passed in memory"
         if not text.strip():
             raise CalibrationError("calibration texts are empty")
+        for i, t in enumerate(calib):
+            check_encodable(t, f"calibration text {i}")
     else:
         text, source = read_text(calib), str(calib)
     if tokenizer is None:
         raise CalibrationError("calibration text needs the model's tokenizer (pass tokenizer=, or pre-tokenised "
                                "input_ids as calib=)")
-    ids = tokenize_text(text, tokenizer)
+    ids = tokenize_text(text, tokenizer, warn=False)  # the report warns (PruneReport.warnings)
     pre, post = _special_wrap(tokenizer)
     body = seqlen - len(pre) - len(post)
     if body < 1:
@@ -223,7 +279,8 @@ def calibration_data(calib=None, tokenizer=None, nsamples: int = DEFAULT_NSAMPLE
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - body + 1, (nsamples,), generator=g).tolist()
     rows = [pre + ids[s:s + body] + post for s in starts]
-    return CalibData(torch.tensor(rows, dtype=torch.long), source, len(ids), seed)
+    return CalibData(torch.tensor(rows, dtype=torch.long), source, len(ids), seed,
+                     round(unknown_fraction(ids, tokenizer), 4), getattr(tokenizer, "unk_token", None))
 
 
 # ---- model structure ----------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ def test_errors_are_one_line(packed, tmp_path, capsys):
     cases = [
         (["generate", str(tmp_path / "missing"), "--prompt", "x"], "no such checkpoint directory"),
         (["generate", str(path), "--prompt", ""], "--prompt is empty"),
+        (["generate", str(path), "--prompt", " \t\n"], "--prompt is empty (only whitespace)"),
+        (["generate", str(path), "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text at character 3"),
         (["generate", str(path), "--prompt", "x", "--max-new-tokens", "0"], "at least 1"),
         (["generate", str(path), "--prompt", "x", "--dtype", "int8"], "--dtype 'int8'"),
         (["generate", str(path), "--prompt", "x", "--device", "cuda:0"] if not torch.cuda.is_available()

@@ -1,6 +1,9 @@
 """sparserun.prune on tiny random models: every method x pattern, the report, bad input, the driver."""
+import gzip
 import json
+import os
 import re
+import threading
 
 import pytest
 import torch
@@ -281,6 +284,63 @@ def test_calibration_file_kinds(tmp_path):
         f.write_text(body)
         with pytest.raises(CalibrationError, match=msg):
             calibrate.read_text(f)
+
+
+def test_calibration_text_as_users_write_it(tmp_path):
+    """Byte-order marks, JSON strings holding U+2028 / U+0085 (json.dumps(ensure_ascii=False) writes them
+    raw), CRLF, .ndjson, and a pipe are read; gzip, a directory and lone surrogates are one-line errors."""
+    recs = ["para\u2028graph one", "next\x85line two", "plain three"]
+    jsonl = "\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in recs)
+    want = "\n\n".join(recs)
+    for name, data in [("u.jsonl", jsonl.encode()), ("bom.jsonl", b"\xef\xbb\xbf" + jsonl.encode()),
+                       ("bom_sniffed.txt", b"\xef\xbb\xbf" + jsonl.encode()),
+                       ("crlf.jsonl", jsonl.replace("\n", "\r\n").encode()), ("n.ndjson", jsonl.encode())]:
+        (tmp_path / name).write_bytes(data)
+        assert calibrate.read_text(tmp_path / name) == want, name
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfplain text")
+    assert calibrate.read_text(tmp_path / "bom.txt") == "plain text"
+    (tmp_path / "bom_only.txt").write_bytes(b"\xef\xbb\xbf\n")
+    with pytest.raises(CalibrationError, match="bom_only.txt is empty"):
+        calibrate.read_text(tmp_path / "bom_only.txt")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("through a pipe"))
+    writer.start()
+    assert calibrate.read_text(fifo) == "through a pipe"
+    writer.join()
+    (tmp_path / "t.txt.gz").write_bytes(gzip.compress(b"zipped"))
+    (tmp_path / "sur.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud800 here"}\n')
+    (tmp_path / "sur.json").write_text('["ok", "bad \\udfff"]')
+    for path, msg in [(tmp_path / "t.txt.gz", r"t\.txt\.gz is gzip-compressed: decompress it first"),
+                      (tmp_path, "path is a directory, not a file"),
+                      (tmp_path / "sur.jsonl", r"sur\.jsonl, line 2 is not valid text at character 4 \(a lone "
+                                               r"surrogate \\ud800\)"),
+                      (tmp_path / "sur.json", r"sur\.json, item 1 is not valid text")]:
+        with pytest.raises(CalibrationError, match=msg):
+            calibrate.read_text(path)
+    with pytest.raises(CalibrationError, match=r"calibration text 1 is not valid text at character 3"):
+        calibrate.calibration_data(["fine", "caf\udce9"], make_tokenizer(), nsamples=1, seqlen=4)
+
+
+def test_long_paragraphs_and_unknown_tokens(minilm_dir, capfd):
+    """No transformers 'longer than the specified maximum' warning for a paragraph past model_max_length
+    (windows are cut later); a warning when most tokens are the unknown token, in the report for pruning."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    bert = AutoTokenizer.from_pretrained(minilm_dir)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ids = calibrate.tokenize_text("word " * 3000, bert, "long.txt")
+    assert len(ids) == 3000 and not w
+    assert "longer than the specified maximum" not in capfd.readouterr().err  # transformers' own handler
+    with pytest.warns(UserWarning, match=r"100% of the 600 tokens of emoji.txt are the unknown token '\[UNK\]'"):
+        calibrate.tokenize_text("\U0001F600\U0001F680 " * 600, bert, "emoji.txt")
+    cal = calibrate.calibration_data(["\U0001F600 " * 600], bert, nsamples=1, seqlen=8)
+    assert cal.describe()["unknown_tokens"] == 1.0
+    assert "unknown_tokens" not in calibrate.calibration_data(None, bert, nsamples=1, seqlen=8).describe()
 
 
 def test_default_calibration_windows(tok, minilm_dir):
