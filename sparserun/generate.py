@@ -87,23 +87,31 @@ def check_causal_lm(model, model_dir) -> None:
                             f"LlamaForCausalLM, T5ForConditionalGeneration)")
 
 
-def check_sampling(sample: bool, temperature: float, top_p: float, top_k: int) -> None:
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}  # transformers' own defaults
+
+
+def check_sampling(sample: bool, temperature: float | None, top_p: float | None, top_k: int | None) -> dict:
+    """The sampling options with defaults filled in ({} for greedy decoding). None means not given."""
     # checked even without --sample: a wrong value is a mistake either way, and it is cheaper to hear now
-    # (`not x > 0` is also true for nan). Without --sample, a sampling option that was set would be ignored
-    # (greedy decoding reads none of them): say so rather than decode greedily behind the user's back.
+    # (`not x > 0` is also true for nan). Without --sample, a sampling option that was given would be ignored
+    # (greedy decoding reads none of them): say so rather than decode greedily behind the user's back, also
+    # when the value given happens to equal the default.
+    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
     if not sample:
-        given = [f for f, v, d in (("--temperature", temperature, 1.0), ("--top-p", top_p, 1.0),
-                                   ("--top-k", top_k, 50)) if v != d]
-        if given:
-            raise GenerateError(f"{', '.join(given)} only apply to sampling: add --sample (decoding is greedy "
+        named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+        if named:
+            raise GenerateError(f"{', '.join(named)} only apply to sampling: add --sample (decoding is greedy "
                                 f"without it)")
-    if not temperature > 0:
-        raise GenerateError(f"--temperature must be > 0, got {temperature} (for greedy decoding leave out "
-                            f"--sample)")
-    if not 0 < top_p <= 1:
-        raise GenerateError(f"--top-p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise GenerateError(f"--top-k must be >= 0 (0: no top-k filter), got {top_k}")
+        return {}
+    opts = {k: SAMPLING_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    if not opts["temperature"] > 0:
+        raise GenerateError(f"--temperature must be > 0, got {opts['temperature']} (for greedy decoding leave "
+                            f"out --sample)")
+    if not 0 < opts["top_p"] <= 1:
+        raise GenerateError(f"--top-p must be in (0, 1], got {opts['top_p']}")
+    if opts["top_k"] < 0:
+        raise GenerateError(f"--top-k must be >= 0 (0: no top-k filter), got {opts['top_k']}")
+    return opts
 
 
 def check_positions(config, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -159,11 +167,12 @@ def _make_streamer(tokenizer, out, times: list):
 
 
 def generate(model_dir, prompt: str, *, max_new_tokens: int = 64, device=None, dtype=None, sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50, seed: int | None = None,
-             ignore_eos: bool = False, chat: bool = False, compile: bool = False, tokenizer: str | None = None,
-             out=None, progress: bool = False) -> dict:
+             temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+             seed: int | None = None, ignore_eos: bool = False, chat: bool = False, compile: bool = False,
+             tokenizer: str | None = None, out=None, progress: bool = False) -> dict:
     """Stream a completion of `prompt` to `out` (stdout) and return timings:
-    {"text", "new_tokens", "prompt_tokens", "ttft_s", "decode_tokens_per_s", "total_s", "device", "dtype"}."""
+    {"text", "new_tokens", "prompt_tokens", "ttft_s", "decode_tokens_per_s", "total_s", "device", "dtype"}.
+    temperature, top_p, top_k: only with sample=True (default 1.0, 1.0, 50, transformers' own)."""
     import sparserun
 
     out = out or sys.stdout
@@ -176,7 +185,7 @@ def generate(model_dir, prompt: str, *, max_new_tokens: int = 64, device=None, d
         raise GenerateError(f"--prompt is not valid UTF-8 text at character {e.start}") from None
     if max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    check_sampling(sample, temperature, top_p, top_k)
+    sampling = check_sampling(sample, temperature, top_p, top_k)
     if not model_dir.is_dir():
         raise GenerateError(f"{model_dir}: no such checkpoint directory")
     dev = resolve_device(device)
@@ -201,9 +210,7 @@ def generate(model_dir, prompt: str, *, max_new_tokens: int = 64, device=None, d
         raise GenerateError("the prompt tokenized to zero tokens")
     check_positions(model.config, input_ids.shape[1], max_new_tokens)
 
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=sample)
-    if sample:
-        kw.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=sample, **sampling)
     if ignore_eos:
         kw["min_new_tokens"] = max_new_tokens  # suppresses EOS: a fixed token count for timing
     if tok.pad_token_id is None and tok.eos_token_id is not None:
@@ -270,7 +277,7 @@ def add_parser(sub) -> None:
                                    "to stderr.")
     p.add_argument("dir", help="packed checkpoint directory (with the source model's tokenizer files)")
     p.add_argument("--prompt", required=True, help="text to complete")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None,
                    help="auto (bfloat16 on GPU, float32 on CPU; default) | stored | float32 | bfloat16 | float16")
@@ -278,9 +285,10 @@ def add_parser(sub) -> None:
     mode.add_argument("--greedy", dest="sample", action="store_false", help="greedy decoding (default)")
     mode.add_argument("--sample", dest="sample", action="store_true", help="sample (see --temperature/--top-p/--top-k)")
     p.set_defaults(sample=False)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=None, help="with --sample (default 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus filter (default 1.0, off)")
+    p.add_argument("--top-k", type=int, default=None, help="with --sample: keep the k likeliest tokens (default "
+                                                            "50; 0 turns the filter off)")
     p.add_argument("--seed", type=int, default=None, help="seed the sampler")
     p.add_argument("--ignore-eos", action="store_true", help="always produce --max-new-tokens tokens (for timing)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
