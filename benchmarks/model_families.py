@@ -149,6 +149,13 @@ def main(argv: list[str]) -> int:
     transformers.logging.disable_progress_bar()
     tok = make_tokenizer()
     table = families(len(tok))
+    unknown = [a for a in argv if a not in table]
+    if unknown:  # also --help: print the usage instead of a KeyError
+        print(f"usage: python benchmarks/model_families.py [FAMILY ...]\n"
+              f"converts, loads and runs a tiny random model of each family (all by default; named ones replace "
+              f"their cells in benchmarks/results/model_families.json)\nfamilies: {' '.join(table)}",
+              file=sys.stderr)
+        return 0 if unknown in (["--help"], ["-h"]) else 2
     names = argv or list(table)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

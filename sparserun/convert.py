@@ -796,7 +796,8 @@ def _tokenizer(src: Path):
 
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="prune a Hugging Face model directory into a packed checkpoint",
-                       description="Prune SRC (a Hugging Face model directory: safetensors or pytorch_model.bin) one decoder "
+                       description="Prune SRC (a Hugging Face model directory: safetensors or "
+                                   "pytorch_model.bin) one decoder "
                                    "layer at a time and write the packed checkpoint OUT, with a per-layer "
                                    "report (also saved as OUT/report.json).")
     p.add_argument("src", help="Hugging Face model directory (config.json, *.safetensors or pytorch_model*.bin, "
@@ -809,7 +810,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calib", default=None,
                    help="calibration text, JSONL (a \"text\" field per line) or a .json list of texts; "
                         "default: the shipped text")
-    p.add_argument("--nsamples", type=int, default=calibrate.DEFAULT_NSAMPLES, help="calibration windows")
+    p.add_argument("--nsamples", type=int, default=calibrate.DEFAULT_NSAMPLES,
+                   help=f"calibration windows (default {calibrate.DEFAULT_NSAMPLES})")
     p.add_argument("--seqlen", type=int, default=None,
                    help=f"tokens per window (default min({calibrate.DEFAULT_SEQLEN}, the model's limit))")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (one layer at a time goes there)")
@@ -822,7 +824,8 @@ def add_parser(sub) -> None:
                    help="unstructured: same sparsity in every row (default: yes for wanda/taylor/obd)")
     p.add_argument("--include-lm-head", action="store_true", help="prune lm_head too (default: dense)")
     p.add_argument("--max-shard-size", type=int, default=DEFAULT_SHARD_BYTES // (1024 * 1024),
-                   help="MiB per output shard (also the most the writer buffers in memory)")
+                   help="MiB per output shard, also the most the writer buffers in memory (default "
+                        f"{DEFAULT_SHARD_BYTES // (1024 * 1024)})")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars or table (warnings still go to stderr)")
     p.set_defaults(func=_run)

@@ -69,16 +69,17 @@ class PruneReport:
                 "ratio": round(after / before, 4) if before else None}
 
     def warnings(self) -> list[str]:
-        """Pruned layers that did not get what pruning is for: a packed form no smaller than dense (a sparsity
-        too low for the format's index), or no weight removed at all (a target that rounds to zero blocks)."""
+        """What did not get what pruning is for: no layer pruned at all (every shape refused the pattern, or the
+        target rounds to zero blocks), a packed form no smaller than dense (a sparsity too low for the format's
+        index), calibration text the tokenizer cannot read, experts calibration never reached, 3-D tensors no
+        Linear holds."""
         pr = self.pruned
-        empty = [r for r in pr if r["sparsity"] == 0]
-        larger = [r for r in pr if r["bytes_after"] >= r["bytes_before"] and r["sparsity"] > 0]
+        larger = [r for r in pr if r["bytes_after"] >= r["bytes_before"]]
         out = []
-        if empty:
-            unit = f"{self.pattern} blocks" if "x" in self.pattern else "weights"
-            out.append(f"warning: {len(empty)} layer(s) lost no weight (e.g. {empty[0]['name']}): at their shape "
-                       f"the target sparsity rounds down to zero {unit}")
+        if not pr and self.rows:
+            r = next((r for r in self.rows if r["status"] == "dense"), self.rows[0])
+            out.append(f"warning: no layer was pruned, so the result is the dense model (e.g. {r['name']}: "
+                       f"{r['reason']})")
         if larger:
             r = larger[0]
             out.append(f"warning: {len(larger)} layer(s) are not smaller packed than dense (e.g. {r['name']}: "

@@ -56,7 +56,8 @@ from .. import formats
 from ..formats import UnsupportedShape
 from ..patterns import parse
 from ..runtime import experts
-from ..runtime.linear import OWN_FORWARD_REASON, SparseLinear, is_linear, linear_weight, own_forward
+from ..runtime.linear import (OWN_FORWARD_REASON, SparseLinear, is_linear, linear_weight, nothing_pruned_reason,
+                              own_forward)
 from . import masks as masks_mod
 from . import scores
 from .sparsegpt import sparsegpt
@@ -1113,6 +1114,9 @@ def _prune_stack(model: nn.Module, st: Stack, stacks: list, store, extra, ctx: d
                     rows.append(_row(name, m, pat, "dense", str(e).split(": ", 1)[-1]))
                     continue
                 stats.pop(name, None)  # free a Hessian as soon as its layer is done
+                if bool(mask.all()):
+                    rows.append(_row(name, m, pat, "dense", nothing_pruned_reason(pat)))
+                    continue
                 p = formats.pack(new_w, mask, pat, name=name)
                 meters[name] = _ErrorMeter(w.clone())
                 set_weight(m, new_w)
@@ -1252,6 +1256,8 @@ def _prune_head(model, path, layers, h, calib, method, pat, sparsity, opts, per_
             new_w, mask = _prune_one(method, w, col.stat if col else None, pat, sparsity, opts, per_row, name)
         except UnsupportedShape as e:
             return [_row(name, head, pat, "dense", str(e).split(": ", 1)[-1])], {}
+        if bool(mask.all()):
+            return [_row(name, head, pat, "dense", nothing_pruned_reason(pat))], {}
         p = formats.pack(new_w, mask, pat, name=name)
         meter = _ErrorMeter(w.clone())
         set_weight(head, new_w)

@@ -2,8 +2,9 @@
 
 * `load_extension()` builds csrc/ with torch.utils.cpp_extension on first use when CUDA, nvcc and an
   sm_80+ GPU are present, cached per (torch version, CUDA version, GPU arch, source hash) under
-  $SPARSERUN_CACHE_DIR or ~/.cache/sparserun. `SPARSERUN_NO_CUDA_BUILD=1` skips it. Any build failure gives
-  one warning and returns None (callers fall back to other backends); importing this module never builds.
+  $SPARSERUN_CACHE_DIR, else $XDG_CACHE_HOME/sparserun or ~/.cache/sparserun. `SPARSERUN_NO_CUDA_BUILD=1`
+  skips it. Any build failure gives one warning and returns None (callers fall back to other backends);
+  importing this module never builds.
 * `repack(values, meta, n, k)` turns the portable disk layout (docs/format.md) into the kernel's operand
   layout (vf, ef); pure torch, any device. `emulate_dense(vf, ef, n, k)` rebuilds the dense weight from
   (vf, ef) by following the PTX ISA's mma.sp fragment/metadata rules, independently of `repack`, so the CPU

@@ -63,6 +63,13 @@ def own_forward(m: nn.Module) -> bool:
 OWN_FORWARD_REASON = "a Linear subclass with its own forward (not y = x Wᵀ + b): kept dense"
 
 
+def nothing_pruned_reason(pat) -> str:
+    """Why a layer whose mask keeps every weight stays dense: packed, it would only add its index bytes (and a
+    sparse kernel) to the same values."""
+    unit = f"{pat} blocks" if pat.kind == "block" else "weights"
+    return f"the target sparsity rounds to zero {unit} at this shape"
+
+
 def linear_weight(m: nn.Module) -> torch.Tensor:
     """The [out, in] weight of an is_linear module (Conv1D's [in, out] weight as a transposed view)."""
     return m.weight if isinstance(m, nn.Linear) else m.weight.t()

@@ -28,7 +28,7 @@ from ..formats.common import check_weight
 from ..patterns import Pattern, parse
 from . import experts
 from .linear import (OWN_FORWARD_REASON, SparseLinear, guard_save_pretrained, is_linear, linear_shape,
-                     linear_weight, own_forward)
+                     linear_weight, nothing_pruned_reason, own_forward)
 
 
 @dataclass
@@ -183,6 +183,9 @@ def _sparsify(model, pat, filter_fn, masks, sparsity, progress) -> SparsifyRepor
                 mask = masks[name].to(weight.device)
             else:
                 mask = magnitude_mask(weight, pat, sparsity, name)
+                if bool(mask.all()):  # packed, the same values would only gain an index
+                    report.append(LayerAction(name, "dense", f"{name}: {nothing_pruned_reason(pat)}", shape))
+                    continue
             new = SparseLinear.from_linear(lin, mask, pat, name=name)
         except formats.UnsupportedShape as e:
             report.append(LayerAction(name, "dense", str(e), shape))

@@ -8,9 +8,9 @@ flushed before each call, because decode is served from graphs and host launch c
 fastest wins, except that a sparse candidate must beat dense by more
 than `margin` (2 %): dense wins ties, so a sparse path slower than dense is never chosen.
 
-Choices persist in one JSON file (`tuning-v{SCHEMA}.json` under $SPARSERUN_CACHE_DIR or
-~/.cache/sparserun): read-merge-write under an exclusive fcntl lock on a side file, written to a temp file
-and os.replace'd, so concurrent processes never lose each other's entries or see half a file. A corrupt or
+Choices persist in one JSON file (`tuning-v{SCHEMA}.json` under $SPARSERUN_CACHE_DIR, else
+$XDG_CACHE_HOME/sparserun or ~/.cache/sparserun): read-merge-write under an exclusive fcntl lock on a side
+file, written to a temp file and os.replace'd, so concurrent processes never lose each other's entries or see half a file. A corrupt or
 unreadable file is treated as empty (the keys are re-tuned and the file rewritten), never a crash.
 
 Timing cannot run inside CUDA-graph capture or torch.compile tracing: `Tuner.lookup` gives the cached
@@ -421,7 +421,8 @@ def add_bench_tune(sub) -> None:
                                    "and dense; 'all' adds cuda and cusparselt) once for "
                                    "each distinct sparse layer shape of the packed checkpoint DIR and each M "
                                    "bucket, and store the fastest in the tuning cache that SparseLinear reads "
-                                   "($SPARSERUN_CACHE_DIR or ~/.cache/sparserun). Needs a CUDA GPU.")
+                                   "($SPARSERUN_CACHE_DIR, else $XDG_CACHE_HOME/sparserun or "
+                                   "~/.cache/sparserun). Needs a CUDA GPU.")
     p.add_argument("dir", help="packed checkpoint directory")
     p.add_argument("--device", default="cuda", help="CUDA device (default: cuda)")
     p.add_argument("--dtype", choices=["fp16", "bf16"], default=None,

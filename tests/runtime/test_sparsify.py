@@ -140,3 +140,17 @@ def test_tied_and_shared_modules(gen):
     assert isinstance(model.blocks[0], SparseLinear) and model.alias is model.blocks[0]
     again = sparserun.sparsify_(model, "2:4")  # idempotent: SparseLinear layers are not nn.Linear
     assert not again.sparsified
+
+
+def test_a_target_that_rounds_to_zero_blocks_leaves_the_layer_dense(gen):
+    """32x32 at 20 %: the 64x32 and 32x64 layers have 2 blocks each, round(0.4) = 0 pruned; packed, they would
+    only gain an index. The 37x32 one does not fit. Nothing is packed, and each layer says why."""
+    model = Toy(gen)
+    rep = sparserun.sparsify_(model, "32x32", sparsity=0.2, filter_fn=lambda m, n: n.startswith("blocks"))
+    acts = {a.name: a for a in rep}
+    for name in ("blocks.0", "blocks.1"):
+        assert acts[name].action == "dense" and acts[name].reason == (
+            f"{name}: the target sparsity rounds to zero 32x32 blocks at this shape")
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    sparserun.sparsify_(model, "32x32", sparsity=0.5, filter_fn=lambda m, n: n == "blocks.0")
+    assert isinstance(model.blocks[0], SparseLinear)
