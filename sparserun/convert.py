@@ -71,6 +71,10 @@ class NotEnoughMemory(ConvertError):
     """The estimated peak memory exceeds what the device has free."""
 
 
+class NotEnoughDisk(ConvertError):
+    """The estimated output (and gradient spill) exceeds the free space where OUT is written."""
+
+
 # ---- the source directory -----------------------------------------------------------------------------
 
 class SourceTensors:
@@ -535,6 +539,73 @@ def check_memory(est: dict, device: torch.device) -> None:
                                   + (", or use --device cpu" if dev != "cpu" else ""))
 
 
+def packed_nbytes_estimate(shape, pat, sparsity: float | None, esize: int) -> int:
+    """Bytes of an [N, K] weight packed at `pat` (docs/format.md's formulas; masks.py's rounding), or its dense
+    bytes where the layer will stay dense (a shape the blocks do not divide, a target of zero blocks)."""
+    n, k = shape
+    dense = n * k * esize
+    if pat.kind == "nm" and (pat.n, pat.m) == (2, 4):
+        kp = -(-k // 4) * 4
+        return n * kp // 2 * esize + n * -(-(kp // 4) // 2)
+    if pat.kind == "block":
+        b = pat.block
+        if n % b or k % b:
+            return dense
+        blocks = (n // b) * (k // b)
+        nnz = blocks - round(sparsity * blocks)
+        return dense if nnz == blocks else nnz * b * b * esize + 4 * (nnz + n // b + 1)
+    s = pat.fixed_sparsity if pat.kind == "nm" else sparsity
+    kept = n * k - round(s * n * k)
+    return dense if kept == n * k else kept * esize + n * -(-k // 8)
+
+
+def estimate_disk(model, stacks, src: SourceTensors, keymap: dict, dtype, compute, pattern, sparsity,
+                  method: str, skip: str | None, include_lm_head: bool, nsamples: int, seqlen: int) -> dict:
+    """Bytes OUT will take, and the most the gradient spill of taylor / obd holds at once in OUT's temp
+    directory: every layer's saved input during the forward pass, then every layer's fp32 statistics, which
+    the pruning pass frees one layer at a time as the output grows."""
+    from .patterns import parse
+
+    pat = parse(pattern)
+    esize = torch.empty((), dtype=dtype).element_size()
+    names = calibrate.stack_linear_names(model)
+    if include_lm_head:
+        names.append(calibrate.output_projection(model)[0])
+    if skip:
+        names = [n for n in names if not re.search(skip, n)]
+    saved = stats = 0
+    for name in names:
+        shape = tuple(calibrate.linear_weight(model.get_submodule(name)).shape)
+        saved += math.prod(shape) * esize - packed_nbytes_estimate(shape, pat, sparsity, esize)
+        stats += math.prod(shape) * 4
+    # (+ the safetensors headers, ~100-200 bytes a tensor; the manifest and copied files are not counted)
+    checkpoint = sum(src.nbytes_of(sk, dtype) for sk in keymap.values()) - saved + 256 * len(keymap)
+    spill = 0
+    if method in ("taylor", "obd"):
+        cfg = getattr(model, "config", None)
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
+        ce = torch.empty((), dtype=compute).element_size()
+        acts = sum(len(st.layers) for st in stacks) * nsamples * seqlen * hidden * ce
+        spill = max(acts, stats)
+    return {"checkpoint": checkpoint, "gradient_spill": spill}
+
+
+def check_disk(est: dict, out: Path) -> None:
+    """Refuse, before the work, a conversion whose output (and spill) cannot fit where OUT is written."""
+    import shutil
+
+    where = Path(out).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    need = est["checkpoint"] + est["gradient_spill"]
+    if need > free:
+        spill = (f" + gradient spill {human_bytes(est['gradient_spill'])}" if est["gradient_spill"] else "")
+        raise NotEnoughDisk(f"not enough disk space for {out}: converting needs about {human_bytes(need)} "
+                            f"(checkpoint {human_bytes(est['checkpoint'])}{spill}), {human_bytes(free)} free on "
+                            f"the filesystem of {where}")
+
+
 # ---- the conversion -----------------------------------------------------------------------------------
 
 def convert(src, out, method: str, pattern, sparsity: float | None = None, *, calib=None,
@@ -623,10 +694,12 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
 
         seqlen_eff = seqlen if seqlen is not None else default_seqlen(config)
     large_allocations_mapped()
-    est = estimate_memory(model, stacks, tensors, keymap, compute, method,
-                          calib.shape[0] if isinstance(calib, torch.Tensor) else nsamples,
-                          calib.shape[1] if isinstance(calib, torch.Tensor) else seqlen_eff, max_shard_bytes)
+    est_windows = tuple(calib.shape) if isinstance(calib, torch.Tensor) else (nsamples, seqlen_eff)
+    est = estimate_memory(model, stacks, tensors, keymap, compute, method, *est_windows, max_shard_bytes)
     check_memory(est, device)
+    disk = estimate_disk(model, stacks, tensors, keymap, dtype, compute, pattern, sparsity, method, skip,
+                         include_lm_head, *est_windows)
+    check_disk(disk, out)
 
     tokenizer = None
     if not isinstance(calib, torch.Tensor):
@@ -684,7 +757,7 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
         report = PruneReport(method, pattern, sparsity, cal.describe(), rows, {}, info)
         report.info.update({"source": str(src), "output": str(out), "dtype": str(dtype).removeprefix("torch."),
                             "compute_dtype": str(compute).removeprefix("torch."), "device": str(device),
-                            "memory_estimate": est})
+                            "memory_estimate": est, "disk_estimate": disk})
         tmp = w.tmp / "report.json"
         tmp.write_text(report.to_json() + "\n")  # inside the temp dir: appears in OUT with everything else
     return report

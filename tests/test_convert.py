@@ -234,6 +234,32 @@ def test_not_enough_memory_fails_before_work(tmp_path, llama_src, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("method,pattern,sparsity", [("magnitude", "2:4", None), ("wanda", "32x32", 0.6),
+                                                     ("magnitude", "unstructured", 0.5), ("taylor", "4:8", None)])
+def test_disk_estimate_matches_what_is_written(tmp_path, llama_src, method, pattern, sparsity):
+    rep = cv.convert(llama_src, tmp_path / "out", method, pattern, sparsity, nsamples=2, seqlen=32, progress=False)
+    est = rep.info["disk_estimate"]
+    written = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    assert written <= est["checkpoint"] <= 1.05 * written
+    assert (est["gradient_spill"] > 0) == (method == "taylor")
+
+
+def test_not_enough_disk_fails_before_work(tmp_path, llama_src, monkeypatch, no_weight_reads):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    seen = []
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: seen.append(p) or usage(10**12, 10**12, 100 * 1024))
+    rc, text = run_cli("convert", llama_src, tmp_path / "new" / "out", "--method", "taylor", "--pattern", "2:4",
+                       "--nsamples", 2, "--seqlen", 32)
+    last = text.strip().splitlines()[-1]
+    assert rc == 1 and re.fullmatch(rf"error: not enough disk space for {tmp_path}/new/out: converting needs about "
+                                    rf"\S+ \S+ \(checkpoint \S+ \S+ \+ gradient spill \S+ \S+\), 100\.0 KiB free on "
+                                    rf"the filesystem of {tmp_path}", last), text
+    assert seen == [tmp_path] and not (tmp_path / "new").exists()
+
+
 def test_unknown_family(tmp_path, llama_src, monkeypatch):
     class Weird(torch.nn.Module):
         def __init__(self):
