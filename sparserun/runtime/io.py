@@ -170,6 +170,19 @@ def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
     return mod._buffers[attr]
 
 
+def _usable_device(device) -> torch.device:
+    """`device` as a torch.device, refused here with the reason rather than by torch mid-load (an
+    AssertionError from a CPU build, an invalid ordinal from a CUDA call)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"load(device={str(dev)!r}): CUDA is not available ({why}, torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"load(device={str(dev)!r}): only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
 def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = True, model_class=None,
          progress: bool | None = None, group_siblings: bool | None = None) -> nn.Module:
     """Load a packed checkpoint directory as a model (eval mode) on `device`.
@@ -187,7 +200,7 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
         dtype = ckpt.dtype_from_name(dtype)
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = _usable_device(device)
     reader = CheckpointReader(path, verify=verify)
     try:
         config = AutoConfig.from_pretrained(str(path))

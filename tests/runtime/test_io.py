@@ -238,6 +238,15 @@ def test_load_refusals(tmp_path, minilm_packed):
         sparserun.load(d, verify=False)
 
 
+def test_load_to_a_device_that_is_not_there(minilm_packed):
+    d = minilm_packed["2:4"]["dir"]
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    bad = "cuda" if not n else f"cuda:{n}"
+    msg = "CUDA is not available" if not n else f"only {n} CUDA device"
+    with pytest.raises(ValueError, match=rf"load\(device='{bad}'\): {msg}"):
+        sparserun.load(d, device=bad)
+
+
 @pytest.mark.gpu
 def test_load_to_cuda_allocates_only_the_packed_model(tmp_path):
     """Peak device memory during load == the loaded tensors themselves: no dense copy, no staging."""
