@@ -870,11 +870,10 @@ def _tokenizer(src: Path):
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="prune a Hugging Face model directory into a packed checkpoint",
                        description="Prune SRC (a Hugging Face model directory: safetensors or "
-                                   "pytorch_model.bin) one decoder "
-                                   "layer at a time and write the packed checkpoint OUT, with a per-layer "
-                                   "report (also saved as OUT/report.json).")
+                                   "pytorch_model.bin) one decoder layer at a time and write the packed "
+                                   "checkpoint OUT, with a per-layer report (also saved as OUT/report.json).")
     p.add_argument("src", help="Hugging Face model directory (config.json, *.safetensors or pytorch_model*.bin, "
-                                       "tokenizer)")
+                               "tokenizer)")
     p.add_argument("out", help="output directory (must not exist, be empty, or use --overwrite)")
     p.add_argument("--method", required=True, help="magnitude | wanda | sparsegpt | taylor | obd")
     p.add_argument("--pattern", required=True, help='"2:4", "4:8", "unstructured", "32x32", ...')

@@ -10,8 +10,9 @@ than `margin` (2 %): dense wins ties, so a sparse path slower than dense is neve
 
 Choices persist in one JSON file (`tuning-v{SCHEMA}.json` under $SPARSERUN_CACHE_DIR, else
 $XDG_CACHE_HOME/sparserun or ~/.cache/sparserun): read-merge-write under an exclusive fcntl lock on a side
-file, written to a temp file and os.replace'd, so concurrent processes never lose each other's entries or see half a file. A corrupt or
-unreadable file is treated as empty (the keys are re-tuned and the file rewritten), never a crash.
+file, written to a temp file and os.replace'd, so concurrent processes never lose each other's entries or see
+half a file. A corrupt or unreadable file is treated as empty (the keys are re-tuned and the file rewritten),
+never a crash.
 
 Timing cannot run inside CUDA-graph capture or torch.compile tracing: `Tuner.lookup` gives the cached
 choice there (or None, and the caller applies a static rule).
