@@ -14,7 +14,11 @@ from . import patterns
 __version__ = "0.1.0"
 
 __all__ = ["prune", "sparsify_", "save", "load", "group_siblings", "ungroup_siblings", "SparseLinear", "patterns",
-           "__version__"]
+           "SparserunWarning", "__version__"]
+
+
+class SparserunWarning(UserWarning):
+    """What sparserun warns about (the CLI prints these as one `warning: ...` line, wherever they point)."""
 
 
 def __getattr__(name):

@@ -9,6 +9,7 @@ needed. Errors: a subcommand raises; main prints one line `error: ...` to stderr
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -207,13 +208,16 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
-    """sparserun's own warnings as one `warning: ...` line (no source path and code line, which say nothing
-    to a CLI user); other libraries' warnings as Python prints them."""
-    if Path(filename).resolve().is_relative_to(_PACKAGE):
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, default):
+    """sparserun's own warnings (raised in the package, or a SparserunWarning pointing at the model code that
+    caused it) as one `warning: ...` line: a source path and code line say nothing to a CLI user. Other
+    libraries' warnings as Python prints them."""
+    from . import SparserunWarning
+
+    if issubclass(category, SparserunWarning) or Path(filename).resolve().is_relative_to(_PACKAGE):
         print(f"warning: {str(message).removeprefix('sparserun: ')}", file=file or sys.stderr)
     else:
-        _default(message, category, filename, lineno, file, line)
+        default(message, category, filename, lineno, file, line)
 
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -221,7 +225,7 @@ _PACKAGE = Path(__file__).resolve().parent
 
 def _main(argv: list, debug: bool) -> int:
     with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+        warnings.showwarning = functools.partial(_show_warning, default=warnings.showwarning)
         return _run_command(argv, debug)
 
 

@@ -175,3 +175,23 @@ def test_closed_stdout_pipe_is_quiet(minilm_packed):
     finally:
         os.close(w)
     assert proc.returncode == 1 and proc.stderr == ""
+
+
+def test_sparseruns_warnings_print_as_one_line(capsys):
+    """A SparserunWarning is one `warning: ...` line even when it points at the model code that caused it
+    (T5's read of wo.weight); another library's warning keeps Python's format."""
+    import functools
+    import warnings
+
+    import sparserun
+
+    others = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = functools.partial(cli._show_warning, default=lambda *a: others.append(a[:4]))
+        warnings.warn_explicit("SparseLinear.weight was read", sparserun.SparserunWarning,
+                               "/site-packages/transformers/models/t5/modeling_t5.py", 88)
+        warnings.warn_explicit("sparserun: from inside", UserWarning, cli.__file__, 1)
+        warnings.warn_explicit("something else", UserWarning, "/elsewhere/lib.py", 7)
+    assert capsys.readouterr().err == "warning: SparseLinear.weight was read\nwarning: from inside\n"
+    assert [(str(m), c, f, n) for m, c, f, n in others] == [("something else", UserWarning, "/elsewhere/lib.py", 7)]

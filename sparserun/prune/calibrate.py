@@ -238,7 +238,9 @@ def tokenize_text(text: str, tokenizer, source: str = "the text", warn: bool = T
             ids.extend(tokenizer(para.strip() + "\n\n", add_special_tokens=False, verbose=False)["input_ids"])
     msg = unknown_warning(unknown_fraction(ids, tokenizer), len(ids), source, getattr(tokenizer, "unk_token", None))
     if warn and msg:
-        warnings.warn(msg, stacklevel=2)
+        from .. import SparserunWarning
+
+        warnings.warn(msg, SparserunWarning, stacklevel=2)
     return ids
 
 

@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import SparserunWarning
 from ..formats import UnsupportedShape
 from ..patterns import Pattern, parse
 from ..runtime.linear import is_linear, linear_weight
@@ -386,7 +387,7 @@ class MovementPruner:
         if self.step_count < self.schedule.total_steps - self.schedule.cooldown_steps:
             warnings.warn(f"movement pruning finalized after {self.step_count} steps, before the schedule "
                           f"reached its final sparsity (step {self.schedule.total_steps - self.schedule.cooldown_steps}"
-                          f"): the last cut was not trained", stacklevel=2)
+                          f"): the last cut was not trained", SparserunWarning, stacklevel=2)
         self._update_masks(self.schedule.final_sparsity)
         out = {}
         with torch.no_grad():
@@ -454,7 +455,8 @@ class MovementPruningCallback(_callback_base()):
         sched = self.pruner.schedule
         if state.max_steps and state.max_steps < sched.total_steps - sched.cooldown_steps:
             warnings.warn(f"the Trainer runs {state.max_steps} steps but the sparsity schedule reaches its "
-                          f"final value only at step {sched.total_steps - sched.cooldown_steps}", stacklevel=2)
+                          f"final value only at step {sched.total_steps - sched.cooldown_steps}", SparserunWarning,
+                          stacklevel=2)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.pruner.step(global_step=state.global_step)

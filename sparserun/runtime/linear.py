@@ -172,8 +172,11 @@ class SparseLinear(nn.Module):
             SparseLinear._weight_warned = True
             import warnings
 
+            from .. import SparserunWarning
+
             warnings.warn("SparseLinear.weight was read: it decompresses the dense weight "
-                          "(slow; model code that only needs its dtype/device can use .values)", stacklevel=2)
+                          "(slow; model code that only needs its dtype/device can use .values)", SparserunWarning,
+                          stacklevel=2)
         from .dispatch import _data_key, decompress, version_of
 
         if torch.compiler.is_compiling():

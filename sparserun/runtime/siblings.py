@@ -18,9 +18,12 @@ What a caller sees: a member's output is a column slice of the fused output (row
 `.view(*shape, heads, head_dim)`, `.reshape`, `.transpose` and elementwise ops work as on a contiguous
 tensor; a `.view` that merges the feature dim with another needs `.reshape` or `.contiguous()`. Inference
 tensors (torch.inference_mode) have no version counter: modifying x in place between sibling calls there is
-not detected. Names grouped: see SIBLINGS.
+not detected. The hand-off is per thread, so threads sharing one model (a threaded server) each get their own
+input's slices. Names grouped: see SIBLINGS.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn as nn
@@ -49,7 +52,18 @@ class SiblingGroup:
             self.bounds[id(m)] = (start, start + m.out_features)
             start += m.out_features
         self._share_storage()
-        self._reset()
+        # the hand-off between siblings is per thread: two threads running the same model (a threaded server)
+        # must never take each other's slices
+        self._local = threading.local()
+
+    def __getstate__(self):  # deepcopy / pickle of a grouped model: a thread-local holds no state worth copying
+        state = self.__dict__.copy()
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     # ---- storage ---------------------------------------------------------------------------------------
     def _share_storage(self) -> None:
@@ -78,10 +92,9 @@ class SiblingGroup:
 
     # ---- forward ---------------------------------------------------------------------------------------
     def _reset(self) -> None:
-        self._x = self._y = None
-        self._x_version = None
-        self._w_version = None
-        self._taken: set[int] = set()
+        st = self._local
+        st.x = st.y = st.x_version = st.w_version = None
+        st.taken = set()
 
     def _versions(self, x: torch.Tensor):
         from .dispatch import version_of
@@ -92,16 +105,19 @@ class SiblingGroup:
     def output(self, m: SparseLinear, x: torch.Tensor) -> torch.Tensor:
         from .dispatch import sparse_linear
 
+        st = self._local
+        if not hasattr(st, "taken"):  # this thread's first call
+            self._reset()
         xv, wv = self._versions(x)
-        fresh = (self._x is x and self._x_version == xv and self._w_version == wv and id(m) not in self._taken)
+        fresh = (st.x is x and st.x_version == xv and st.w_version == wv and id(m) not in st.taken)
         if not fresh:
             self._reset()
-            self._x, self._x_version, self._w_version = x, xv, wv
-            self._y = sparse_linear(self.fused, x)
-        self._taken.add(id(m))
+            st.x, st.x_version, st.w_version = x, xv, wv
+            st.y = sparse_linear(self.fused, x)
+        st.taken.add(id(m))
         s, e = self.bounds[id(m)]
-        y = self._y[..., s:e]
-        if len(self._taken) == len(self.members):
+        y = st.y[..., s:e]
+        if len(st.taken) == len(self.members):
             self._reset()  # every sibling has its slice: hold no activations between calls
         return y
 

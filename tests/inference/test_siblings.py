@@ -192,3 +192,48 @@ def test_grouped_decode_step_in_a_cuda_graph(packed):
         g.replay()
         ref = plain(new).logits
     torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_two_threads_never_take_each_others_slices(packed, monkeypatch):
+    """Thread A's fused call is held until thread B has run q and k on its own input; B's v then runs
+    between A's q and A's k. Every output must be its own input's projection (the hand-off is per thread:
+    shared, B's v took a slice of A's output)."""
+    import threading
+
+    _, path = packed
+    grouped = sparserun.load(path, group_siblings=True)
+    att = grouped.model.layers[0].self_attn
+    xa, xb = torch.randn(1, 3, 64), torch.randn(1, 3, 64)
+    want = {(n, w): dispatch.sparse_linear(getattr(att, n), x)
+            for n in ("q_proj", "k_proj", "v_proj") for w, x in (("a", xa), ("b", xb))}
+    real = dispatch.sparse_linear
+    a_inside, b_qk, a_q, b_v = (threading.Event() for _ in range(4))
+
+    def held(layer, x):
+        if x is xa and not a_inside.is_set():
+            a_inside.set()
+            assert b_qk.wait(10)
+        return real(layer, x)
+
+    monkeypatch.setattr(dispatch, "sparse_linear", held)
+    got = {}
+
+    def run_a():
+        with torch.no_grad():
+            got["q_proj", "a"] = att.q_proj(xa)
+            a_q.set()
+            assert b_v.wait(10)
+            got["k_proj", "a"], got["v_proj", "a"] = att.k_proj(xa), att.v_proj(xa)
+
+    thread = threading.Thread(target=run_a)
+    thread.start()
+    assert a_inside.wait(10)
+    with torch.no_grad():
+        got["q_proj", "b"], got["k_proj", "b"] = att.q_proj(xb), att.k_proj(xb)
+        b_qk.set()
+        assert a_q.wait(10)
+        got["v_proj", "b"] = att.v_proj(xb)
+    b_v.set()
+    thread.join(10)
+    for key, y in want.items():
+        torch.testing.assert_close(got[key], y, rtol=1e-5, atol=1e-5, msg=str(key))
