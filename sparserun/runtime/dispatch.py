@@ -396,9 +396,18 @@ def choose_backend(layer, x: torch.Tensor) -> str:
 
 
 def sparse_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype != layer.values.dtype:
+    wdt = layer.values.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        # as nn.Linear under autocast: computed in the autocast dtype whatever x's dtype is. A layer stored in
+        # that dtype runs its kernels on x cast to it; one stored in another dtype can only match nn.Linear
+        # through its dense weight, which F.linear then casts itself (autocast covers it).
+        dt = torch.get_autocast_dtype(x.device.type)
+        if dt != wdt:
+            return F.linear(x, decompress(layer), layer.bias)
+        x = x.to(dt)
+    elif x.dtype != wdt:
         raise TypeError(f"SparseLinear({layer.out_features}x{layer.in_features}, {layer.format}): input dtype "
-                        f"{x.dtype} does not match the weight dtype {layer.values.dtype}")
+                        f"{x.dtype} does not match the weight dtype {wdt}")
     return run_backend(choose_backend(layer, x), layer, x)
 
 

@@ -5,6 +5,8 @@ CPU tests run fp32 on the reference backend, where the sparse model computes exa
 model computes, so greedy tokens must be identical. The Triton-backend tests run the kernels on CPU tensors
 under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU) through a whole model.
 """
+import copy
+
 import pytest
 import torch
 
@@ -51,6 +53,29 @@ def test_generate_equals_masked_dense(pair):
     assert torch.equal(out, ref)
     # the static cache path of generate (eager on a CPU: transformers compiles it only on accelerators)
     assert torch.equal(_greedy(model, enc, cache_implementation="static"), ref)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_autocast_computes_as_nn_linear_does(pair, stored):
+    """Under torch.autocast a SparseLinear computes in the autocast dtype, as nn.Linear does, whether the
+    model is stored in that dtype (its kernels run on the cast input) or not (its dense weight, cast)."""
+    _, path, _ = pair
+    model = sparserun.load(path, dtype=stored)
+    ref = copy.deepcopy(model)  # the same model with each SparseLinear as an nn.Linear of its dense weight
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, SparseLinear):
+            lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=stored)
+            with torch.no_grad():
+                lin.weight.copy_(m.dense_weight())
+            ref.set_submodule(name, lin)
+    ids = _prompts(make_tokenizer())["input_ids"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = model(ids).logits, ref(ids).logits
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    layer = model.model.layers[0].mlp.down_proj
+    with pytest.raises(TypeError, match="input dtype torch.float16 does not match the weight dtype"):
+        layer(torch.ones(1, 128, dtype=torch.float16))  # outside autocast, a dtype mismatch is an error
 
 
 def test_pipeline(pair):
