@@ -185,6 +185,17 @@ def _is_within(a: Path, b: Path) -> bool:
         return False
 
 
+def linked_into(src: Path, out: Path) -> Path | None:
+    """A file of `src` whose real path (links followed) lies inside `out`, or None. A Hugging Face cache
+    snapshot links every file into ../../blobs/: writing (or replacing) such an OUT would destroy the source
+    while the two directories look apart."""
+    out_r = Path(out).absolute().resolve()
+    for p in Path(src).rglob("*"):
+        if p.is_symlink() and _is_within(p.resolve(), out_r):
+            return p
+    return None
+
+
 def expected_tensors(record: dict) -> dict:
     """role -> (shape, dtype) that a layer record implies for its packed tensors."""
     from .runtime.linear import _buffer_shapes
@@ -252,6 +263,10 @@ class CheckpointWriter:
             if _is_within(out_r, src_r) or _is_within(src_r, out_r):
                 raise CheckpointError(f"output {self.out} overlaps the source directory {self.source_dir}; "
                                       "the source is never written, choose another output directory")
+            linked = linked_into(self.source_dir, self.out)
+            if linked is not None:
+                raise CheckpointError(f"output {self.out} holds the source's data: {linked} links into it; the "
+                                      f"source is never written, choose another output directory")
         check_output_dir(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))

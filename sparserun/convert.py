@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import DEFAULT_SHARD_BYTES, CheckpointError, CheckpointWriter, _is_within, check_output_dir
+from .checkpoint import (DEFAULT_SHARD_BYTES, CheckpointError, CheckpointWriter, _is_within, check_output_dir,
+                         linked_into)
 from .prune import calibrate
 from .prune.api import PruneReport, check_args, human_bytes, load_calibration
 from .runtime import experts
@@ -642,6 +643,10 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
                            f"choose an output outside it")
     if _is_within(s_r, o_r):
         raise ConvertError(f"output {out} contains the source directory {src}; choose another output")
+    linked = linked_into(src, out)
+    if linked is not None:
+        raise ConvertError(f"output {out} holds the source's data: {linked} links into it (a Hugging Face cache "
+                           f"snapshot links into its blobs/); the source is never written, choose another output")
     check_output_dir(out, overwrite)
     dtype = resolve_dtype(dtype, ConvertError)
     device = resolve_device(device, ConvertError)

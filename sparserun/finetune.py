@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import _is_within
+from .checkpoint import _is_within, linked_into
 from .formats import PatternViolation
 from .prune import calibrate
 from .prune.movement import _callback_base, named_linear
@@ -586,7 +586,7 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
     if not src.is_dir():
         raise FinetuneError(f"checkpoint directory not found: {src}")
     s_r, o_r = src.resolve(), out.absolute().resolve()
-    if _is_within(o_r, s_r) or _is_within(s_r, o_r):
+    if _is_within(o_r, s_r) or _is_within(s_r, o_r) or linked_into(src, out) is not None:
         raise FinetuneError(f"output {out} overlaps the checkpoint {src}, which is only read; choose another "
                             f"output directory")
     check_output_dir(out, overwrite)  # before spending minutes training (the writer checks again at the end)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sparserun
+from sparserun import checkpoint as ck
 from sparserun import cli
 from sparserun import convert as cv
 from sparserun.prune import calibrate
@@ -477,3 +478,30 @@ def test_unknown_token_warning_reaches_the_report_and_stderr_under_quiet(tmp_pat
     want = f"warning: 100% of the 800 tokens of the calibration text {emoji} are the unknown token '[UNK]'"
     assert err.startswith(want) and err.count("\n") == 1, err
     assert json.loads((tmp_path / "out" / "report.json").read_text())["warnings"][0].startswith(want)
+
+
+def test_hub_cache_snapshot_converts_and_its_blobs_are_never_an_output(tmp_path, llama_src):
+    """A Hugging Face cache snapshot is symlinks into ../../blobs/: it converts (files copied as content), and
+    an OUT holding the linked data is refused even with --overwrite, which would have deleted the model."""
+    repo = tmp_path / "models--org--tiny"
+    blobs, snap = repo / "blobs", repo / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(llama_src.iterdir())):
+        shutil.copy(f, blobs / f"blob{i}")
+        (snap / f.name).symlink_to(os.path.relpath(blobs / f"blob{i}", snap))
+    before = tree_hash(blobs)
+    rc, out, err = run_cli("convert", snap, tmp_path / "out", "--method", "magnitude", "--pattern", "2:4", "--quiet",
+                           split=True)
+    assert rc == 0, err
+    assert not (tmp_path / "out" / "config.json").is_symlink()
+    assert (tmp_path / "out" / "config.json").read_bytes() == (llama_src / "config.json").read_bytes()
+    for dest, msg in ((blobs, "holds the source's data: .* links into it"), (repo, "contains the source")):
+        rc, out, err = run_cli("convert", snap, dest, "--method", "magnitude", "--pattern", "2:4", "--quiet",
+                               "--overwrite", split=True)
+        assert rc == 1 and re.search(msg, err), err
+        assert tree_hash(blobs) == before
+    model = sparserun.load(tmp_path / "out")
+    with pytest.raises(ck.CheckpointError, match="holds the source's data"):
+        sparserun.save(model, blobs, source_dir=snap, overwrite=True)
+    assert tree_hash(blobs) == before
