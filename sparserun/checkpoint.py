@@ -114,6 +114,31 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise OutputExists(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
 
 
+def read_hf_config(path, error=None):
+    """transformers' config of the model directory `path`, never running code the directory ships: a config
+    whose `model_type` only the model's own code defines (`auto_map`, trust_remote_code) is refused, and
+    transformers is told not to run it (else it may ask on stdin, or run it if stdin says yes). Errors are
+    `error` (default CheckpointError), one line naming config.json."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    error = error or CheckpointError
+    p = Path(path) / CONFIG
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, ValueError):
+        raw = None  # AutoConfig says what is wrong with it, below
+    if isinstance(raw, dict) and raw.get("auto_map") and raw.get("model_type") not in CONFIG_MAPPING:
+        raise error(f"{p}: model_type {raw.get('model_type')!r} is defined by the model's own code (auto_map), "
+                    f"which sparserun does not run; only architectures transformers implements are supported")
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # ValueError / OSError / KeyError for unknown or bad configs
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if len(first) > 300:  # transformers lists every model type it knows
+            first = first[:300] + " ..."
+        raise error(f"{p}: cannot build a transformers config: {first}") from None
+
+
 # ---- helpers --------------------------------------------------------------------------------------------
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import (DEFAULT_SHARD_BYTES, CheckpointError, CheckpointWriter, _is_within, check_output_dir,
-                         linked_into)
+                         linked_into, read_hf_config)
 from .prune import calibrate
 from .prune.api import PruneReport, check_args, human_bytes, load_calibration
 from .runtime import experts
@@ -658,13 +658,7 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
         except re.error as e:
             raise ConvertError(f"--skip {skip!r} is not a valid regular expression: {e}") from None
 
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(src))
-    except Exception as e:  # transformers raises ValueError / OSError / KeyError for bad configs
-        raise ConvertError(f"{src / 'config.json'}: cannot build a transformers config: "
-                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    config = read_hf_config(src, ConvertError)
     tensors = SourceTensors(src)
     dtype = dtype or tensors.floating_dtype()
     # The checkpoint is stored in `dtype`; the work is done in `compute`. On the CPU, 16-bit matmuls are far

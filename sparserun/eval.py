@@ -48,11 +48,14 @@ def load_model(path, device="cpu", dtype=None, progress: bool | None = None) -> 
     if not (p / "config.json").is_file():
         raise EvalError(f"{p} has no config.json (neither a packed checkpoint nor a Hugging Face directory)")
     import transformers
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(p))
+    from .checkpoint import read_hf_config
+
+    config = read_hf_config(p, EvalError)
     cls = next((getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)), None)
     kw = {"dtype": dtype} if dtype is not None else {}
+    kw["trust_remote_code"] = False  # the directory's own code is never run (read_hf_config)
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()

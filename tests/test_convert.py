@@ -505,3 +505,23 @@ def test_hub_cache_snapshot_converts_and_its_blobs_are_never_an_output(tmp_path,
     with pytest.raises(ck.CheckpointError, match="holds the source's data"):
         sparserun.save(model, blobs, source_dir=snap, overwrite=True)
     assert tree_hash(blobs) == before
+
+
+def test_a_model_that_needs_its_own_code_is_refused_without_running_it(tmp_path, llama_src):
+    src = tmp_path / "fancy"
+    shutil.copytree(llama_src, src)
+    marker = tmp_path / "ran"
+    (src / "configuration_fancy.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="fancy", architectures=["FancyForCausalLM"],
+               auto_map={"AutoConfig": "configuration_fancy.FancyConfig"})
+    (src / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, "-m", "sparserun.cli", "convert", str(src), str(tmp_path / "out"),
+                           "--method", "magnitude", "--pattern", "2:4"], input="y\n", capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "model_type 'fancy' is defined by the model's own code (auto_map), which sparserun does not run" \
+        in proc.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    with pytest.raises(ck.CheckpointError, match="defined by the model's own code"):
+        ck.read_hf_config(src)

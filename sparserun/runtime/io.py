@@ -194,7 +194,6 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
                  SPARSERUN_GROUP_SIBLINGS environment variable ("1" = on), else off until measured on a GPU.
     """
     from tqdm.auto import tqdm
-    from transformers import AutoConfig
 
     if isinstance(dtype, str):
         dtype = ckpt.dtype_from_name(dtype)
@@ -202,11 +201,7 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     device = _usable_device(device)
     reader = CheckpointReader(path, verify=verify)
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except Exception as e:  # transformers raises ValueError/OSError/KeyError for unknown or bad configs
-        raise CheckpointError(f"{Path(path) / ckpt.CONFIG}: cannot build a transformers config: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    config = ckpt.read_hf_config(path)
     model = _build(config, reader.manifest, model_class)
     # MoE experts the checkpoint stores per expert (packed or pruned): unroll them to match (runtime/experts.py)
     experts.unroll_stored(model, list(reader.tensor_map) + list(reader.aliases))
