@@ -525,3 +525,26 @@ def test_a_model_that_needs_its_own_code_is_refused_without_running_it(tmp_path,
     assert not marker.exists() and not (tmp_path / "out").exists()
     with pytest.raises(ck.CheckpointError, match="defined by the model's own code"):
         ck.read_hf_config(src)
+
+
+def test_default_dtype_is_the_configs_not_the_first_tensors(tmp_path, llama_src):
+    """A bf16 model whose norms and head are stored in fp32 is written in bf16 (config.json's dtype; without
+    one, the dtype of most stored bytes), not in the fp32 of the alphabetically first tensor."""
+    from safetensors.torch import load_file, save_file
+
+    sd = _state_dict(llama_src)
+    mixed = {k: v if ("norm" in k or k == "lm_head.weight") else v.to(torch.bfloat16) for k, v in sd.items()}
+    for with_cfg in (True, False):
+        src = _copy_without_weights(llama_src, tmp_path / f"src{with_cfg}")
+        save_file(mixed, str(src / "model.safetensors"))
+        cfg = json.loads((src / "config.json").read_text())
+        cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
+        if with_cfg:
+            cfg["dtype"] = "bfloat16"
+        (src / "config.json").write_text(json.dumps(cfg))
+        cv.convert(src, tmp_path / f"out{with_cfg}", "magnitude", "2:4", progress=False)
+        got = {}
+        for f in (tmp_path / f"out{with_cfg}").glob("*.safetensors"):
+            got.update(load_file(str(f)))
+        assert got["model.layers.0.self_attn.q_proj.values"].dtype == torch.bfloat16
+        assert got["lm_head.weight"].dtype == torch.bfloat16
