@@ -108,6 +108,9 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     """OUT may be missing or an empty directory; a non-empty one only with overwrite; a file never (it is not
     ours to delete). Commands call this before any long work, and the writer again when it starts."""
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise OutputExists(f"output {out} is a symbolic link to {os.readlink(out)}, which does not exist; give a "
+                           f"directory")
     if out.exists() and not out.is_dir():
         raise OutputExists(f"output {out} exists and is a file, not a directory; choose a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -210,6 +213,12 @@ def _is_within(a: Path, b: Path) -> bool:
         return False
 
 
+def _hidden_name(out: Path, kind: str) -> str:
+    """Prefix of OUT's temp siblings: `.OUT.tmp-` (cut so that it and the random suffix fit the 255-byte name
+    limit when OUT's own name nearly fills it)."""
+    return f".{out.name[:200]}.{kind}-"
+
+
 def linked_into(src: Path, out: Path) -> Path | None:
     """A file of `src` whose real path (links followed) lies inside `out`, or None. A Hugging Face cache
     snapshot links every file into ../../blobs/: writing (or replacing) such an OUT would destroy the source
@@ -293,8 +302,14 @@ class CheckpointWriter:
                 raise CheckpointError(f"output {self.out} holds the source's data: {linked} links into it; the "
                                       f"source is never written, choose another output directory")
         check_output_dir(self.out, overwrite)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        if self.out.is_symlink():  # a link to a directory: write there (the link keeps pointing at OUT)
+            self.out = self.out.resolve()
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=_hidden_name(self.out, "tmp"), dir=self.out.parent))
+        except OSError as e:  # say what we tried to write, not the temp name (read-only file system, ...)
+            raise OSError(e.errno, f"cannot write the output {self.out}: {e.strerror} (in {self.out.parent})") \
+                from None
         self.config = config
         self.generation_config = generation_config
         self.source = source if source is not None else (str(self.source_dir) if self.source_dir else None)
@@ -491,7 +506,7 @@ class CheckpointWriter:
         if out.exists():
             if not self.overwrite:  # appeared while we were writing
                 raise OutputExists(f"output directory {out} exists and is not empty")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=_hidden_name(out, "old"), dir=out.parent))
             old.rmdir()
             os.replace(out, old)
             try:

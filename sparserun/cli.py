@@ -181,13 +181,21 @@ def _one_line(e: BaseException) -> str:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`timeout`, a job scheduler), raised like Ctrl-C's KeyboardInterrupt: a BaseException that
-    `except Exception` does not swallow, so the `with` blocks and finally clauses that remove temp
-    directories run on the way out."""
+    """SIGTERM (`timeout`, a job scheduler) or SIGHUP (the terminal or ssh session closed), raised like
+    Ctrl-C's KeyboardInterrupt: a BaseException that `except Exception` does not swallow, so the `with` blocks
+    and finally clauses that remove temp directories run on the way out."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated
+def _on_signal(signum, frame):
+    raise Terminated(signum)
+
+
+# what ends a run like Ctrl-C does (SIGHUP does not exist on Windows)
+_TERMINATING = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 def main(argv=None) -> int:
@@ -198,14 +206,13 @@ def main(argv=None) -> int:
     # Python only lets the main thread set handlers; main() called from another thread keeps the default.
     # The caller's handler comes back afterwards (main may be called from a program with its own).
     installed = threading.current_thread() is threading.main_thread()
-    if installed:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {s: signal.signal(s, _on_signal) for s in _TERMINATING} if installed else {}
     try:
         return _main(argv, debug)
     finally:
-        if installed:
+        for s, handler in previous.items():
             # None: the previous handler was not set from Python; SIG_DFL is what such a process starts with
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, *, default):
@@ -250,9 +257,9 @@ def _run_command(argv: list, debug: bool) -> int:
         except (OSError, ValueError):  # stdout replaced by an object without a file descriptor
             pass
         return 1
-    except Terminated:
-        print("error: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by SIGTERM
+    except Terminated as e:
+        print("error: terminated" + (" (hangup)" if e.signum != signal.SIGTERM else ""), file=sys.stderr)
+        return 128 + e.signum  # 143 for SIGTERM, what a shell reports for a process killed by it
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

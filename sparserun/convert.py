@@ -19,8 +19,9 @@ That estimate is checked against the free memory of the compute device (and of t
 weight is read, so an impossible run fails in a second, not after an hour.
 
 OUT is written through checkpoint.CheckpointWriter: a temp directory next to OUT, renamed into place only
-when everything (shards, manifest, copied config/tokenizer files, report.json) is complete. An exception or
-Ctrl-C removes the temp directory, so OUT never exists half-written. SRC is only ever read.
+when everything (shards, manifest, copied config/tokenizer files, report.json) is complete. An exception,
+Ctrl-C, or (from the CLI) SIGTERM or SIGHUP removes the temp directory, so OUT never exists half-written.
+SRC is only ever read.
 """
 from __future__ import annotations
 

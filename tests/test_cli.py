@@ -130,15 +130,18 @@ def test_module_entry_point(minilm_packed):
 
 
 def test_sigterm_handler_is_restored():
-    before = signal.getsignal(signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in cli._TERMINATING}
     assert cli.main(["--version"]) == 0
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert {s: signal.getsignal(s) for s in cli._TERMINATING} == before
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
-    """`timeout` / a job scheduler sends SIGTERM: the writer's temp directory goes, as on Ctrl-C (was: left
-    behind, the process killed without a word)."""
+@pytest.mark.parametrize("sig, said", [(signal.SIGTERM, "error: terminated"),
+                                       (getattr(signal, "SIGHUP", None), "error: terminated (hangup)")],
+                         ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, sig, said):
+    """`timeout` / a job scheduler sends SIGTERM, a closed terminal or ssh session SIGHUP: the writer's temp
+    directory goes, as on Ctrl-C (was: left behind, the process killed without a word)."""
     from .prune._models import save_llama_dir
 
     src = save_llama_dir(tmp_path / "src")
@@ -154,13 +157,13 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "convert made no temp directory in 60 s"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert stderr.strip() == "error: terminated" and stdout == ""
+    assert proc.returncode == 128 + sig, stderr
+    assert stderr.strip() == said and stdout == ""
     assert not list(tmp_path.glob(".out.tmp-*")) and not out.exists()
 
 

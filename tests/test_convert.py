@@ -548,3 +548,41 @@ def test_default_dtype_is_the_configs_not_the_first_tensors(tmp_path, llama_src)
             got.update(load_file(str(f)))
         assert got["model.layers.0.self_attn.q_proj.values"].dtype == torch.bfloat16
         assert got["lm_head.weight"].dtype == torch.bfloat16
+
+
+def test_output_links_and_long_names(tmp_path, llama_src):
+    """OUT given as a link to a directory is written there (the link still points at it); a dangling link is
+    refused before any work; a name near the 255-byte limit does not overflow in the temp name."""
+    target = tmp_path / "real"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    args = ("--method", "magnitude", "--pattern", "2:4", "--quiet")
+    rc, out, err = run_cli("convert", llama_src, link, *args, split=True)
+    assert rc == 0, err
+    assert link.is_symlink() and (target / "sparserun.json").is_file()
+    rc, out, err = run_cli("convert", llama_src, link, *args, "--overwrite", split=True)
+    assert rc == 0, err
+    assert link.is_symlink() and (target / "sparserun.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # nothing left beside it
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    rc, out, err = run_cli("convert", llama_src, dangling, *args, split=True)
+    assert rc == 1 and "is a symbolic link to" in err and "which does not exist" in err, err
+    long = tmp_path / ("x" * 250)
+    rc, out, err = run_cli("convert", llama_src, long, *args, split=True)
+    assert rc == 0 and (long / "sparserun.json").is_file(), err
+
+
+def test_an_unwritable_output_place_is_named_as_the_output(tmp_path, llama_src, monkeypatch):
+    import errno
+    import tempfile
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".out.tmp-abc"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    rc, out, err = run_cli("convert", llama_src, tmp_path / "out", "--method", "magnitude", "--pattern", "2:4",
+                           "--quiet", split=True)
+    assert rc == 1 and f"cannot write the output {tmp_path / 'out'}: Read-only file system (in {tmp_path})" in err
+    assert ".tmp-" not in err and err.count("\n") == 1
