@@ -165,6 +165,8 @@ def _listed_files(src: Path) -> dict[str, Path] | Path:
                 wm = json.loads((src / index).read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
                 raise ConvertError(f"{src / index}: not a valid index of weight shards ({e})") from None
+            if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
+                raise ConvertError(f"{src / index}: \"weight_map\" must map tensor names to shard file names")
             return {k: src / f for k, f in wm.items()}
         if (src / single).is_file():
             return src / single
@@ -720,6 +722,11 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     # everything outside the repeated layers: read once, kept for the capture and the LM head
     outside = {k: sk for k, sk in keymap.items() if not calibrate.in_stacks(k, stacks)}
     loaded = tensors.read_mapped(outside, dtype=compute)
+    for k, first in tied.items():  # tying would silently keep one of two different stored tensors
+        if k in loaded and first in loaded and not torch.equal(loaded[k], loaded[first]):
+            raise ConvertError(f"{src}: the model ties {k} to {first} (tie_word_embeddings in config.json), but "
+                               f"the checkpoint stores them with different values; if the model is untied, set "
+                               f"\"tie_word_embeddings\": false in config.json")
     for k in outside:
         _set_tensor(model, k, loaded.pop(k))
     if tied:

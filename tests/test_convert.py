@@ -438,6 +438,10 @@ def _weights_case(d: Path, case: str) -> None:
         return
     if case == "bad index":
         (d / "model.safetensors.index.json").write_text('{"weights": {}}')
+    elif case == "index list":
+        (d / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}')
+    elif case == "index number":
+        (d / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm.weight": 5}}')
     elif case == "missing shard":
         (d / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "gone.safetensors"}}')
     elif case == "damaged safetensors":
@@ -453,6 +457,8 @@ def _weights_case(d: Path, case: str) -> None:
 @pytest.mark.parametrize("case,msg", [
     ("none", r"has no weights: none of model\.safetensors, pytorch_model\.bin or their \*\.index\.json"),
     ("bad index", r"model\.safetensors\.index\.json: not a valid index of weight shards"),
+    ("index list", r"model\.safetensors\.index\.json: \"weight_map\" must map tensor names to shard file names"),
+    ("index number", r"\"weight_map\" must map tensor names to shard file names"),
     ("missing shard", r"shard .*gone\.safetensors listed in the index is missing"),
     ("damaged safetensors", r"cannot read safetensors file .*model\.safetensors"),
     ("legacy bin", r"cannot read .*pytorch_model\.bin as a memory-mapped PyTorch state dict .*save_pretrained"),
@@ -586,3 +592,21 @@ def test_an_unwritable_output_place_is_named_as_the_output(tmp_path, llama_src, 
                            "--quiet", split=True)
     assert rc == 1 and f"cannot write the output {tmp_path / 'out'}: Read-only file system (in {tmp_path})" in err
     assert ".tmp-" not in err and err.count("\n") == 1
+
+
+def test_tied_in_config_but_stored_apart_with_other_values_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = save_llama_dir(tmp_path / "src", layers=2, tie_word_embeddings=True)
+    sd = load_file(str(src / "model.safetensors"))
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"] + 1.0
+    save_file(sd, str(src / "model.safetensors"))
+    with pytest.raises(cv.ConvertError, match=r"ties lm_head\.weight to model\.embed_tokens\.weight .* stores them "
+                                              r"with different values"):
+        cv.convert(src, tmp_path / "out", "magnitude", "2:4", progress=False)
+    assert not (tmp_path / "out").exists()
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()  # stored twice, equal: tied as before
+    save_file(sd, str(src / "model.safetensors"))
+    cv.convert(src, tmp_path / "out", "magnitude", "2:4", progress=False)
+    assert json.loads((tmp_path / "out" / "sparserun.json").read_text())["aliases"] == {
+        "lm_head.weight": "model.embed_tokens.weight"}
