@@ -196,6 +196,9 @@ def source_files(source_dir: "str | os.PathLike") -> list[Path]:
         p = src / name
         if p.is_file():
             found[name] = p
+        elif p.is_symlink():  # a link to nothing: copying would silently leave the file out
+            raise CheckpointError(f"{p} is a link to {os.readlink(p)}, which does not exist (a Hugging Face cache "
+                                  f"blob deleted?); restore it or remove the link")
     for pat in COPY_GLOBS:
         for p in sorted(src.glob(pat)):
             # never copy weights that happen to match a glob (e.g. a "tokenizer.safetensors" is not a thing we copy)
@@ -301,6 +304,7 @@ class CheckpointWriter:
             if linked is not None:
                 raise CheckpointError(f"output {self.out} holds the source's data: {linked} links into it; the "
                                       f"source is never written, choose another output directory")
+            source_files(self.source_dir)  # a file it cannot copy fails now, not after the work
         check_output_dir(self.out, overwrite)
         if self.out.is_symlink():  # a link to a directory: write there (the link keeps pointing at OUT)
             self.out = self.out.resolve()

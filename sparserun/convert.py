@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import (DEFAULT_SHARD_BYTES, CheckpointError, CheckpointWriter, _is_within, check_output_dir,
-                         linked_into, read_hf_config)
+                         linked_into, read_hf_config, source_files)
 from .prune import calibrate
 from .prune.api import PruneReport, check_args, human_bytes, load_calibration
 from .runtime import experts
@@ -662,6 +662,7 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
         raise ConvertError(f"output {out} holds the source's data: {linked} links into it (a Hugging Face cache "
                            f"snapshot links into its blobs/); the source is never written, choose another output")
     check_output_dir(out, overwrite)
+    source_files(src)  # the files copied at the end: one that cannot be (a dangling link) fails now
     dtype = resolve_dtype(dtype, ConvertError)
     device = resolve_device(device, ConvertError)
     if skip:
@@ -681,6 +682,10 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
     compute = torch.float32 if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
     model = build_skeleton(config)
     keymap, missing = match_keys(model, tensors)
+    # stored tensors the model has no place for are left out, as from_pretrained does; the report says so
+    # (a stored copy of a buffer the model computes itself, like BERT's position_ids, is not worth a word)
+    used = {n for v in keymap.values() for n in (v if isinstance(v, tuple) else (v,))}
+    unused = sorted(set(tensors.info) - used - {n for n, _ in model.named_buffers()})
     # MoE experts stored as 3-D tensors are pruned and packed one expert at a time (runtime/experts.py); the
     # keymap keeps their stored names, which StreamingLayers splits into the experts as it reads them
     experts.unroll_all(model)
@@ -775,7 +780,9 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
         report = PruneReport(method, pattern, sparsity, cal.describe(), rows, {}, info)
         report.info.update({"source": str(src), "output": str(out), "dtype": str(dtype).removeprefix("torch."),
                             "compute_dtype": str(compute).removeprefix("torch."), "device": str(device),
-                            "memory_estimate": est, "disk_estimate": disk})
+                            "memory_estimate": est, "disk_estimate": disk, "architecture": type(model).__name__,
+                            "unused_tensors": len(unused),
+                            "unused_example": unused[0] if unused else None})
         tmp = w.tmp / "report.json"
         tmp.write_text(report.to_json() + "\n")  # inside the temp dir: appears in OUT with everything else
     return report

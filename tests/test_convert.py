@@ -610,3 +610,29 @@ def test_tied_in_config_but_stored_apart_with_other_values_is_refused(tmp_path):
     cv.convert(src, tmp_path / "out", "magnitude", "2:4", progress=False)
     assert json.loads((tmp_path / "out" / "sparserun.json").read_text())["aliases"] == {
         "lm_head.weight": "model.embed_tokens.weight"}
+
+
+def test_a_dangling_tokenizer_link_fails_before_the_work(tmp_path, llama_src, no_weight_reads):
+    src = tmp_path / "src"
+    shutil.copytree(llama_src, src)
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer.json").symlink_to("../../blobs/gone")
+    with pytest.raises(ck.CheckpointError, match=r"tokenizer\.json is a link to \.\./\.\./blobs/gone, which does "
+                                                 r"not exist"):
+        cv.convert(src, tmp_path / "out", "magnitude", "2:4", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stored_tensors_the_model_has_no_place_for_are_reported(tmp_path, llama_src):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_src, src)
+    sd = _state_dict(llama_src)
+    sd["model.layers.0.mlp.extra_adapter.weight"] = torch.ones(4, 4)
+    save_file(sd, str(src / "model.safetensors"))
+    rep = cv.convert(src, tmp_path / "out", "magnitude", "2:4", progress=False)
+    assert rep.info["unused_tensors"] == 1
+    assert any("1 stored tensor(s) the LlamaForCausalLM has no place for were left out (e.g. "
+               "model.layers.0.mlp.extra_adapter.weight)" in w for w in rep.warnings())
+    assert cv.convert(llama_src, tmp_path / "plain", "magnitude", "2:4", progress=False).info["unused_tensors"] == 0

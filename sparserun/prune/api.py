@@ -95,6 +95,10 @@ class PruneReport:
                                             f"the calibration text {c.get('source')}", c.get("unk_token"))
         if unknown:
             out.append(f"warning: {unknown}")
+        if self.info.get("unused_tensors"):
+            out.append(f"warning: {self.info['unused_tensors']} stored tensor(s) the {self.info.get('architecture')} "
+                       f"has no place for were left out (e.g. {self.info['unused_example']}); check that config.json "
+                       f"names the right architecture")
         frac = self.info.get("unpruned_3d_fraction") or 0
         if frac >= 0.1:
             out.append(f"warning: {100 * frac:.0f}% of the parameters are 3-D tensors that no Linear layer holds "
