@@ -281,13 +281,16 @@ class CheckpointWriter:
         # leaving the block normally calls finish(); an exception calls abort() (temp dir removed)
 
     config:     a dict or a transformers PretrainedConfig written as config.json when `source_dir` has none
-                (or no source_dir is given); the source's own config.json always wins, copied unchanged.
+                (or no source_dir is given); the source's own config.json wins, copied unchanged, unless
+                `prefer_config` (the caller found that the source's no longer describes the model).
     overwrite:  replace an existing non-empty `out_dir` (the old one is moved aside, then deleted).
     """
 
     def __init__(self, out_dir, *, source_dir=None, config=None, generation_config=None, overwrite: bool = False,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, source: str | None = None, extra: dict | None = None):
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, source: str | None = None, extra: dict | None = None,
+                 prefer_config: bool = False):
         self.out = Path(out_dir).absolute()
+        self.prefer_config = prefer_config and config is not None
         self.source_dir = Path(source_dir).absolute() if source_dir is not None else None
         self.overwrite = overwrite
         self.max_shard_bytes = int(max_shard_bytes)
@@ -417,6 +420,8 @@ class CheckpointWriter:
         copied = set()
         if self.source_dir is not None:
             for p in source_files(self.source_dir):
+                if p.name == CONFIG and self.prefer_config:
+                    continue
                 shutil.copyfile(p, self.tmp / p.name)
                 copied.add(p.name)
         if CONFIG not in copied:

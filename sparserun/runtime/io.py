@@ -40,7 +40,8 @@ def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
     """Write `model` as a packed checkpoint directory at `out_dir`; return its path.
 
     source_dir: the model's original directory: its config.json, generation config and tokenizer files are
-                copied unchanged (it is only read). Without it, model.config is written as config.json.
+                copied unchanged (it is only read). Without it, or when its config.json no longer fits the
+                model's shapes (a resized vocabulary), model.config is written as config.json.
     overwrite:  replace an existing non-empty out_dir (otherwise that is an error).
     """
     from tqdm.auto import tqdm
@@ -68,10 +69,12 @@ def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
         extra["model_type"] = config.model_type
     source = str(source_dir) if source_dir is not None else (getattr(config, "_name_or_path", None) or None)
     sd = model.state_dict()
+    stale = source_dir is not None and config is not None and _config_is_stale(Path(source_dir), model, sd, sparse)
     seen: dict = {}
     written_layers: set[str] = set()
     with CheckpointWriter(out_dir, source_dir=source_dir, config=config, generation_config=gen,
-                          overwrite=overwrite, max_shard_bytes=max_shard_bytes, source=source, extra=extra) as w:
+                          overwrite=overwrite, max_shard_bytes=max_shard_bytes, source=source, extra=extra,
+                          prefer_config=stale) as w:
         for key, t in tqdm(sd.items(), desc="save", unit="tensor", leave=False,
                            disable=None if progress is None else not progress):
             layer = owner.get(key)
@@ -95,6 +98,28 @@ def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
                 if m.bias is not None and m.bias.numel():
                     seen.setdefault(_storage_key(m.bias.detach()), f"{layer}.bias")
     return Path(out_dir)
+
+
+def _config_is_stale(source_dir: Path, model: nn.Module, sd: dict, sparse: dict) -> bool:
+    """Does source_dir's config.json build tensors of other shapes than the model holds (its vocabulary was
+    resized, layers were cut)? Then copying it would write a checkpoint that cannot load."""
+    if not (source_dir / ckpt.CONFIG).is_file():
+        return False
+    from ..convert import build_skeleton
+
+    try:
+        skeleton = build_skeleton(ckpt.read_hf_config(source_dir))
+    except Exception:  # a config transformers cannot build is the writer's to report, not a shape question
+        return False
+    want = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
+    have = {k: tuple(t.shape) for k, t in sd.items()}
+    for name, m in sparse.items():  # a packed layer against the skeleton's Linear (or Conv1D), as [out, in]
+        try:
+            want[f"{name}.weight"] = linear_shape(skeleton.get_submodule(name))
+        except (AttributeError, TypeError):  # not in the skeleton (unrolled MoE experts): nothing to compare
+            continue
+        have[f"{name}.weight"] = (m.out_features, m.in_features)
+    return any(k in have and have[k] != shape for k, shape in want.items())
 
 
 # ---- load -----------------------------------------------------------------------------------------------
@@ -233,7 +258,13 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
                      disable=None if progress is None else not progress):
         sd[name] = reader.get_tensor(name, device=device, dtype=dtype)
     reader.close()
-    result = model.load_state_dict(sd, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:  # torch lists every size mismatch over many lines
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), None)
+        if first is None:
+            raise
+        raise CheckpointError(f"{Path(path) / ckpt.CONFIG} does not describe the stored tensors: {first}") from None
     del sd
     for alias, target in reader.aliases.items():
         _set_tensor(model, alias, _get_tensor(model, target))

@@ -1,5 +1,6 @@
 """save/load: the "done means" round trips on the real MiniLM, a tied Llama, and the refusals."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -283,3 +284,34 @@ def test_load_to_cuda_allocates_only_the_packed_model(tmp_path):
     with torch.no_grad():
         out = loaded(input_ids=ids.cuda()).logits.float().cpu()
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_save_writes_the_models_config_when_the_sources_no_longer_fits(tmp_path, minilm_dir):
+    """A vocabulary resized after loading: copying the source's config.json would write a checkpoint that
+    cannot load, so model.config is written; a model that still fits keeps the source's file byte for byte
+    (GPT-2's Conv1D layers included)."""
+    from transformers import AutoModel, GPT2Config, GPT2LMHeadModel
+
+    model = AutoModel.from_pretrained(minilm_dir)
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    sparserun.sparsify_(model, "2:4", progress=False)
+    sparserun.save(model, tmp_path / "resized", source_dir=minilm_dir)
+    assert json.loads((tmp_path / "resized" / "config.json").read_text())["vocab_size"] == 30530
+    assert sparserun.load(tmp_path / "resized").embeddings.word_embeddings.weight.shape[0] == 30530
+    g = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()
+    g.save_pretrained(tmp_path / "g")
+    sparserun.sparsify_(g, "2:4", progress=False)
+    sparserun.save(g, tmp_path / "gp", source_dir=tmp_path / "g")
+    assert (tmp_path / "gp" / "config.json").read_bytes() == (tmp_path / "g" / "config.json").read_bytes()
+
+
+def test_a_config_that_does_not_fit_the_stored_tensors_is_one_line(tmp_path, minilm_packed):
+    d = tmp_path / "c"
+    shutil.copytree(minilm_packed["2:4"]["dir"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vocab_size"] += 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ck.CheckpointError, match=r"config\.json does not describe the stored tensors: size mismatch "
+                                                 r"for embeddings\.word_embeddings\.weight") as e:
+        sparserun.load(d)
+    assert "\n" not in str(e.value)
