@@ -87,11 +87,13 @@ def triton_ok(layer, x: torch.Tensor) -> bool:
 # ---- prepared operands (plain attributes, not buffers) ---------------------------------------------
 def _stale(hit, layer) -> bool:
     """Is a cached (key, operands) entry missing or built from other weights? While torch.compile traces,
-    data pointers cannot be read, so an existing entry is trusted (eager calls keep entries fresh)."""
+    data pointers and write counters cannot be read: an entry of the layer's device and dtype is trusted
+    (eager calls keep entries fresh; a weight edited in place after compiling needs an eager call and a
+    recompile, docs/runtime.md)."""
     if hit is None:
         return True
     if _compiling():
-        return False
+        return hit[0][:2] != (layer.values.device, layer.values.dtype)
     return hit[0] != _data_key(layer)
 
 
@@ -145,6 +147,8 @@ def dense_cached(layer) -> torch.Tensor:
     if not keeps_dense(layer):
         return decompress(layer)
     if _stale(layer._dense_cache, layer):
+        if _compiling():  # no key can be read while tracing: decompress inside the graph, cache nothing
+            return decompress(layer)
         layer._dense_cache = (_data_key(layer), decompress(layer))
     return layer._dense_cache[1]
 

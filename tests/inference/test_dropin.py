@@ -342,3 +342,19 @@ def test_gpu_manual_compile_reduce_overhead_uses_cuda_graphs(tmp_path, pattern, 
     agree = float((got[0, p:] == ref[0, p:]).float().mean())
     assert agree >= 0.95, agree
     torch._dynamo.reset()
+
+
+def test_compile_a_fresh_unstructured_model_and_one_cast_after_an_eager_call(tmp_path):
+    """bitmask layers cache their dense weight: tracing must neither read the cache key (data pointers, write
+    counters) nor reuse an entry of another dtype (the model cast after an eager call)."""
+    dense, path = packed_pair(tmp_path, "unstructured", 0.5)
+    ids = _prompts(make_tokenizer())["input_ids"]
+    model = sparserun.load(path)
+    with torch.no_grad():
+        want = dense(ids).logits
+        got = torch.compile(model, fullgraph=True, backend="eager")(ids).logits  # no eager call before
+        assert torch.equal(got, want)
+        model(ids)  # the cache now holds fp32 weights
+        model.to(torch.bfloat16)
+        ref = copy.deepcopy(model)(ids).logits
+        assert torch.equal(torch.compile(model, fullgraph=True, backend="eager")(ids).logits, ref)
