@@ -218,6 +218,8 @@ def run_backend(backend: str, layer, x: torch.Tensor) -> torch.Tensor:
     if backend == "triton":
         from .. import ops
 
+        if not x.is_cuda:
+            _check_interpreted(layer, x)
         return ops.sparse_linear_triton(layer, x)
     if backend == "cuda":
         from . import cuda_ext
@@ -237,6 +239,19 @@ def run_backend(backend: str, layer, x: torch.Tensor) -> torch.Tensor:
                 f"torch._cslt_sparse_mm; this torch has it: {hasattr(torch, '_cslt_sparse_mm')})")
         return _cusparselt_linear(layer, x)
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def _check_interpreted(layer, x: torch.Tensor) -> None:
+    """The Triton kernels run on CPU tensors only under the interpreter, and there not in bf16 (the
+    interpreter's bf16 arithmetic is wrong: tl.dot, and in Triton 3.9 even x * 2; moves are exact). Say so
+    instead of failing once per kernel config."""
+    name = f"SparseLinear({layer.out_features}x{layer.in_features}, {layer.format})"
+    if os.environ.get("TRITON_INTERPRET", "0").strip() != "1":
+        raise RuntimeError(f"{name}: backend 'triton' needs a CUDA tensor, got one on {x.device} (CPU tensors "
+                           f"run the kernels only under TRITON_INTERPRET=1, for tests)")
+    if x.dtype == torch.bfloat16:
+        raise RuntimeError(f"{name}: the Triton interpreter computes bfloat16 wrongly; test the kernels in "
+                           f"float16 or float32 on the CPU, bfloat16 on a GPU")
 
 
 # ---- the choice -------------------------------------------------------------------------------------
