@@ -555,23 +555,29 @@ def check_memory(est: dict, device: torch.device) -> None:
 
 
 def packed_nbytes_estimate(shape, pat, sparsity: float | None, esize: int) -> int:
-    """Bytes of an [N, K] weight packed at `pat` (docs/format.md's formulas; masks.py's rounding), or its dense
-    bytes where the layer will stay dense (a shape the blocks do not divide, a target of zero blocks)."""
+    """Bytes of an [N, K] weight packed at `pat` (the buffers SparseLinear holds; masks.py's rounding), or its
+    dense bytes where the layer will stay dense (a shape the blocks do not divide, a target of zero blocks)."""
+    from .runtime.linear import _buffer_shapes
+
     n, k = shape
     dense = n * k * esize
-    if pat.kind == "nm" and (pat.n, pat.m) == (2, 4):
-        kp = -(-k // 4) * 4
-        return n * kp // 2 * esize + n * -(-(kp // 4) // 2)
+    nnz = None
     if pat.kind == "block":
         b = pat.block
         if n % b or k % b:
             return dense
         blocks = (n // b) * (k // b)
         nnz = blocks - round(sparsity * blocks)
-        return dense if nnz == blocks else nnz * b * b * esize + 4 * (nnz + n // b + 1)
-    s = pat.fixed_sparsity if pat.kind == "nm" else sparsity
-    kept = n * k - round(s * n * k)
-    return dense if kept == n * k else kept * esize + n * -(-k // 8)
+        if nnz == blocks:
+            return dense
+    elif pat.format == "bitmask":
+        s = pat.fixed_sparsity if pat.kind == "nm" else sparsity
+        nnz = n * k - round(s * n * k)
+        if nnz == n * k:
+            return dense
+    buffers = _buffer_shapes(pat.format, n, k, pat.block, nnz)
+    return sum(math.prod(shp) * (esize if dt is None else torch.empty((), dtype=dt).element_size())
+               for shp, dt in buffers.values())
 
 
 def estimate_disk(model, stacks, src: SourceTensors, keymap: dict, dtype, compute, pattern, sparsity,
