@@ -9,8 +9,9 @@ token is copied to the CPU before the clock is read), so
     time to first token = prefill + first token, from the call to generate (tokenized prompt on the device)
     decode tokens/s     = (new tokens - 1) / (time of the last token - time of the first token)
 
-On a CPU the sparse layers run the pure-torch reference backend (each layer decompressed per call): the
-numbers then describe that path, not GPU speed, and the summary says so.
+On a CPU the sparse layers run the pure-torch path (2:4 and block layers are decompressed per call,
+unstructured ones once and cached): the numbers then describe that path, not GPU speed, and the summary
+says so.
 """
 from __future__ import annotations
 
@@ -140,7 +141,10 @@ def _backend_note(device: torch.device) -> str:
     forced = os.environ.get("SPARSERUN_BACKEND", "auto").strip().lower() or "auto"
     if device.type == "cuda":
         return f"sparse backend {forced}"
-    if forced in ("auto", "reference"):
+    if forced == "auto":
+        return ("sparse backend reference (CPU: 2:4 and block layers are decompressed per call, unstructured "
+                "ones once and cached; these numbers are not GPU speed)")
+    if forced == "reference":
         return ("sparse backend reference (CPU: each sparse layer is decompressed per call; "
                 "these numbers are not GPU speed)")
     return f"sparse backend {forced} on CPU (not GPU speed)"

@@ -176,3 +176,16 @@ def test_generate_on_gpu_compiled(packed, capsys):
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "16 new tokens" in err and "cuda" in err and "bfloat16" in err and out.strip()
+
+
+def test_cpu_summary_names_what_is_decompressed_per_call(monkeypatch):
+    """Unstructured layers cache their dense weight on the CPU path; only the forced reference backend
+    decompresses every layer per call. The summary must not claim otherwise."""
+    from sparserun.generate import _backend_note
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("SPARSERUN_BACKEND", raising=False)
+    assert "unstructured ones once and cached" in _backend_note(cpu)
+    monkeypatch.setenv("SPARSERUN_BACKEND", "reference")
+    assert "each sparse layer is decompressed per call" in _backend_note(cpu)
+    assert "not GPU speed" in _backend_note(cpu)
