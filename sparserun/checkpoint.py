@@ -23,8 +23,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -214,6 +217,34 @@ def _is_within(a: Path, b: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+@contextmanager
+def _signals_deferred():
+    """Hold Ctrl-C (and the CLI's SIGTERM/SIGHUP handlers) until the block ends, then deliver them.
+
+    The block is the commit of a write (OUT swapped in, the previous OUT removed) or the removal of a temp dir:
+    an interrupt inside it used to report "interrupted" over a complete OUT, or leave the old checkpoint or a
+    half-removed temp dir behind as hidden siblings of OUT. Only Python-level handlers can be held (a signal
+    left at the OS default still ends the process at once), and only from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held, previous = [], {}
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            previous[sig] = handler
+            signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            previous[held[0]](held[0], None)  # raises KeyboardInterrupt (or the CLI's Terminated) now
 
 
 def _hidden_name(out: Path, kind: str) -> str:
@@ -455,11 +486,12 @@ class CheckpointWriter:
             _fsync_file(mpath)
             self._fix_permissions()
             _fsync_dir(self.tmp)
-            self._move_into_place()
+            with _signals_deferred():
+                self._move_into_place()
+                self._done = True  # an interrupt held until here is raised over a complete OUT
         except BaseException:
             self.abort()
             raise
-        self._done = True
         return self.out
 
     def _fix_permissions(self) -> None:
@@ -533,7 +565,8 @@ class CheckpointWriter:
         """Drop everything written so far (OUT is untouched)."""
         self._buf = {}
         if self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            with _signals_deferred():  # a second Ctrl-C must not leave half a temp dir behind
+                shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 # ---- reading --------------------------------------------------------------------------------------------

@@ -171,6 +171,34 @@ def test_failure_leaves_nothing(tmp_path, gen):
     assert no_leftovers(tmp_path, "o")
 
 
+def test_ctrl_c_during_the_commit_is_held_until_out_is_complete(ckpt, gen, monkeypatch):
+    """Ctrl-C between swapping the new OUT in and removing the old one used to leave the old checkpoint behind
+    as a hidden sibling (and could interrupt the removal of a temp dir half-way). It is held until the commit
+    is done, then raised: OUT is the complete new checkpoint and nothing is left next to it."""
+    import signal
+
+    out, _, _ = ckpt
+    real_replace = os.replace
+    calls = []
+
+    def replace_then_interrupt(a, b):
+        real_replace(a, b)
+        calls.append(Path(b))
+        if Path(b) == out:  # OUT moved aside, new OUT in place; the old one is not removed yet
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(ck.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with CheckpointWriter(out, config={**CONFIG, "hidden_size": 8}, overwrite=True) as w:
+            w.add_tensor("x", torch.randn(3, generator=gen))
+    assert calls[-1] == out
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 8
+    with CheckpointReader(out) as r:
+        assert r.get_tensor("x").shape == (3,)
+    assert no_leftovers(out.parent, out.name)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
 def test_writer_refusals(tmp_path, gen):
     with CheckpointWriter(tmp_path / "o", config=CONFIG) as w:
         w.add_tensor("x", torch.randn(3, generator=gen))
