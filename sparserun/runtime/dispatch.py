@@ -295,13 +295,16 @@ def tuning_key(layer, m: int, dtype: torch.dtype, device: torch.device, grad: bo
            **_format_detail(layer), **_software_key(device)}
     if grad:
         key["autograd"] = True
+    if layer.format in KERNEL_FORMATS and keeps_dense(layer):
+        # a resident dense copy makes the dense candidate a bare GEMM, not decompress + GEMM: another answer
+        key["keep_dense"] = True
     allowed = allowed_backends()
     if allowed != ALL_BACKENDS:  # a restricted choice must not answer for an unrestricted process, or back
         key["backends"] = sorted(allowed)
     return key
 
 
-ALL_BACKENDS = frozenset(("triton", "cuda", "cusparselt", "dense"))
+from .tuning import CHOICES as ALL_BACKENDS  # noqa: E402  (the backends auto may choose; tuning.py has no torch)
 COPY_FREE_BACKENDS = frozenset(("triton", "dense"))
 
 
@@ -375,7 +378,9 @@ def auto_backend(layer, x: torch.Tensor, allow_timing: bool = True) -> str:
     grad = _needs_grad(layer, x)
     from .tuning import get_tuner, m_bucket
 
-    mk = (layer.format, layer.out_features, k, m_bucket(m), x.dtype, x.device, grad,
+    if m == 0:
+        return static_choice(layer, m)  # nothing to time: an empty input must not decide the decode (M=1) bucket
+    mk = (layer.format, layer.out_features, k, m_bucket(m), x.dtype, x.device, grad, keeps_dense(layer),
           tuple(_format_detail(layer).items()))
     choice = _memo.get(mk)
     if choice is None:

@@ -169,6 +169,21 @@ class _FileLock:
             self.fd = None
 
 
+CHOICES = frozenset(("triton", "cuda", "cusparselt", "dense"))  # what auto may choose (dispatch.ALL_BACKENDS)
+
+
+def _valid_entry(v) -> bool:
+    """A cache entry this code can use: a known backend as the choice, finite positive times by name. Anything
+    else (hand-edited, another version) is dropped and re-tuned rather than crash a forward later."""
+    if not isinstance(v, dict) or v.get("choice") not in CHOICES:
+        return False
+    times = v.get("times_ms", {})
+    if not isinstance(times, dict):
+        return False
+    return all(isinstance(k, str) and isinstance(t, (int, float)) and not isinstance(t, bool)
+               and math.isfinite(t) and t > 0 for k, t in times.items())
+
+
 class Tuner:
     """choose(key, candidates) -> the name of the fastest candidate for `key`, timed once, cached on disk.
 
@@ -186,6 +201,7 @@ class Tuner:
         self._loaded = False
         self._lock = threading.Lock()
         self.tuned_now: list[str] = []  # keys timed by this process (reports, tests)
+        self._warned: set = set()  # (path, mtime, size) already warned about: one warning per bad file
 
     # ---- disk -------------------------------------------------------------------------------------
     def _read_disk(self) -> dict[str, dict]:
@@ -196,10 +212,24 @@ class Tuner:
             if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(
                     data.get("entries"), dict):
                 raise ValueError("not a sparserun tuning cache of schema %d" % SCHEMA)
-            return {k: v for k, v in data["entries"].items() if isinstance(v, dict) and "choice" in v}
+            good = {k: v for k, v in data["entries"].items() if _valid_entry(v)}
+            if len(good) < len(data["entries"]):
+                self._warn_once(f"{len(data['entries']) - len(good)} malformed entries ignored (re-tuned)")
+            return good
         except Exception as e:  # corrupt, truncated, foreign: re-tune and overwrite, never crash
-            log.warning("sparserun: ignoring unreadable tuning cache %s (%s); re-tuning", self.path, e)
+            self._warn_once(f"unreadable ({e}); re-tuning")
             return {}
+
+    def _warn_once(self, what: str) -> None:
+        """Warn about a bad cache file once, not on every cache miss that rereads it."""
+        try:
+            st = self.path.stat()
+            ident = (str(self.path), st.st_mtime_ns, st.st_size, what)
+        except OSError:
+            ident = (str(self.path), what)
+        if ident not in self._warned:
+            self._warned.add(ident)
+            log.warning("sparserun: tuning cache %s: %s", self.path, what)
 
     def _load(self) -> None:
         if not self._loaded:
@@ -218,6 +248,11 @@ class Tuner:
                 try:
                     with os.fdopen(fd, "w") as f:
                         json.dump({"schema": SCHEMA, "entries": entries}, f, indent=1, sort_keys=True)
+                    # mkstemp makes the file 0600; a cache in a shared SPARSERUN_CACHE_DIR must be readable by the
+                    # other users the umask allows, as a file made with open() would be
+                    umask = os.umask(0)
+                    os.umask(umask)
+                    os.chmod(tmp, 0o666 & ~umask)
                     os.replace(tmp, self.path)
                 except BaseException:
                     if os.path.exists(tmp):

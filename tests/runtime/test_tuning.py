@@ -1,6 +1,7 @@
 """The measured dispatcher's logic with fake timings: choice, dense wins ties, disk cache round trip,
 corrupt cache file, concurrent writers, capture/compile fallbacks, forced backends. CPU only."""
 import json
+import os
 import multiprocessing as mp
 
 import pytest
@@ -86,8 +87,15 @@ def test_disk_round_trip_and_versioned_file(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # the temp file was renamed, not left behind
 
 
+BAD_ENTRIES = [{"choice": ["triton"]}, {"choice": "warp9"}, {"choice": "cuda", "times_ms": "fast"},
+               {"choice": "cuda", "times_ms": 3}, {"choice": "cuda", "times_ms": {"cuda": float("nan")}},
+               {"choice": "cuda", "times_ms": {"cuda": True}}]
+
+
 @pytest.mark.parametrize("garbage", ["{not json", "", "[1, 2]", '{"schema": 999, "entries": {}}',
-                                     '{"schema": 1, "entries": {"k": 3}}'])
+                                     '{"schema": 1, "entries": {"k": 3}}']
+                         + [json.dumps({"schema": tuning.SCHEMA, "entries": {key_string(KEY): e}})
+                            for e in BAD_ENTRIES])
 def test_corrupt_cache_file_is_retuned_not_a_crash(tmp_path, garbage):
     path = tmp_path / "c.json"
     path.write_text(garbage)
@@ -98,6 +106,28 @@ def test_corrupt_cache_file_is_retuned_not_a_crash(tmp_path, garbage):
     assert t.calls  # it re-tuned
     data = json.loads(path.read_text())  # and rewrote a valid file
     assert data["entries"][key_string(KEY)]["choice"] == "cuda"
+
+
+def test_a_bad_cache_file_is_warned_about_once(tmp_path, caplog):
+    path = tmp_path / "c.json"
+    path.write_text("{not json")
+    t = FakeTimer({"dense": 1.0, "cuda": 0.5})
+    tuner = Tuner(None, timer=t)
+    tuner.path = path  # reads the bad file on every miss, never rewrites it
+    with caplog.at_level("WARNING", logger="sparserun.runtime.tuning"):
+        for n in range(3):
+            tuner.choose({**KEY, "N": n}, t.cands(["cuda", "dense"]))
+    assert sum("unreadable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_cache_file_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        t = FakeTimer({"dense": 1.0, "cuda": 0.5})
+        Tuner(tmp_path / "c.json", timer=t).choose(KEY, t.cands(["cuda", "dense"]))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
 
 
 def test_failing_candidate_is_skipped_and_all_failing_raises(tmp_path):
@@ -187,6 +217,27 @@ def fake_gpu(monkeypatch, tmp_path):
     yield {"times": times, "ran": ran, "tuner": tuner}
     tuning.set_tuner(None)
     dispatch.clear_memo()
+
+
+def test_an_empty_input_neither_times_nor_decides_the_decode_bucket(fake_gpu):
+    layer = _layer()
+    assert dispatch.auto_backend(layer, torch.randn(0, 96)) == dispatch.static_choice(layer, 0)
+    assert fake_gpu["ran"] == [] and fake_gpu["tuner"].entries() == {}
+
+
+def test_keep_dense_is_part_of_the_tuning_key(fake_gpu, monkeypatch):
+    """With a resident dense copy the dense candidate is a bare GEMM: its timing must not answer for a default
+    process, where dense means decompress + GEMM per call (and the other way round)."""
+    layer = _layer()
+    x = torch.randn(5, 96)
+    monkeypatch.setenv("SPARSERUN_KEEP_DENSE", "1")
+    with_copy = dispatch.tuning_key(layer, 5, x.dtype, x.device)
+    fake_gpu["times"].update(dense=0.1)
+    assert dispatch.auto_backend(layer, x) == "dense"
+    monkeypatch.delenv("SPARSERUN_KEEP_DENSE")
+    assert dispatch.tuning_key(layer, 5, x.dtype, x.device) != with_copy
+    fake_gpu["times"].update(dense=1.0)
+    assert dispatch.auto_backend(layer, x) == "cuda"  # timed again, not replayed from the other setting
 
 
 def test_auto_picks_the_fastest_and_frees_the_losers(fake_gpu):
