@@ -135,7 +135,7 @@ def write(result: dict, out_dir="benchmarks/results") -> None:
           f"L2 {env.get('l2_mb')} MB, measured {env['date']}.",
           f"Device-to-device copy bandwidth (read + write): **{env['copy_gbs']:.0f} GB/s**.",
           "",
-          "Timing: triton do_bench median, operands rotated over > 512 MiB so L2 never holds the weight. "
+          "Timing: triton do_bench median, L2 flushed per call, operands rotated over > 512 MiB (or 64 copies). "
           "`gbs` counts weight (2:4: 0.5625 x dense) + x + y bytes.",
           "",
           markdown_table(result["rows"], ["dtype", "shape", "M", "backend", "ms", "speedup_vs_dense",

@@ -24,7 +24,10 @@ For every (variant, batch, prompt) the same steps run, in one process, with the 
             `decode_tokens` timed steps with no host sync inside the loop (CUDA events around all of them).
             decode_tok_s = batch x steps / time; decode_ms = time per step.
 The dense baseline of a (batch, prompt) is its best mode; `speedup` is a variant's best mode over it, and
-`speedup_same_mode` compares within one mode. Only rows of the same run (process) are compared.
+`speedup_same_mode` compares within one mode; both compare rows of the same run (process) only. The best-mode
+table (`--table`, the .md) prints each variant's best row beside dense's best row and divides those two, also
+when `--merge` put them in from different runs (which it allows only for the same model, dtype, device,
+backend and software).
 
 Memory (CUDA): `weights_bytes` is what the model's tensors hold; `kv_bytes` the static cache;
 `extra_bytes` prepared operands the runtime built on purpose (e.g. a dense copy the dispatcher decompressed
@@ -491,6 +494,11 @@ def run(*, config_kw: dict | None = None, variants=None, batches=BATCHES, prompt
         raise RuntimeError("the e2e benchmark needs a CUDA GPU (or --dry-run)")
     if prefill_reps < 1 or decode_tokens < 1 or warmup < 0:
         raise ValueError("prefill_reps and decode_tokens must be at least 1, warmup at least 0")
+    for what, values in (("--batches", batches), ("--prompts", prompts)):
+        if not values or min(values) < 1:
+            raise ValueError(f"{what} takes positive integers, got {','.join(map(str, values)) or 'none'}")
+    if config_kw["num_hidden_layers"] < 1:
+        raise ValueError(f"--layers must be at least 1, got {config_kw['num_hidden_layers']}")
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; known: {', '.join(MODES)}")
@@ -518,6 +526,7 @@ def run(*, config_kw: dict | None = None, variants=None, batches=BATCHES, prompt
     stem = results_stem("e2e-dryrun" if dry_run else "e2e", env, out_dir) if out_dir is not None else None
     if stem is not None and merge and stem.with_suffix(".json").is_file():
         prev = json.loads(stem.with_suffix(".json").read_text())
+        _check_mergeable(prev, result, stem.with_suffix(".json"))
         result["previous_runs"] = prev.get("previous_runs", []) + [prev.get("settings", {})]
         result["rows"] = prev.get("rows", [])
         result["failures"] = prev.get("failures", {})
@@ -589,6 +598,22 @@ def run(*, config_kw: dict | None = None, variants=None, batches=BATCHES, prompt
     return result
 
 
+MERGE_MUST_MATCH = (("config", None), ("settings", "dtype"), ("settings", "device"), ("settings", "backend"),
+                    ("settings", "init_std"), ("env", "gpu"), ("env", "torch"), ("env", "triton"),
+                    ("env", "transformers"))
+
+
+def _check_mergeable(prev: dict, result: dict, path: Path) -> None:
+    """--merge puts rows of two runs in one table: only when they measured the same model the same way."""
+    for part, field in MERGE_MUST_MATCH:
+        old = prev.get(part, {}) if field is None else prev.get(part, {}).get(field)
+        new = result[part] if field is None else result[part].get(field)
+        if old != new:
+            what = part if field is None else f"{part}.{field}"
+            raise ValueError(f"--merge: {path} was measured with another {what} ({old!r}, this run {new!r}); "
+                             f"merge only runs of the same model and settings, or write to another --out")
+
+
 def _mem_ok(r: dict) -> bool | None:
     """Decode-phase peak within 5 % of (the model's tensors + the KV cache): activations at decode are
     small, so more than that means something (a prepared dense copy, a graph pool) holds memory."""
@@ -629,13 +654,24 @@ def _row_order(r: dict):
 
 
 def best_rows(result: dict) -> list[dict]:
-    """One row per (variant, batch, prompt): its best decode mode."""
+    """One row per (variant, batch, prompt): its best decode mode, with `speedup` and `prefill_speedup` over the
+    dense row this table shows for that batch and prompt (dense's best mode). With runs merged (`--merge`, one
+    model and settings), a variant's best mode and dense's best mode may come from different runs: a speedup
+    against its own run's dense would then not be the ratio of the two rows printed side by side."""
     best: dict = {}
     for r in result["rows"]:
         k = (r["variant"], r["batch"], r["prompt"])
         if k not in best or r["decode_tok_s"] > best[k]["decode_tok_s"]:
             best[k] = r
-    return sorted(best.values(), key=_row_order)
+    out = []
+    for (variant, batch, prompt), r in best.items():
+        dense = best.get(("dense", batch, prompt))
+        dense_prefill = [x["prefill_ms"] for x in result["rows"]
+                         if x["variant"] == "dense" and x["batch"] == batch and x["prompt"] == prompt]
+        out.append(dict(r, speedup=r["decode_tok_s"] / dense["decode_tok_s"] if dense else None,
+                        prefill_speedup=min(dense_prefill) / r["prefill_ms"] if dense_prefill else None,
+                        dense_best_mode=dense["mode"] if dense else None))
+    return sorted(out, key=_row_order)
 
 
 TARGETS = [  # (variant, what, target speedup): DESIGN.md / issue 7, batch-1 decode vs dense
@@ -700,9 +736,12 @@ def markdown_lines(result: dict) -> list[str]:
            f"{env['triton']}, CUDA {env['cuda']}, measured {env['date']}; sparse backend {st['backend']}.", "",
            f"Decode: {st['decode_tokens']} timed greedy steps after {st['warmup']} warm-up steps, static KV cache, "
            f"no host sync inside the loop; tok/s = batch x steps / time. Prefill: eager, median of "
-           f"{st['prefill_reps']}; TTFT = prefill + first token on the host. Speedup = best mode over the best "
-           f"dense mode of the same run (eager, cudagraphs = one decode step captured in a CUDA graph by hand, "
-           f"inductor = reduce-overhead). Method: `sparserun/bench/e2e.py` docstring.", "",
+           f"{st['prefill_reps']}; TTFT = prefill + first token on the host. Best-mode table: speedup = the row's "
+           f"tok/s over the dense row's in the same table (dense's best mode"
+           f"{', over the merged runs' if result.get('previous_runs') else ''}); every-mode table: "
+           f"speedup_same_mode = over dense in the same mode and run (eager, cudagraphs = one decode step "
+           f"captured in a CUDA graph by hand, inductor = reduce-overhead). Method: `sparserun/bench/e2e.py` "
+           f"docstring.", "",
            "## Targets", "", *targets(result), "",
            "## Best mode per variant", "", headline_table(result), "",
            "## Every mode", "",
@@ -852,7 +891,7 @@ def run_cli(a) -> int:
         variants = parse_variants(a.variants)
         kw = dict(decode_tokens=64 if a.decode_tokens is None else a.decode_tokens, warmup=a.warmup,
                   prefill_reps=a.prefill_reps, dtype=torch.bfloat16, backend=a.backend)
-    if a.layers:
+    if a.layers is not None:
         cfg["num_hidden_layers"] = a.layers
     res = run(config_kw=cfg, variants=variants, batches=batches, prompts=prompts, modes=modes, out_dir=a.out,
               merge=a.merge, **kw)

@@ -89,12 +89,23 @@ def results_stem(kind: str, env: dict, out_dir: str | os.PathLike = "benchmarks/
     return Path(out_dir) / f"{gpu_slug(env['gpu'])}-{day}-{kind}"
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Atomic write: a crash never leaves a half-written results file."""
+def write_atomically(path: Path, write) -> None:
+    """`write(tmp)` then rename onto `path`: a crash never leaves a half-written results file, and a failed
+    write leaves the previous file as it was. The temp name keeps the suffix (matplotlib picks the format
+    from it)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1, default=str)))
 
 
 def markdown_table(rows: Sequence[dict], cols: Sequence[str]) -> str:
@@ -116,9 +127,12 @@ def finish_results(stem: Path, md: list, result: dict, plot) -> None:
     if result["failures"]:
         md += ["", "## Failures (recorded, not crashed)", ""]
         md += [f"- `{k}`: {v}" for k, v in sorted(result["failures"].items())]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_atomically(stem.with_suffix(".md"), lambda tmp: tmp.write_text("\n".join(md) + "\n"))
     try:
-        plot(result, stem.with_suffix(".png"))
-    except Exception:
-        traceback.print_exc()
+        write_atomically(stem.with_suffix(".png"), lambda tmp: plot(result, tmp))
+    except Exception as e:
+        if os.environ.get("SPARSERUN_BENCH_DEBUG"):
+            traceback.print_exc()
+        print(f"wrote {stem}.json/.md; the plot failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+        return
     print(f"wrote {stem}.json/.md/.png")

@@ -31,3 +31,45 @@ def test_bad_options_are_errors_even_in_a_dry_run(tmp_path, args, msg):
     with pytest.raises(ValueError, match=msg):
         main(["--dry-run", "--out", str(tmp_path), *args])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["--m", "1,2"], ["--quick"], ["--dtypes", "bf16"], ["--blocks", "none"],
+                                  ["--shapes", "0"]])
+def test_a_dry_run_refuses_options_it_would_ignore(tmp_path, args):
+    with pytest.raises(ValueError, match=f"--dry-run times fixed tiny shapes .* leave out {args[0]}"):
+        main(["--dry-run", "--out", str(tmp_path), *args])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dry_run_where_no_kernel_ran_fails(tmp_path, monkeypatch, capsys):
+    """The harness can run with every sparserun kernel failing (TRITON_INTERPRET=0 exported on a CPU): the
+    results are still written, but the run must not report success."""
+    from sparserun.bench import kernels
+
+    def only_dense(**kw):
+        return {"env": kernels.environment() | {"dry_run": "test", "copy_gbs": 1.0}, "rows": [
+            dict(dtype="fp16", shape="tiny", N=64, K=128, M=1, backend="dense_cublas", density=1.0, ms=0.1)],
+            "failures": {"sparserun_2:4/fp16/tiny/M1": "RuntimeError: 0 active drivers"}}
+
+    monkeypatch.setattr(kernels, "run", only_dense)
+    assert main(["--dry-run", "--out", str(tmp_path)]) == 1
+    assert "every sparserun kernel failed in the dry run" in capsys.readouterr().err
+    assert list(tmp_path.glob("*-kernels-dryrun.json"))  # what it measured is kept
+
+
+def test_a_failed_plot_keeps_the_results_and_says_so(tmp_path, monkeypatch, capsys):
+    from sparserun.bench import timing
+
+    stem = tmp_path / "gpu-2026-01-01-kernels"
+    (tmp_path / "gpu-2026-01-01-kernels.png").write_bytes(b"old plot")
+
+    def broken_plot(result, path):
+        path.write_bytes(b"half a png")
+        raise ValueError("no rows to plot")
+
+    timing.finish_results(stem, ["# t"], {"failures": {}}, broken_plot)
+    out = capsys.readouterr().out
+    assert "wrote" in out and ".json/.md;" in out and "the plot failed (ValueError: no rows to plot)" in out
+    assert (tmp_path / "gpu-2026-01-01-kernels.md").read_text() == "# t\n"
+    assert (tmp_path / "gpu-2026-01-01-kernels.png").read_bytes() == b"old plot"  # not half-overwritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-2026-01-01-kernels.md", "gpu-2026-01-01-kernels.png"]

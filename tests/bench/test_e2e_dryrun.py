@@ -156,3 +156,41 @@ def test_e2e_gpu_path_small_model(tmp_path):
         assert r["peak_prefill_bytes"] >= r["weights_bytes"]
     (js,) = tmp_path.glob("*-e2e.json")
     assert "DRY RUN" not in js.with_suffix(".md").read_text()
+
+
+def _row(run_id, variant, mode, tok_s, prefill_ms=10.0):
+    return dict(run_id=run_id, variant=variant, mode=mode, batch=1, prompt=128, decode_tok_s=tok_s,
+                prefill_ms=prefill_ms)
+
+
+def test_best_mode_table_divides_the_rows_it_prints():
+    """Merged runs: dense's best mode is in run B, a variant's best in run A. The table's speedup is the ratio
+    of the two rows it shows side by side, not the variant's speedup over run A's slower dense."""
+    res = {"rows": [_row("A", "dense", "cudagraphs", 110.0, 20.0), _row("A", "64x64-50", "cudagraphs", 121.5),
+                    _row("B", "dense", "inductor", 141.2, 25.0), _row("B", "64x64-50", "inductor", 100.0)]}
+    e2e.summarize(res)
+    assert [r["speedup"] for r in res["rows"] if r["variant"] == "64x64-50"][0] == pytest.approx(121.5 / 110)
+    best = {r["variant"]: r for r in e2e.best_rows(res)}
+    assert best["dense"]["decode_tok_s"] == 141.2 and best["dense"]["speedup"] == pytest.approx(1.0)
+    assert best["64x64-50"]["speedup"] == pytest.approx(121.5 / 141.2)  # slower than the dense row shown
+    assert best["64x64-50"]["dense_best_mode"] == "inductor"
+    assert best["64x64-50"]["prefill_speedup"] == pytest.approx(20.0 / 10.0)
+    assert res["rows"][1]["speedup"] == pytest.approx(121.5 / 110)  # the per-run rows are left as measured
+
+
+def test_merge_refuses_a_run_of_another_model(tmp_path):
+    quick = dict(variants="dense", batches="1", prompts="8", modes="eager", decode_tokens=1)
+    assert e2e.run_cli(_args(tmp_path, layers=1, **quick)) == 0
+    with pytest.raises(ValueError, match=r"--merge: .* another config"):
+        e2e.run_cli(_args(tmp_path, layers=2, merge=True, **quick))
+    _, res = _load(tmp_path)
+    assert res["config"]["num_hidden_layers"] == 1 and len(res["rows"]) == 1  # the file is untouched
+
+
+@pytest.mark.parametrize("bad, match", [(dict(layers=0), "--layers must be at least 1, got 0"),
+                                        (dict(batches="0"), "--batches takes positive integers, got 0"),
+                                        (dict(prompts="8,-1"), "--prompts takes positive integers, got 8,-1")])
+def test_bad_sizes_are_refused_before_the_model_is_built(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        e2e.run_cli(_args(tmp_path, variants="dense", modes="eager", **bad))
+    assert not list(tmp_path.iterdir())
