@@ -207,12 +207,34 @@ def main(argv=None) -> int:
     # The caller's handler comes back afterwards (main may be called from a program with its own).
     installed = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, _on_signal) for s in _TERMINATING} if installed else {}
+    streams = _printable_streams()
     try:
         return _main(argv, debug)
     finally:
         for s, handler in previous.items():
             # None: the previous handler was not set from Python; SIG_DFL is what such a process starts with
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for name, (stream, errors) in streams.items():
+            if getattr(sys, name) is stream and errors is not None:
+                stream.reconfigure(errors=errors)
+
+
+def _printable_streams() -> dict:
+    """Make stdout/stderr able to print anything: a generated word, a path or a tokenizer's text may hold
+    characters a C/POSIX locale (ASCII) or a Windows code page cannot encode, and one such character killed a
+    run after its work was done. Those characters are printed as backslash escapes instead. A closed stream
+    (`>&-`, None in Python) becomes devnull. Returns what to restore."""
+    touched = {}
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w"))
+            continue
+        enc = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if enc and enc not in ("utf8", "utf8sig") and hasattr(stream, "reconfigure"):
+            touched[name] = (stream, getattr(stream, "errors", None))
+            stream.reconfigure(errors="backslashreplace")
+    return touched
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, *, default):

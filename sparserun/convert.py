@@ -878,6 +878,12 @@ def _write_outside(w: CheckpointWriter, model: nn.Module, stacks, written: set, 
         w.add_tensor(k, _stored(t, dtype))
 
 
+def _shard_bytes(mib: int) -> int:
+    if mib < 1:
+        raise ConvertError(f"--max-shard-size must be at least 1 (MiB), got {mib}")
+    return mib * 1024 * 1024
+
+
 def _tokenizer(src: Path):
     from transformers import AutoTokenizer
 
@@ -944,7 +950,7 @@ def _run(args) -> int:
     report = convert(args.src, args.out, args.method, args.pattern, args.sparsity, calib=args.calib,
                      nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, dtype=args.dtype,
                      skip=args.skip, overwrite=args.overwrite, include_lm_head=args.include_lm_head,
-                     max_shard_bytes=args.max_shard_size * 1024 * 1024, progress=not args.quiet, **opts)
+                     max_shard_bytes=_shard_bytes(args.max_shard_size), progress=not args.quiet, **opts)
     if not args.quiet:
         print(report.table())
         print(f"\nwrote {args.out} (report: {os.path.join(args.out, 'report.json')})")

@@ -111,19 +111,19 @@ def run(out: str | None = None, device: str | None = None, quiet: bool = False,
         for _, _, pattern, _ in CASES:
             check_output_dir(Path(out) / pattern.replace(":", "of"), overwrite)
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="sparserun-demo-"))
-    say = (lambda *a: None) if quiet else print
-    say(f"model: {src}{'' if model else ' (MiniLM-L6, real pretrained weights)'}  device: {device}  dtype: "
-        f"{str(dtype).removeprefix('torch.')}  output: {work}")
-    tok = AutoTokenizer.from_pretrained(str(src))
-    if tok.pad_token is None:  # causal LM tokenizers often have none; the timed batch is padded
-        tok.pad_token = tok.eos_token or tok.unk_token
-    dense = load_model(src, device, dtype)
-    seqlen = min(128, default_seqlen(getattr(dense, "config", None)))
-    dense_tok, dense_sent = _embed(dense, tok, device)
-    dense_ms = _time_forward(dense, tok, device) if cuda else None
-    dense_disk = sum(f.stat().st_size for f in weight_files(src) if f.is_file())
-    rows = []
-    try:
+    try:  # from here on a failure (bad --model, an unprintable path) must not leave the temp dir behind
+        say = (lambda *a: None) if quiet else print
+        say(f"model: {src}{'' if model else ' (MiniLM-L6, real pretrained weights)'}  device: {device}  dtype: "
+            f"{str(dtype).removeprefix('torch.')}  output: {work}")
+        tok = AutoTokenizer.from_pretrained(str(src))
+        if tok.pad_token is None:  # causal LM tokenizers often have none; the timed batch is padded
+            tok.pad_token = tok.eos_token or tok.unk_token
+        dense = load_model(src, device, dtype)
+        seqlen = min(128, default_seqlen(getattr(dense, "config", None)))
+        dense_tok, dense_sent = _embed(dense, tok, device)
+        dense_ms = _time_forward(dense, tok, device) if cuda else None
+        dense_disk = sum(f.stat().st_size for f in weight_files(src) if f.is_file())
+        rows = []
         for label, method, pattern, sparsity in CASES:
             t0 = time.perf_counter()
             dst = work / pattern.replace(":", "of")

@@ -82,11 +82,15 @@ def load_tokenizer(*dirs):
     for d in dirs:
         if d is None:
             continue
+        if not Path(d).is_dir():  # never a Hub name: offline, one cost ~50 s of retries before failing
+            errors.append(f"{d}: no such directory")
+            continue
         try:
-            return AutoTokenizer.from_pretrained(str(d))
+            return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
         except Exception as e:  # many error types for a directory without tokenizer files
-            errors.append(f"{d}: {type(e).__name__}")
-    raise EvalError(f"no tokenizer found in {', '.join(str(d) for d in dirs if d is not None)}")
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            errors.append(f"{d}: {type(e).__name__}{': ' + first if first else ''}")
+    raise EvalError(f"no tokenizer found ({'; '.join(errors)})")
 
 
 def check_windows(seqlen: int, nsamples: int | None, models: dict) -> None:

@@ -65,16 +65,20 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype | None
 
 
 def load_tokenizer(model_dir: Path, tokenizer: str | None = None):
-    """The checkpoint's tokenizer (or `tokenizer`, a directory or hub name), with a one-line error if absent."""
+    """The checkpoint's tokenizer (or `tokenizer`, a directory), with a one-line error if absent. Nothing is
+    downloaded: a name that is no directory spent ~50 s in Hub retries offline before failing."""
     from transformers import AutoTokenizer
 
     src = tokenizer or str(model_dir)
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise GenerateError(f"--tokenizer {tokenizer}: no such directory (give a local directory with the "
+                            f"tokenizer files; nothing is downloaded)")
     if tokenizer is None and not has_tokenizer(model_dir):
         raise GenerateError(f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save it "
                             f"with sparserun.save(model, out, source_dir=HF_DIR) so they are copied, or pass "
                             f"--tokenizer PATH")
     try:
-        return AutoTokenizer.from_pretrained(src)
+        return AutoTokenizer.from_pretrained(src, local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/KeyError/ImportError depending on the file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GenerateError(f"cannot load a tokenizer from {src}: {first}") from None
@@ -186,7 +190,10 @@ def generate(model_dir, prompt: str, *, max_new_tokens: int = 64, device=None, d
     try:  # bytes the shell passed that are not UTF-8 arrive as lone surrogates, which no tokenizer accepts
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise GenerateError(f"--prompt is not valid UTF-8 text at character {e.start}") from None
+        try:  # an ASCII (C/POSIX) locale decodes UTF-8 arguments the same way: their bytes are still UTF-8
+            prompt = os.fsencode(prompt).decode("utf-8")
+        except (UnicodeError, TypeError):
+            raise GenerateError(f"--prompt is not valid UTF-8 text at character {e.start}") from None
     if max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     sampling = check_sampling(sample, temperature, top_p, top_k)

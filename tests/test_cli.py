@@ -198,3 +198,23 @@ def test_sparseruns_warnings_print_as_one_line(capsys):
         warnings.warn_explicit("something else", UserWarning, "/elsewhere/lib.py", 7)
     assert capsys.readouterr().err == "warning: SparseLinear.weight was read\nwarning: from inside\n"
     assert [(str(m), c, f, n) for m, c, f, n in others] == [("something else", UserWarning, "/elsewhere/lib.py", 7)]
+
+
+def test_an_ascii_terminal_prints_any_path(minilm_packed, tmp_path, monkeypatch):
+    """In a C/POSIX locale (stdout ASCII) a path or text with other characters ended runs with exit 1 after the
+    work was done ('ascii' codec can't encode). They are printed as backslash escapes instead; a closed stdout
+    (`>&-`) is not an error either."""
+    import io
+    import shutil
+
+    d = tmp_path / "sortie_é"
+    shutil.copytree(minilm_packed["2:4"]["dir"], d)
+    raw = io.BytesIO()
+    ascii_out = io.TextIOWrapper(raw, encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", ascii_out)
+    assert cli.main(["inspect", str(d)]) == 0
+    ascii_out.flush()
+    assert "sortie_\\xe9" in raw.getvalue().decode("ascii")
+    assert ascii_out.errors == "strict"  # put back for the caller
+    monkeypatch.setattr(sys, "stdout", None)
+    assert cli.main(["inspect", str(d)]) == 0

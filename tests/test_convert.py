@@ -152,6 +152,8 @@ def test_cli_convert_prints_table_and_inspect_reads_it(tmp_path, llama_src):
      "applies to unstructured sparsity, not 32x32"),
     (["--method", "wanda", "--pattern", "2:4", "--device", "cuda:0"], None),
     (["--method", "wanda", "--pattern", "2:4", "--device", "gpu"], "unknown device 'gpu'; use cpu, cuda or cuda:N"),
+    (["--method", "magnitude", "--pattern", "2:4", "--max-shard-size", "0"],
+     "--max-shard-size must be at least 1 \\(MiB\\), got 0"),
 ])
 def test_cli_bad_input(tmp_path, llama_src, args, msg):
     if msg is None:  # --device cuda: an error on a CPU-only machine; runs on a GPU one

@@ -80,3 +80,21 @@ def test_demo_model_option_and_out(tmp_path):
 def test_demo_errors(args, msg):
     rc, out = run_cli("demo", *args)
     assert rc == 1 and out.strip().splitlines()[-1].startswith("error: ") and msg in out, out
+
+
+def test_a_failed_demo_leaves_no_temp_dir(tmp_path, monkeypatch):
+    """A --model with a config.json but no weights failed after the temp dir was made, and left it behind."""
+    import tempfile
+
+    from sparserun import demo
+
+    bad = tmp_path / "badm"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        demo.run(device="cpu", quiet=True, model=str(bad))
+    assert not list(scratch.glob("sparserun-demo-*"))  # (torch may put its own caches there)
+

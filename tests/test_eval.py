@@ -62,7 +62,10 @@ def test_tokenizer_option_for_a_checkpoint_without_one(tmp_path, dirs):
             f.unlink()
     assert not ev.has_tokenizer(bare)
     rc, out = run_cli("eval", bare, "--text", text, "--seqlen", "32", "--quiet")
-    assert rc == 1 and "no tokenizer found" in out
+    assert rc == 1 and "no tokenizer found" in out and str(bare) in out
+    # a name that is no directory fails at once (it spent ~50 s in Hub retries offline), saying why
+    rc, out = run_cli("eval", bare, "--text", text, "--seqlen", "32", "--tokenizer", "no-such-tokenizer", "--quiet")
+    assert rc == 1 and "no-such-tokenizer: no such directory" in out
     rc, out, err = run_cli("eval", bare, "--text", text, "--seqlen", "32", "--tokenizer", src, "--json", split=True)
     assert rc == 0, err
     assert json.loads(out)["perplexity"] == pytest.approx(ev.evaluate(packed, text, seqlen=32)["perplexity"])

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .shapes import ALL_SHAPES, M_VALUES
-from .timing import (bench, copy_bandwidth_gbs, environment, finish_results, markdown_table, n_copies,
+from .timing import (bench, check_out_dir, copy_bandwidth_gbs, environment, finish_results, markdown_table, n_copies,
                      results_stem, write_json)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: baselines need a CUDA GPU", file=sys.stderr)
-        return 2
+        return 1
+    check_out_dir(a.out)
     if a.quick:
         res = run(shapes=ALL_SHAPES[:2], m_values=[1, 16, 2048], rep_ms=30)
     else:

@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .timing import environment, finish_results, markdown_table, results_stem, write_json
+from .timing import check_out_dir, environment, finish_results, markdown_table, results_stem, write_json
 
 # Llama-3.1-8B's shapes (rope scaling left at the config default: it changes no shape and no kernel)
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -407,8 +407,10 @@ def measure(model, variant: Variant, batch: int, prompt: int, modes, *, decode_t
         return model(input_ids=ids, past_key_values=cache, cache_position=prompt_pos, use_cache=True,
                      logits_to_keep=1).logits
 
-    def step(fwd, nxt, i):
-        torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
+    def step(fwd, nxt, i, mark=False):
+        if mark:  # inductor's CUDA graphs: a new iteration, earlier graph outputs may be reused. Only there: the
+            # call imports torch._inductor, which fails to read its templates in an ASCII (C) locale
+            torch.compiler.cudagraph_mark_step_begin()
         logits = fwd(input_ids=nxt, past_key_values=cache, cache_position=cps[i], position_ids=pids[i],
                      use_cache=True).logits
         return logits[:, -1].argmax(-1, keepdim=True)
@@ -451,13 +453,14 @@ def measure(model, variant: Variant, batch: int, prompt: int, modes, *, decode_t
                 _mem_reset(cuda)  # the decode-phase peak starts here (the prefill's is peak_prefill_bytes)
                 fwd, impl = _forward_fn(model, mode, dry_run)
                 t0 = time.perf_counter()
+                mark = mode == "inductor"
                 for i in range(warmup):
-                    x = step(fwd, x, 2 + i)
+                    x = step(fwd, x, 2 + i, mark)
                 clock.sync()
                 compile_s = time.perf_counter() - t0
                 s = clock.start()
                 for i in range(decode_tokens):
-                    x = step(fwd, x, 2 + warmup + i)
+                    x = step(fwd, x, 2 + warmup + i, mark)
                 ms = clock.ms_since(s)
                 skips = int(sum(v for k, v in counters["inductor"].items() if "cudagraph_skips" in k))
                 rows.append(dict(base, mode=mode, mode_impl=impl, decode_tokens=decode_tokens,
@@ -523,6 +526,8 @@ def run(*, config_kw: dict | None = None, variants=None, batches=BATCHES, prompt
               "rows": [], "failures": {}, "complete": False}
     run_id = uuid.uuid4().hex[:12]
     # a dry run gets its own file name, so it can never pass for (or be merged into) GPU results
+    if out_dir is not None:
+        check_out_dir(out_dir)
     stem = results_stem("e2e-dryrun" if dry_run else "e2e", env, out_dir) if out_dir is not None else None
     if stem is not None and merge and stem.with_suffix(".json").is_file():
         prev = json.loads(stem.with_suffix(".json").read_text())
@@ -885,7 +890,7 @@ def run_cli(a) -> int:
         if not torch.cuda.is_available():
             print("error: the e2e benchmark needs a CUDA GPU (use --dry-run to check the harness on a CPU)",
                   file=sys.stderr)
-            return 2
+            return 1
         cfg = dict(LLAMA_31_8B)
         batches, prompts = _ints(a.batches) if a.batches else BATCHES, _ints(a.prompts) if a.prompts else PROMPTS
         variants = parse_variants(a.variants)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from .baselines import DTYPES, torch_24_backends
 from .shapes import ALL_SHAPES, M_VALUES
-from .timing import (bench, copy_bandwidth_gbs, environment, finish_results, markdown_table, n_copies,
-                     results_stem, write_json)
+from .timing import (bench, check_out_dir, copy_bandwidth_gbs, environment, finish_results, markdown_table,
+                     n_copies, results_stem, write_json)
 
 BLOCK_VARIANTS = [(32, 0.5), (32, 0.3), (32, 0.1), (64, 0.5), (64, 0.3), (64, 0.1)]
 GRAPH_MAX_M = 16
@@ -321,6 +321,7 @@ def main(argv=None) -> int:
 
 def run_cli(a) -> int:
     _check_options(a)
+    check_out_dir(a.out)
     if a.dry_run:
         import os
 
@@ -336,7 +337,7 @@ def run_cli(a) -> int:
         return 0
     if not torch.cuda.is_available():
         print("error: the kernel benchmark needs a CUDA GPU (CPU correctness lives in the tests)", file=sys.stderr)
-        return 2
+        return 1
     dtypes = tuple(a.dtypes.split(","))
     shapes = ALL_SHAPES if a.shapes is None else [ALL_SHAPES[int(i)] for i in a.shapes.split(",")]
     blocks = [] if a.blocks == "none" else BLOCK_VARIANTS

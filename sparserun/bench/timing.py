@@ -89,6 +89,21 @@ def results_stem(kind: str, env: dict, out_dir: str | os.PathLike = "benchmarks/
     return Path(out_dir) / f"{gpu_slug(env['gpu'])}-{day}-{kind}"
 
 
+def check_out_dir(out_dir) -> Path:
+    """Create the results directory and prove it writable before a run, not after: a long GPU sweep that
+    cannot save its results at the end is lost."""
+    import tempfile
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot write results to --out {out}: {e.strerror or e}") from None
+    return out
+
+
 def write_atomically(path: Path, write) -> None:
     """`write(tmp)` then rename onto `path`: a crash never leaves a half-written results file, and a failed
     write leaves the previous file as it was. The temp name keeps the suffix (matplotlib picks the format

@@ -205,9 +205,11 @@ class Tuner:
 
     # ---- disk -------------------------------------------------------------------------------------
     def _read_disk(self) -> dict[str, dict]:
-        if self.path is None or not self.path.exists():
+        if self.path is None:
             return {}
-        try:
+        try:  # exists() itself raises on an unreadable parent (EACCES) or an over-long path (ENAMETOOLONG)
+            if not self.path.exists():
+                return {}
             data = json.loads(self.path.read_text())
             if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(
                     data.get("entries"), dict):

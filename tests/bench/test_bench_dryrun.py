@@ -73,3 +73,13 @@ def test_a_failed_plot_keeps_the_results_and_says_so(tmp_path, monkeypatch, caps
     assert (tmp_path / "gpu-2026-01-01-kernels.md").read_text() == "# t\n"
     assert (tmp_path / "gpu-2026-01-01-kernels.png").read_bytes() == b"old plot"  # not half-overwritten
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-2026-01-01-kernels.md", "gpu-2026-01-01-kernels.png"]
+
+
+def test_an_unwritable_out_is_refused_before_the_run(tmp_path, monkeypatch):
+    from sparserun.bench import kernels
+
+    monkeypatch.setattr(kernels, "run", lambda **kw: pytest.fail("ran before checking --out"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match=f"cannot write results to --out {blocker / 'sub'}"):
+        main(["--dry-run", "--out", str(blocker / "sub")])

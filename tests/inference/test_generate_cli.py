@@ -75,6 +75,8 @@ def test_errors_are_one_line(packed, tmp_path, capsys):
         (["generate", str(path), "--prompt", "x", "--device", "cuda:0"] if not torch.cuda.is_available()
          else ["generate", str(path), "--prompt", "x", "--device", "nonsense"], "--device"),
         (["generate", str(path), "--prompt", "x", "--chat"], "no chat template"),
+        (["generate", str(path), "--prompt", "x", "--tokenizer", "no-such-tok"],
+         "--tokenizer no-such-tok: no such directory"),
         (["generate", str(path), "--prompt", "x", "--sample", "--temperature", "0"], "--temperature must be > 0"),
         (["generate", str(path), "--prompt", "x", "--sample", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
         (["generate", str(path), "--prompt", "x", "--sample", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
@@ -189,3 +191,19 @@ def test_cpu_summary_names_what_is_decompressed_per_call(monkeypatch):
     monkeypatch.setenv("SPARSERUN_BACKEND", "reference")
     assert "each sparse layer is decompressed per call" in _backend_note(cpu)
     assert "not GPU speed" in _backend_note(cpu)
+
+
+def test_a_utf8_prompt_in_an_ascii_locale(packed):
+    """LC_ALL=C: Python decodes argv as ASCII with surrogate escapes, so 'café' arrived as 'caf\\udcc3\\udca9'
+    and was refused as not UTF-8. Its bytes are UTF-8: it is recovered, and the run prints in ASCII."""
+    import os
+    import subprocess
+    import sys
+
+    _, path = packed
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONIOENCODING="ascii",
+               PYTHONCOERCECLOCALE="0")
+    r = subprocess.run([sys.executable, "-m", "sparserun.cli", "generate", str(path), "--prompt", "café au lait",
+                        "--max-new-tokens", "3", "--ignore-eos"], env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode("ascii", "replace")[-800:]
+    assert b"3 new tokens" in r.stderr

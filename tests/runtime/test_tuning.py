@@ -144,6 +144,15 @@ def test_failing_candidate_is_skipped_and_all_failing_raises(tmp_path):
         tuner.choose({**KEY, "N": 1}, {"cuda": boom})
 
 
+def test_an_unreadable_cache_path_is_not_a_crash(tmp_path):
+    """Path.exists() raises for an over-long name (or an unreadable parent): the tuner works from memory."""
+    t = FakeTimer({"dense": 1.0, "triton": 0.1})
+    tuner = Tuner(tmp_path / ("x" * 300) / "c.json", timer=t)
+    assert tuner.lookup(KEY) is None
+    assert tuner.choose(KEY, t.cands(["triton", "dense"])) == "triton"
+    assert tuner.lookup(KEY) == "triton"
+
+
 def test_unwritable_cache_keeps_the_choice_in_memory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
