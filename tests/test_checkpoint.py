@@ -171,13 +171,16 @@ def test_failure_leaves_nothing(tmp_path, gen):
     assert no_leftovers(tmp_path, "o")
 
 
-def test_ctrl_c_during_the_commit_is_held_until_out_is_complete(ckpt, gen, monkeypatch):
+def test_ctrl_c_during_the_commit_is_held_until_out_is_complete(ckpt, gen, monkeypatch, request):
     """Ctrl-C between swapping the new OUT in and removing the old one used to leave the old checkpoint behind
     as a hidden sibling (and could interrupt the removal of a temp dir half-way). It is held until the commit
     is done, then raised: OUT is the complete new checkpoint and nothing is left next to it."""
     import signal
 
     out, _, _ = ckpt
+    # Python's own Ctrl-C handler, whatever an earlier test or library left installed (restored below)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
     real_replace = os.replace
     calls = []
 
