@@ -40,6 +40,7 @@ from .checkpoint import (DEFAULT_SHARD_BYTES, CheckpointError, CheckpointWriter,
                          linked_into, read_hf_config, source_files)
 from .prune import calibrate
 from .prune.api import PruneReport, check_args, human_bytes, load_calibration
+from .prune.sparsegpt import check_representable
 from .runtime import experts
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -759,6 +760,8 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
 
         def on_layer(prefix, layer, packed):
             for name, (p, bias) in packed.items():
+                if method == "sparsegpt":  # 16-bit models are pruned in fp32: its update must fit the stored dtype
+                    check_representable(p.tensors["values"], dtype, name)
                 p = p.to("cpu", dtype)
                 w.add_layer(name, p, bias=None if bias is None else _stored(bias, dtype))
                 packed_bytes[name] = p.nbytes()

@@ -137,7 +137,26 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: "str | Patte
     if dead.any():
         w[:, dead] = torch.where(keep[:, dead], w0[:, dead], torch.zeros((), device=dev))
     w = torch.where(keep, w, torch.zeros((), device=dev))
+    check_representable(w, weight.dtype, name)
     return w.to(weight.dtype), keep
+
+
+class UpdateOverflow(ValueError):
+    """SparseGPT's reconstruction moved a kept weight past what the stored dtype can hold."""
+
+
+def check_representable(w: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """The OBS update adds error terms to the kept weights; with large weights and a near-singular Hessian they
+    can pass fp16's 65504. Cast, they became inf, and the checkpoint check then blamed the source model for an
+    inf it never held. Say what happened instead."""
+    if not dtype.is_floating_point or torch.finfo(dtype).max >= torch.finfo(w.dtype).max:
+        return
+    top = float(w.abs().max()) if w.numel() else 0.0
+    limit = torch.finfo(dtype).max
+    if top > limit:
+        raise UpdateOverflow(f"{name}: SparseGPT's weight update reaches {top:.4g}, beyond what "
+                             f"{str(dtype).removeprefix('torch.')} holds ({limit:.4g}); store the model in "
+                             f"float32 or bfloat16 (convert --dtype), or prune with another method")
 
 
 @contextlib.contextmanager

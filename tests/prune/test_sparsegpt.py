@@ -85,3 +85,19 @@ def test_errors():
     h[3, 3] = float("nan")
     with pytest.raises(HessianError, match="l0: calibration Hessian"):
         sparsegpt(w, h, "2:4", name="l0")
+
+
+def test_an_update_past_fp16_range_is_named_not_cast_to_inf():
+    """Large fp16 weights and correlated (rank-4) inputs: the OBS update passes 65504. It was returned as inf,
+    and convert then blamed the source model for a non-finite value it never held."""
+    from sparserun.prune.sparsegpt import UpdateOverflow, check_representable
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(32, 64, generator=g) * 3e4).clamp(-6e4, 6e4).half()
+    x = torch.randn(1000, 4, generator=g) @ torch.randn(4, 64, generator=g)
+    assert torch.isfinite(w).all()
+    with pytest.raises(UpdateOverflow, match=r"q: SparseGPT's weight update reaches .* beyond what float16 holds"):
+        sparsegpt(w, x.T @ x, "2:4", name="q")
+    q, _ = sparsegpt(w.float(), x.T @ x, "2:4")  # fp32 holds it
+    assert torch.isfinite(q).all() and q.abs().max() > 65504
+    check_representable(q, torch.bfloat16, "q")  # and so does bf16
