@@ -55,6 +55,10 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
                          f"{tuple(weight.shape)}")
     if weight.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name}: unsupported dtype {weight.dtype}; supported: float16, bfloat16, float32")
+    check_weight_finite(weight, name)
+
+
+def check_weight_finite(weight: torch.Tensor, name: str = "weight") -> None:
     bad = ~torch.isfinite(weight)
     if bad.any():
         r, c = (int(i) for i in bad.nonzero()[0])

@@ -71,8 +71,8 @@ class PruneReport:
     def warnings(self) -> list[str]:
         """What did not get what pruning is for: no layer pruned at all (every shape refused the pattern, or the
         target rounds to zero blocks), a packed form no smaller than dense (a sparsity too low for the format's
-        index), calibration text the tokenizer cannot read, experts calibration never reached, 3-D tensors no
-        Linear holds."""
+        index), layers pruned far past the target by block rounding, calibration text the tokenizer cannot read,
+        experts calibration never reached, 3-D tensors no Linear holds."""
         pr = self.pruned
         larger = [r for r in pr if r["bytes_after"] >= r["bytes_before"]]
         out = []
@@ -85,11 +85,25 @@ class PruneReport:
             out.append(f"warning: {len(larger)} layer(s) are not smaller packed than dense (e.g. {r['name']}: "
                        f"{human_bytes(r['bytes_before'])} -> {human_bytes(r['bytes_after'])}): at "
                        f"{100 * r['sparsity']:.1f}% the {r['format']} index costs more than the removed weights")
+        # rounding to whole blocks can overshoot: 2 blocks per row at 75 % keeps round(0.5) = 0 of them
+        over = [r for r in pr if self.sparsity is not None and r["sparsity"] > min(1.0, self.sparsity + 0.1)]
+        if over:
+            r = max(over, key=lambda r: r["sparsity"])
+            empty = sum(r["sparsity"] >= 1.0 for r in over)
+            out.append(f"warning: {len(over)} layer(s) were pruned far past the {100 * self.sparsity:.0f}% target"
+                       + (f", {empty} of them to nothing" if empty else "")
+                       + f" (e.g. {r['name']}, {r['shape'][0]}x{r['shape'][1]}: {100 * r['sparsity']:.1f}%): "
+                       f"whole {r['pattern']} blocks round that way at this shape; lower the sparsity, use smaller "
+                       f"blocks, or leave out --balance-rows")
         unreached = [r for r in pr if r["reason"] == calibrate.UNREACHED_REASON]
         if unreached:
             out.append(f"warning: {len(unreached)} layer(s) saw no calibration token (e.g. {unreached[0]['name']}, "
                        f"an MoE expert the router never chose) and were pruned by magnitude; more calibration "
                        f"text (--nsamples) reaches more experts")
+        zero = [r for r in pr if r["reason"] in calibrate.ZERO_STAT_REASONS[1:]]
+        if zero:
+            out.append(f"warning: {len(zero)} layer(s) had an all-zero calibration statistic and were pruned by "
+                       f"magnitude (e.g. {zero[0]['name']}: {zero[0]['reason'].split(': pruned')[0]})")
         c = self.calib or {}
         unknown = calibrate.unknown_warning(c.get("unknown_tokens", 0.0), c.get("text_tokens"),
                                             f"the calibration text {c.get('source')}", c.get("unk_token"))

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from .. import formats
 from ..formats import UnsupportedShape
+from ..formats.common import check_weight_finite
 from ..patterns import parse
 from ..runtime import experts
 from ..runtime.linear import (OWN_FORWARD_REASON, SparseLinear, is_linear, linear_weight, nothing_pruned_reason,
@@ -413,6 +414,11 @@ def find_stacks(model: nn.Module) -> list[Stack]:
 
 ROUTER_REASON = "routes tokens to MoE experts: kept dense"
 UNREACHED_REASON = "no calibration token reached it: pruned by magnitude"
+# reached, but its statistic is zero anyway (e.g. an all-zero layer before or after it): more text cannot help
+ZERO_INPUT_REASON = "its inputs were zero on every calibration token: pruned by magnitude"
+ZERO_GRAD_REASON = ("its calibration gradient is zero everywhere (no token reached it, or nothing after it "
+                    "depends on it): pruned by magnitude")
+ZERO_STAT_REASONS = (UNREACHED_REASON, ZERO_INPUT_REASON, ZERO_GRAD_REASON)
 NEVER_CALLED_REASON = ("the model's forward never called it on the calibration text (it reads the weight "
                        "directly, or needs other inputs): kept dense")
 
@@ -836,6 +842,7 @@ def gradient_stats(model, path, layers, store, inputs: LayerInputs, input_ids, d
         for i in tqdm(range(nl), desc="gradients: forward", unit="layer", disable=not progress, leave=False):
             spill.put(f"act{i}", h.cpu() if spill.dir is not None else h)  # h is never written in place
             layer = store.load(i, device)
+            _check_finite_weights(layer, f"{path}.{i}")
             out = torch.empty_like(h)
             for s in range(n):
                 out[s:s + 1] = inputs.run(layer, h[s:s + 1], i, s)
@@ -953,10 +960,11 @@ class _ErrorMeter:
 
     @property
     def value(self) -> float | None:
-        """None when the layer never ran: there is no error to measure (and a 0 would lower the mean)."""
-        if self.calls == 0:
+        """None when the layer never ran, or its dense output was zero on every token (0/0: its inputs were
+        zero): there is no relative error to measure, and a 0 would lower the mean."""
+        if self.calls == 0 or (self.den == 0 and self.num == 0):
             return None
-        return math.sqrt(self.num / self.den) if self.den > 0 else (0.0 if self.num == 0 else math.inf)
+        return math.sqrt(self.num / self.den) if self.den > 0 else math.inf
 
 
 def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, calib: CalibData, *,
@@ -1097,10 +1105,13 @@ def _prune_stack(model: nn.Module, st: Stack, stacks: list, store, extra, ctx: d
                     for hd in handles:
                         hd.remove()
                 stats = {name: c.stat for name, c in cols.items()}
+                tokens = {name: c.tokens for name, c in cols.items()}
                 del cols
             elif stat_kind == "grad" and mods:
                 stats = spill.pop(f"grad{i}", device)
 
+            if stat_kind not in ("xnorm2", "hessian") or not mods:
+                tokens = {}
             packed, meters, layer_rows = {}, {}, {}
             for name, m in mods.items():
                 w = linear_weight(m).detach()
@@ -1108,7 +1119,8 @@ def _prune_stack(model: nn.Module, st: Stack, stacks: list, store, extra, ctx: d
                 if stat is not None and not bool(stat.any()):
                     # no calibration token reached this layer (an MoE expert the router never chose): every
                     # weight would score 0 and the mask would be arbitrary; magnitude is the informed choice left
-                    stat, note = None, UNREACHED_REASON
+                    stat, note = None, (ZERO_GRAD_REASON if stat_kind == "grad"
+                                        else ZERO_INPUT_REASON if tokens.get(name) else UNREACHED_REASON)
                 try:
                     new_w, mask = _prune_one("magnitude" if note else method, w, stat, pat, ctx["sparsity"],
                                              opts, ctx["per_row"], name)
@@ -1191,7 +1203,16 @@ def linears_outside(model: nn.Module, stacks, named: set) -> list[str]:
             and not in_stacks(n, stacks)]
 
 
+def _check_finite_weights(layer: nn.Module, prefix: str) -> None:
+    """A NaN or inf in a source weight, named before calibration spreads it: through the gradients every layer
+    gets NaN scores (taylor/obd blamed the first layer checked), and SparseGPT's update turns one inf into NaNs."""
+    for n, m in layer.named_modules():
+        if is_linear(m) and not m.weight.is_meta:
+            check_weight_finite(linear_weight(m).detach(), f"{prefix}.{n}" if n else prefix)
+
+
 def _prune_one(method, w, stat, pat, sparsity, opts: Options, per_row, name):
+    check_weight_finite(w, name)
     if method == "sparsegpt":
         return sparsegpt(w, stat, pat, sparsity, blocksize=opts.blocksize, percdamp=opts.percdamp,
                          per_row=per_row, balance_rows=opts.balance_rows, name=name)

@@ -84,8 +84,9 @@ def magnitude_mask(weight: torch.Tensor, pattern: "str | Pattern", sparsity: flo
         return mask.view(n, kp)[:, :k].contiguous()
     if sparsity is None:
         raise ValueError(f"pattern {pat} needs a target sparsity (sparsity=0.5 keeps half)")
-    if not 0.0 <= float(sparsity) <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    from ..prune.masks import resolve_sparsity
+
+    sparsity = resolve_sparsity(pat, sparsity)  # (0, 1) as in prune and convert: 1.0 packed all-zero layers
     if pat.kind == "block":
         b = pat.block
         if n % b or k % b:

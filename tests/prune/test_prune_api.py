@@ -212,6 +212,48 @@ def test_report_warns_when_pruning_saves_nothing(tok, pattern, sparsity, msg):
                            progress=False).warnings() == []
 
 
+def test_report_warns_when_block_rounding_empties_layers(tok):
+    """Two 32x32 blocks per block-row at 75 % with balance_rows keep round(0.5) = 0 of them: whole layers were
+    emptied, and the report had no warning."""
+    rep = sparserun.prune(make_llama(tok), "magnitude", "32x32", 0.75, calib=torch.randint(0, 400, (2, 32)),
+                          progress=False, balance_rows=True)
+    emptied = [r for r in rep.pruned if r["sparsity"] == 1.0]
+    assert emptied
+    (w,) = [w for w in rep.warnings() if "far past" in w]
+    assert re.search(rf"layer\(s\) were pruned far past the 75% target, {len(emptied)} of them to nothing \(e\.g\. "
+                     r".*: 100\.0%\): whole 32x32 blocks round that way", w)
+
+
+@pytest.mark.parametrize("method", ["taylor", "obd", "sparsegpt"])
+def test_a_non_finite_weight_is_named_before_calibration_spreads_it(tok, method):
+    """The gradients carried one NaN into every layer's scores, and taylor/obd blamed the first layer checked
+    (layers.0.self_attn.q_proj); SparseGPT turned one inf into NaNs."""
+    model = make_llama(tok)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.up_proj: non-finite value inf at row 3, "
+                                         r"column 5 \(1 non-finite in all\)"):
+        sparserun.prune(model, method, "2:4", calib=torch.randint(0, 400, (2, 32)), progress=False)
+
+
+@pytest.mark.parametrize("method, zeroed, hit, reason", [
+    ("taylor", "o_proj", "q_proj", "its calibration gradient is zero everywhere"),
+    ("wanda", "v_proj", "o_proj", "its inputs were zero on every calibration token")])
+def test_an_all_zero_statistic_is_not_called_unreached(tok, method, zeroed, hit, reason):
+    """A layer the tokens reached whose statistic is zero anyway (a zeroed layer next to it) was reported as
+    'saw no calibration token ... an MoE expert', with advice (more --nsamples) that cannot help."""
+    model = make_llama(tok)
+    with torch.no_grad():
+        getattr(model.model.layers[0].self_attn, zeroed).weight.zero_()
+    rep = sparserun.prune(model, method, "2:4", calib=torch.randint(0, 400, (2, 32)), progress=False)
+    row = next(r for r in rep.rows if r["name"] == f"model.layers.0.self_attn.{hit}")
+    assert row["reason"].startswith(reason) and row["status"] == "pruned"
+    assert not any("saw no calibration token" in w for w in rep.warnings())
+    assert any("all-zero calibration statistic" in w and reason in w for w in rep.warnings())
+    if method == "wanda":  # zero inputs: 0/0, no relative error to report (a 0 lowered the mean)
+        assert row["rel_error"] is None
+
+
 def test_unknown_option(tok):
     with pytest.raises(TypeError, match="unknown option.*blocksz"):
         _prune(make_llama(tok), tok, "wanda", "2:4", blocksz=64)

@@ -60,8 +60,9 @@ def test_magnitude_block_and_unstructured_masks(gen):
         magnitude_mask(w, "32x32")
     with pytest.raises(ValueError, match="implies sparsity 0.5"):
         magnitude_mask(w, "2:4", sparsity=0.7)
-    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]"):
-        magnitude_mask(w, "unstructured", sparsity=1.5)
+    for bad in (1.5, 1.0, 0.0):  # 1.0 packed an all-zero layer and reported it "sparsified"
+        with pytest.raises(ValueError, match=r"sparsity must be in \(0, 1\)"):
+            magnitude_mask(w, "unstructured", sparsity=bad)
 
 
 @pytest.mark.parametrize("pattern, sparsity, fmt", [("2:4", None, "semi24"), ("4:8", None, "bitmask"),
