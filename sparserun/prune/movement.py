@@ -47,6 +47,7 @@ in the state_dict); `pruner.state_dict()` saves them for a resume.
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -239,13 +240,15 @@ class MovementPruner:
             raise MovementError(f"unknown movement method {method!r}; known: {', '.join(METHODS)}")
         self.method = method
         self.schedule = self._make_schedule(schedule, schedule_kw)
-        if score_lr <= 0 or regularization < 0:
+        if not (score_lr > 0 and math.isfinite(score_lr)) or not (regularization >= 0 and math.isfinite(regularization)):
             raise MovementError(f"need score_lr > 0 and regularization >= 0, got {score_lr}, {regularization}")
         self.score_lr, self.regularization = float(score_lr), float(regularization)
         self.per_row, self.balance_rows = bool(per_row), bool(balance_rows)
         self.model = model
         if layers is None:
             _refuse_fused_experts(model)
+        if isinstance(layers, str):  # list("a.b") would be its characters
+            raise MovementError(f"layers= takes a list of layer names, got the string {layers!r} (use [{layers!r}])")
         names = list(layers) if layers is not None else _default_layers(model)
         if not names:
             raise MovementError("no layers to prune")
@@ -295,13 +298,15 @@ class MovementPruner:
     def _install(self, st: _Layer) -> None:
         lin = st.linear
 
-        def forward(x, _st=st, _lin=lin):
-            # F.linear on the [out, in] weight is also Conv1D's x W + b, so one forward serves both
-            return F.linear(x, self._masked_weight(_st, linear_weight(_lin)), _lin.bias)
+        def forward(mod, x, _st=st):
+            # F.linear on the [out, in] weight is also Conv1D's x W + b, so one forward serves both. The weight
+            # and bias are the module's own (`mod`), not the closure's: a deepcopy of the model (an EMA or
+            # best-model snapshot) copies this bound method onto the copy, whose weights it must compute with
+            return F.linear(x, self._masked_weight(_st, linear_weight(mod)), mod.bias)
 
         # an instance attribute shadows nn.Linear.forward without changing the module's class or state_dict;
         # finalize()/remove() delete it again
-        lin.forward = forward
+        lin.forward = types.MethodType(forward, lin)
 
     def _masked_weight(self, st: _Layer, w: torch.Tensor) -> torch.Tensor:
         """W ⊙ M, with the straight-through estimator: the value is W times the 0/1 mask, and the scores get
@@ -327,6 +332,12 @@ class MovementPruner:
     def _update_masks(self, sparsity: float) -> None:
         for st in self.layers.values():
             sc = st.scores.detach()
+            if not bool(sc.any()):
+                # no movement seen yet (initial_sparsity > 0 at step 0): all-zero scores would tie-break by
+                # position (2:4 kept columns 2 and 3 of every group) for the whole warm-up; magnitude is the
+                # informed choice, pooled per block as the scores are
+                w = linear_weight(st.linear).detach().float().square()  # block L2 norms, as magnitude_mask
+                sc = (w.reshape(sc.shape[0], st.block, sc.shape[1], st.block).sum(dim=(1, 3)) if st.block else w)
             if st.block:
                 st.mask = select_mask(sc, self.pattern, sparsity, balance_rows=self.balance_rows, name=st.name)
                 b = st.block
@@ -363,10 +374,16 @@ class MovementPruner:
         t = self.step_count
         s = self.schedule(t)
         sch = self.schedule
-        on_update = (t >= sch.warmup_steps and (t - sch.warmup_steps) % sch.update_interval == 0)
+        on_update = (sch.warmup_steps <= t <= self._final_step()
+                     and (t - sch.warmup_steps) % sch.update_interval == 0)
+        # the cool-down trains the final masks (so the last cuts are recovered from): no re-selection there
         if s != self.current_sparsity or on_update:
             self._update_masks(s)
         return s
+
+    def _final_step(self) -> int:
+        """The step the schedule reaches its final sparsity; the cool-down after it keeps the masks."""
+        return self.schedule.total_steps - self.schedule.cooldown_steps
 
     # -- results
     def masks(self) -> dict[str, torch.Tensor]:
@@ -384,11 +401,12 @@ class MovementPruner:
         pruned weights set to exactly zero, the Linears' own forward restored. Returns {name: bool mask}
         on the CPU, ready for `sparserun.sparsify_(model, pattern, masks=...)`."""
         self._check_live()
-        if self.step_count < self.schedule.total_steps - self.schedule.cooldown_steps:
+        if self.step_count < self._final_step():
             warnings.warn(f"movement pruning finalized after {self.step_count} steps, before the schedule "
-                          f"reached its final sparsity (step {self.schedule.total_steps - self.schedule.cooldown_steps}"
+                          f"reached its final sparsity (step {self._final_step()}"
                           f"): the last cut was not trained", SparserunWarning, stacklevel=2)
-        self._update_masks(self.schedule.final_sparsity)
+        if self.step_count < self._final_step() or self.current_sparsity != self.schedule.final_sparsity:
+            self._update_masks(self.schedule.final_sparsity)  # else: the masks the cool-down trained
         out = {}
         with torch.no_grad():
             for name, st in self.layers.items():
@@ -407,6 +425,7 @@ class MovementPruner:
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, "scores": {n: st.scores.detach().cpu() for n, st in self.layers.items()},
+                "masks": {n: st.mask.cpu() for n, st in self.layers.items()}, "sparsity": self.current_sparsity,
                 "score_opt": self._score_opt.state_dict() if self._score_opt is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
@@ -424,7 +443,21 @@ class MovementPruner:
         if self._score_opt is not None and state.get("score_opt") is not None:
             self._score_opt.load_state_dict(state["score_opt"])
         self.step_count = int(state["step"])
-        self._update_masks(self.schedule(self.step_count))
+        saved = state.get("masks")
+        if saved is not None and set(saved) >= set(self.layers):
+            # the masks in use, not re-selected from the scores: between update steps (and in the cool-down)
+            # they differ, and a resume must continue exactly where training stopped
+            for n, st in self.layers.items():
+                m = saved[n]
+                if m.shape != st.mask.shape or m.dtype != torch.bool:
+                    raise MovementError(f"{n}: saved mask has shape {tuple(m.shape)} ({m.dtype}), expected "
+                                        f"{tuple(st.mask.shape)} (torch.bool)")
+                st.mask = m.to(st.mask.device)
+                if st.block:
+                    st.block_mask = st.mask[::st.block, ::st.block].contiguous()
+            self.current_sparsity = state.get("sparsity", self.schedule(self.step_count))
+        else:  # a state saved before masks were kept
+            self._update_masks(self.schedule(self.step_count))
 
 
 # ---- transformers.Trainer -----------------------------------------------------------------------------

@@ -234,6 +234,11 @@ def test_errors(tok):
         MovementPruner(model, "32x32", 0.5, layers=["nope"], total_steps=4)
     with pytest.raises(ValueError, match="unknown sparsity pattern"):
         MovementPruner(model, "3x3", 0.5, total_steps=4)
+    with pytest.raises(MovementError, match="layers= takes a list of layer names, got the string"):
+        MovementPruner(model, "32x32", 0.5, layers="model.layers.0.mlp.up_proj", total_steps=4)
+    for bad in (dict(score_lr=float("nan")), dict(regularization=float("nan"))):
+        with pytest.raises(MovementError, match="need score_lr > 0 and regularization >= 0"):
+            MovementPruner(model, "32x32", 0.5, method="soft", total_steps=4, **bad)
     pr = MovementPruner(model, "32x32", 0.5, total_steps=4)
     with pytest.warns(UserWarning, match="before the schedule reached"):
         pr.finalize()
@@ -313,3 +318,77 @@ def test_real_trainer(tmp_path, tok):
         formats.pack(model.get_submodule(name).weight.detach(), mask, "16x16", name=name)
         assert 1 - mask.float().mean().item() == pytest.approx(0.5)
     assert not torch.equal(model.lm_head.weight.detach(), before)  # the Trainer did train
+
+
+def test_the_first_mask_is_by_magnitude_not_position(tok):
+    """initial_sparsity > 0: with all scores still zero the warm-up mask tie-broke by position (2:4 kept
+    columns 2 and 3 of every group; unstructured pruned the first columns of each row)."""
+    model = make_llama(tok, layers=1)
+    for pattern, kw in (("2:4", {}), ("unstructured", dict(schedule=0.5)), ("16x16", dict(schedule=0.5))):
+        pr = MovementPruner(model, pattern, total_steps=20, initial_sparsity=0.25, warmup_steps=5, **kw)
+        for name, st in pr.layers.items():
+            w = model.get_submodule(name).weight.detach()
+            if pattern == "2:4":
+                assert torch.equal(st.mask, magnitude_mask(w, "3:4"))  # 25 %: one of every 4 pruned
+            elif pattern == "16x16":
+                assert torch.equal(st.mask, magnitude_mask(w, "16x16", 0.25))
+            else:
+                assert w.abs()[st.mask].min() >= w.abs()[~st.mask].max()
+        pr.remove()
+
+
+def test_a_deepcopy_computes_with_its_own_weights(tok):
+    """An EMA / best-model snapshot taken with the pruner attached kept calling the original layers."""
+    model = make_llama(tok, layers=1)
+    pr = MovementPruner(model, "2:4", total_steps=4)
+    ids = torch.randint(3, len(tok), (1, 8), generator=torch.Generator().manual_seed(0))
+    snap = copy.deepcopy(model)
+    with torch.no_grad():
+        before = snap(ids).logits
+        for name in pr.layers:
+            model.get_submodule(name).weight.mul_(3.0)  # only the original changes
+        assert torch.equal(snap(ids).logits, before)
+    pr.remove()
+
+
+def test_the_cool_down_trains_fixed_masks_and_finalize_keeps_them(tok):
+    model = make_llama(tok, layers=1)
+    pr = MovementPruner(model, "16x16", 0.5, total_steps=10, warmup_steps=2, cooldown_steps=4, update_interval=1)
+    ids = torch.randint(3, len(tok), (2, 16), generator=torch.Generator().manual_seed(1))
+    seen = []
+    for t in range(10):
+        _lm_step(model, ids).backward()
+        pr.step()
+        model.zero_grad()
+        if pr.step_count >= 6:  # the cool-down
+            seen.append({n: m.clone() for n, m in pr.masks().items()})
+    assert all(all(torch.equal(a[n], seen[0][n]) for n in a) for a in seen)
+    final = pr.finalize()
+    assert all(torch.equal(final[n], seen[-1][n].cpu()) for n in final)
+
+
+def test_resume_between_update_steps_is_exact(tok):
+    def run(stop_at=None, state=None):
+        torch.manual_seed(0)
+        model = make_llama(tok, layers=1)
+        pr = MovementPruner(model, "unstructured", 0.5, total_steps=12, update_interval=4)
+        ids = torch.randint(3, len(tok), (2, 16), generator=torch.Generator().manual_seed(1))
+        if state is not None:
+            model.load_state_dict(state["model"])
+            pr.load_state_dict(state["pruner"])
+        while pr.step_count < (stop_at or 12):
+            _lm_step(model, ids).backward()
+            pr.step()
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p -= 1e-3 * p.grad
+            model.zero_grad()
+        return model, pr
+
+    full_model, full = run()
+    part_model, part = run(stop_at=5)  # 5: not an update step (4, 8, 12 are)
+    state = {"model": copy.deepcopy(part_model.state_dict()), "pruner": part.state_dict()}
+    resumed_model, resumed = run(state=state)
+    for n in full.layers:
+        assert torch.equal(resumed.masks()[n], full.masks()[n])
