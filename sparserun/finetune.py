@@ -579,6 +579,9 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
     _check_positive(steps=steps, batch_size=batch_size)
     if lora_rank is not None:
         _check_positive(lora_rank=lora_rank)
+    if lora_alpha is not None and lora_rank is None:
+        raise FinetuneError("lora_alpha (--lora-alpha) applies to LoRA: give lora_rank (--lora-rank) too, or leave "
+                            "it out for masked fine-tuning")
     if lora_alpha is not None and not lora_alpha > 0:
         raise FinetuneError(f"lora_alpha must be > 0 (it scales the adapters; 0 would train nothing), got {lora_alpha}")
     if lr is not None and not lr > 0:
@@ -618,6 +621,9 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
         teacher.requires_grad_(False)
         # Logits are compared id by id: a teacher that reads the text as other ids would train silently wrong.
         ev.check_same_vocabulary(src, model, distill, teacher, tok, tokenizer, flag="--distill", error=FinetuneError)
+        t_limit, t_field = position_limit(getattr(teacher, "config", None))
+        if t_limit and seqlen > t_limit:  # the teacher may be another architecture, with a shorter limit
+            raise FinetuneError(f"seqlen {seqlen} exceeds the --distill teacher's {t_field} {t_limit}; lower --seqlen")
     infos = unpack_sparse_(model)
     if not infos:
         raise FinetuneError(f"{src} has no sparse layers: finetune keeps the sparse layers' patterns, and "

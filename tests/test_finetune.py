@@ -340,7 +340,9 @@ def other_teachers(tmp_path_factory):
     small.save_pretrained(root / "vocab")
     make_llama(default).save_pretrained(root / "tok")
     small.save_pretrained(root / "tok")
-    return root / "vocab", root / "tok"
+    make_llama(default, max_position_embeddings=16).save_pretrained(root / "short")  # same ids, 16 positions
+    default.save_pretrained(root / "short")
+    return root / "vocab", root / "tok", root / "short"
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -351,6 +353,9 @@ def other_teachers(tmp_path_factory):
     (["{packed}", "{out}", "--text", "{text}", "--lora-rank", "0"], "lora_rank must be a positive integer"),
     (["{packed}", "{out}", "--text", "{text}", "--lr", "-1"], "lr must be > 0"),
     (["{packed}", "{out}", "--text", "{text}", "--lora-rank", "2", "--lora-alpha", "0"], "lora_alpha must be > 0"),
+    (["{packed}", "{out}", "--text", "{text}", "--lora-alpha", "8"], "applies to LoRA: give lora_rank"),
+    (["{packed}", "{out}", "--text", "{text}", "--seqlen", "32", "--distill", "{teacher_short}"],
+     "seqlen 32 exceeds the --distill teacher's max_position_embeddings 16"),
     (["{packed}", "{out}", "--text", "{text}", "--steps", "6", "--lr", "1e9"], "the loss became"),
     (["{packed}", "{out}", "--text", "{text}", "--distill", "{tmp}/nope"], "teacher directory not found"),
     (["{packed}", "{out}", "--text", "{text}", "--distill", "{teacher_vocab}"], "but --distill"),
@@ -369,7 +374,7 @@ def test_cli_errors(tmp_path, packed_llama, packed_bert, other_teachers, args, m
     short.write_text("Too short.")
     subs = {"missing": tmp_path / "missing", "out": tmp_path / "out", "text": text, "tmp": tmp_path,
             "packed": packed, "bert": packed_bert[1], "short": short, "teacher_vocab": other_teachers[0],
-            "teacher_tok": other_teachers[1]}
+            "teacher_tok": other_teachers[1], "teacher_short": other_teachers[2]}
     before = tree_hash(packed)
     rc, _, err = run_cli("finetune", *[a.format(**subs) for a in args], "--quiet")
     assert rc == 1

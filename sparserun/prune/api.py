@@ -259,6 +259,12 @@ def prune(model: nn.Module, method: str, pattern, sparsity: float | None = None,
     return PruneReport(method, pattern, sparsity, cal.describe(), rows, kept, info)
 
 
+# model types whose learned position ids are counted from pad_token_id + 1 (create_position_ids_from_input_ids)
+PADDING_OFFSET_POSITIONS = frozenset(("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
+                                      "roberta-prelayernorm", "xmod", "data2vec-text", "ibert", "mpnet", "luke",
+                                      "markuplm", "esm"))
+
+
 def position_limit(config) -> tuple[int | None, str]:
     """(the model's position limit, the config.json field it comes from), or (None, "") for a model without
     one (T5's relative positions; XLNet's -1). GPT-2's n_positions also answers to max_position_embeddings.
@@ -266,7 +272,12 @@ def position_limit(config) -> tuple[int | None, str]:
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and limit > 0:
         # name the field as config.json spells it, so the user can find it
-        return limit, getattr(config, "attribute_map", {}).get("max_position_embeddings", "max_position_embeddings")
+        field = getattr(config, "attribute_map", {}).get("max_position_embeddings", "max_position_embeddings")
+        pad = getattr(config, "pad_token_id", None)
+        if getattr(config, "model_type", None) in PADDING_OFFSET_POSITIONS and isinstance(pad, int) and pad >= 0:
+            # RoBERTa-style positions start after the padding index: 514 positions hold 512 tokens
+            return limit - pad - 1, f"{field} - pad_token_id - 1"
+        return limit, field
     limit = getattr(config, "n_positions", None)
     if isinstance(limit, int) and limit > 0:
         return limit, "n_positions"

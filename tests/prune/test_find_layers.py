@@ -1,5 +1,6 @@
 """Which stack of layers pruning goes through (calibrate.find_layers), on layouts that are not one plain list."""
 import pytest
+import torch
 import torch.nn as nn
 
 from sparserun.prune import calibrate
@@ -130,3 +131,13 @@ def test_position_limit_reads_text_configs_and_ignores_negative_sentinels():
     cfg = T.LlavaConfig(text_config=text, vision_config=vision, image_token_id=63)
     assert position_limit(cfg) == (96, "text_config.max_position_embeddings")
     assert position_limit(T.GPT2Config(n_positions=40)) == (40, "n_positions")
+    # RoBERTa counts positions from pad_token_id + 1: a window as long as max_position_embeddings crashed
+    cfg = T.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=66, pad_token_id=1)
+    limit, field = position_limit(cfg)
+    assert (limit, field) == (64, "max_position_embeddings - pad_token_id - 1")
+    model = T.RobertaModel(cfg).eval()
+    with torch.no_grad():
+        model(torch.full((1, limit), 5))  # the longest window the limit allows runs
+    with pytest.raises(Exception):
+        model(torch.full((1, limit + 1), 5))
