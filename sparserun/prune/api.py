@@ -100,7 +100,7 @@ class PruneReport:
             out.append(f"warning: {len(unreached)} layer(s) saw no calibration token (e.g. {unreached[0]['name']}, "
                        f"an MoE expert the router never chose) and were pruned by magnitude; more calibration "
                        f"text (--nsamples) reaches more experts")
-        zero = [r for r in pr if r["reason"] in calibrate.ZERO_STAT_REASONS[1:]]
+        zero = [r for r in pr if r["reason"] in (calibrate.ZERO_INPUT_REASON, calibrate.ZERO_GRAD_REASON)]
         if zero:
             out.append(f"warning: {len(zero)} layer(s) had an all-zero calibration statistic and were pruned by "
                        f"magnitude (e.g. {zero[0]['name']}: {zero[0]['reason'].split(': pruned')[0]})")

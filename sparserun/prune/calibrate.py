@@ -418,7 +418,6 @@ UNREACHED_REASON = "no calibration token reached it: pruned by magnitude"
 ZERO_INPUT_REASON = "its inputs were zero on every calibration token: pruned by magnitude"
 ZERO_GRAD_REASON = ("its calibration gradient is zero everywhere (no token reached it, or nothing after it "
                     "depends on it): pruned by magnitude")
-ZERO_STAT_REASONS = (UNREACHED_REASON, ZERO_INPUT_REASON, ZERO_GRAD_REASON)
 NEVER_CALLED_REASON = ("the model's forward never called it on the calibration text (it reads the weight "
                        "directly, or needs other inputs): kept dense")
 

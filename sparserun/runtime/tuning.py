@@ -201,7 +201,7 @@ class Tuner:
         self._loaded = False
         self._lock = threading.Lock()
         self.tuned_now: list[str] = []  # keys timed by this process (reports, tests)
-        self._warned: set = set()  # (path, mtime, size) already warned about: one warning per bad file
+        self._warned: set = set()  # (path, mtime, size, problem) already warned about: once per bad file
 
     # ---- disk -------------------------------------------------------------------------------------
     def _read_disk(self) -> dict[str, dict]:
