@@ -51,6 +51,8 @@ COPY_NAMES = (
 )
 COPY_GLOBS = ("tokenizer*", "vocab*", "merges*", "*.tiktoken", "chat_template*", "*spiece*.model",
               "sentencepiece*.model")
+# Of the copied files, the ones that describe the model rather than its tokenizer/processor.
+_NOT_TOKENIZER_FILES = (CONFIG, "generation_config.json")
 
 # safetensors dtype codes <-> torch dtypes (only the ones a model state_dict can hold).
 _ST_DTYPES = {
@@ -315,11 +317,13 @@ class CheckpointWriter:
                 (or no source_dir is given); the source's own config.json wins, copied unchanged, unless
                 `prefer_config` (the caller found that the source's no longer describes the model).
     overwrite:  replace an existing non-empty `out_dir` (the old one is moved aside, then deleted).
+    tokenizer_dir: the tokenizer files (all files copied unchanged but config.json and the generation config)
+                come from this directory instead of `source_dir`: the tokenizer the caller actually used.
     """
 
     def __init__(self, out_dir, *, source_dir=None, config=None, generation_config=None, overwrite: bool = False,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, source: str | None = None, extra: dict | None = None,
-                 prefer_config: bool = False):
+                 prefer_config: bool = False, tokenizer_dir=None):
         self.out = Path(out_dir).absolute()
         self.prefer_config = prefer_config and config is not None
         self.source_dir = Path(source_dir).absolute() if source_dir is not None else None
@@ -339,6 +343,11 @@ class CheckpointWriter:
                 raise CheckpointError(f"output {self.out} holds the source's data: {linked} links into it; the "
                                       f"source is never written, choose another output directory")
             source_files(self.source_dir)  # a file it cannot copy fails now, not after the work
+        self.tokenizer_dir = Path(tokenizer_dir).absolute() if tokenizer_dir is not None else None
+        if self.tokenizer_dir is not None:
+            if not self.tokenizer_dir.is_dir():
+                raise CheckpointNotFound(f"tokenizer directory not found: {self.tokenizer_dir}")
+            source_files(self.tokenizer_dir)
         check_output_dir(self.out, overwrite)
         if self.out.is_symlink():  # a link to a directory: write there (the link keeps pointing at OUT)
             self.out = self.out.resolve()
@@ -451,10 +460,15 @@ class CheckpointWriter:
         copied = set()
         if self.source_dir is not None:
             for p in source_files(self.source_dir):
-                if p.name == CONFIG and self.prefer_config:
+                if (p.name == CONFIG and self.prefer_config) or (self.tokenizer_dir is not None
+                                                                 and p.name not in _NOT_TOKENIZER_FILES):
                     continue
                 shutil.copyfile(p, self.tmp / p.name)
                 copied.add(p.name)
+        if self.tokenizer_dir is not None:
+            for p in source_files(self.tokenizer_dir):
+                if p.name not in _NOT_TOKENIZER_FILES:  # one tokenizer's files, never a mix of two
+                    shutil.copyfile(p, self.tmp / p.name)
         if CONFIG not in copied:
             if self.config is None:
                 raise CheckpointError("no config.json: give a source_dir that has one or pass config=")

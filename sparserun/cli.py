@@ -155,6 +155,18 @@ def add_bench(sub) -> None:
     p.set_defaults(func=_no_sub)
 
 
+def seed_arg(text: str) -> int:
+    """argparse type of --seed: an integer torch.manual_seed takes, checked before a model is loaded (torch's
+    own check fails with "Overflow when unpacking long long" only after the load)."""
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not -2 ** 63 <= v < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"{text} is outside the seeds torch takes, [-2**63, 2**64 - 1]")
+    return v
+
+
 def _resolve(entry):
     if callable(entry):
         return entry

@@ -152,10 +152,10 @@ def last_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _bar(n: int, desc: str, progress: bool | None):
-    """range(n) with a progress bar (progress=None: only on a terminal, tqdm's disable=None)."""
-    from tqdm.auto import tqdm
+    """range(n) with a progress bar (sparserun.progress: None = only on a terminal)."""
+    from sparserun.progress import progress_bar
 
-    return tqdm(range(n), desc=desc, unit="window", leave=False, disable=None if progress is None else not progress)
+    return progress_bar(range(n), progress=progress, desc=desc, unit="window", leave=False)
 
 
 @torch.no_grad()
@@ -252,7 +252,7 @@ def add_parser(sub) -> None:
 
 def _run(args) -> int:
     r = evaluate(args.dir, args.text, args.against, seqlen=args.seqlen, nsamples=args.nsamples,
-                 device=args.device, dtype=args.dtype, progress=False if args.quiet else None,
+                 device=args.device, dtype=args.dtype, progress=not args.quiet,
                  tokenizer=args.tokenizer)
     if args.json:  # JSON has no NaN or Infinity: a diverged model's non-finite numbers are null
         print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()},

@@ -430,7 +430,7 @@ def train_loop(model: nn.Module, params, data, *, steps: int, lr: float, weight_
     after_backward(step): called after each backward, before the optimizer step (movement pruning's hook).
     optimizer_hook(optimizer): called once with the optimizer (e.g. SparsityGuard.attach).
     """
-    from tqdm.auto import tqdm
+    from sparserun.progress import progress_bar
 
     if isinstance(data, torch.Tensor):
         data = TensorWindows(data)
@@ -452,7 +452,7 @@ def train_loop(model: nn.Module, params, data, *, steps: int, lr: float, weight_
         teacher.eval()  # the teacher's outputs are the targets: deterministic, no dropout
     losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
+    bar = progress_bar(range(steps), progress=progress, desc=desc, unit="step")
     try:
         for step in bar:
             if warmup_steps:
@@ -569,7 +569,7 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
              language-model loss (encoders)
     dtype:   of OUT (default: SRC's); training itself runs in float32
     seqlen:  tokens per training window (default min(128, the model's max_position_embeddings))
-    tokenizer: a directory to load the tokenizer from (default: SRC's)
+    tokenizer: a directory to load the tokenizer from (default: SRC's); its tokenizer files are written to OUT
     """
     from . import eval as ev
     from .checkpoint import check_output_dir
@@ -634,7 +634,8 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
                   progress=progress)
     _cast_params_(model, out_dtype)
     repack_(model, infos)
-    save(model, out, overwrite=overwrite, source_dir=src, progress=progress)
+    # OUT carries the tokenizer it was trained with, so `sparserun generate OUT` needs no --tokenizer
+    save(model, out, overwrite=overwrite, source_dir=src, progress=progress, tokenizer_dir=tokenizer)
     return {"checkpoint": str(src), "output": str(out), "mode": res.mode, "steps": res.steps,
             "seconds": round(res.seconds, 1), "trainable_parameters": res.trainable,
             "first_loss": res.first_loss, "last_loss": res.last_loss, "sparse_layers": len(infos),
@@ -645,6 +646,8 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
 # ---- CLI ----------------------------------------------------------------------------------------------
 
 def add_parser(sub) -> None:
+    from .cli import seed_arg
+
     p = sub.add_parser("finetune", help="fine-tune a packed checkpoint, keeping its sparsity pattern",
                        description="Load the packed checkpoint DIR, fine-tune it on a text (masked fine-tuning "
                                    "of all weights, or LoRA adapters merged under the masks with --lora-rank), "
@@ -666,11 +669,11 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     p.add_argument("--seqlen", type=int, default=None,
                    help=f"tokens per window (default min({DEFAULT_SEQLEN}, the model's limit))")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0, help="seeds the batch order and adapter initialisation")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
                    help="dtype of OUT (default: DIR's); training runs in float32")
-    p.add_argument("--tokenizer", default=None, help="load the tokenizer from here (default: DIR's)")
+    p.add_argument("--tokenizer", default=None, help="load the tokenizer from here, and write its files to OUT (default: DIR's)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)

@@ -282,6 +282,8 @@ def _run(args) -> int:
 
 
 def add_parser(sub) -> None:
+    from .cli import seed_arg
+
     p = sub.add_parser("generate", help="stream a completion from a packed causal LM and print tokens/s",
                        description="Load a packed checkpoint with its tokenizer, stream the completion of "
                                    "--prompt to stdout, then print time to first token and decode tokens/s "
@@ -300,7 +302,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus filter (default 1.0, off)")
     p.add_argument("--top-k", type=int, default=None, help="with --sample: keep the k likeliest tokens (default "
                                                             "50; 0 turns the filter off)")
-    p.add_argument("--seed", type=int, default=None, help="seed the sampler")
+    p.add_argument("--seed", type=seed_arg, default=None, help="seed the sampler")
     p.add_argument("--ignore-eos", action="store_true", help="always produce --max-new-tokens tokens (for timing)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--compile", action="store_true",

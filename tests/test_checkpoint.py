@@ -263,6 +263,12 @@ def test_missing_directory(tmp_path):
         CheckpointReader(tmp_path / "f")
 
 
+def test_missing_tokenizer_directory_fails_before_writing(tmp_path):
+    with pytest.raises(ck.CheckpointNotFound, match="tokenizer directory not found: .*nope"):
+        ck.CheckpointWriter(tmp_path / "out", config={"model_type": "x"}, tokenizer_dir=tmp_path / "nope")
+    assert list(tmp_path.iterdir()) == []  # no temp dir left behind
+
+
 def test_directory_without_config(ckpt):
     out, _, _ = ckpt
     (out / "config.json").unlink()

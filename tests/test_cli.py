@@ -218,3 +218,13 @@ def test_an_ascii_terminal_prints_any_path(minilm_packed, tmp_path, monkeypatch)
     assert ascii_out.errors == "strict"  # put back for the caller
     monkeypatch.setattr(sys, "stdout", None)
     assert cli.main(["inspect", str(d)]) == 0
+
+
+@pytest.mark.parametrize("command", ["generate", "finetune"])
+@pytest.mark.parametrize("seed, said", [("2**70", "not an integer"), (str(2 ** 64), "outside the seeds torch takes")])
+def test_seed_is_checked_before_loading(command, seed, said, capsys):
+    """A seed torch cannot take failed with "Overflow when unpacking long long" only after the model loaded."""
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args([command, "DIR-never-read", "--seed", seed])
+    assert e.value.code == 2 and said in capsys.readouterr().err
+    assert cli.seed_arg(str(2 ** 64 - 1)) == 2 ** 64 - 1 and cli.seed_arg("-5") == -5

@@ -315,6 +315,32 @@ def test_cli_finetune(tmp_path, packed_llama):
     assert rc == 0, err
 
 
+def test_cli_tokenizer_from_elsewhere_is_written_to_out(tmp_path, packed_llama):
+    """DIR saved without a tokenizer, trained with --tokenizer T: OUT carries T's tokenizer files (it had none, so
+    `sparserun generate OUT` failed), DIR's config, and nothing of DIR's tokenizer mixed in."""
+    import shutil
+
+    from sparserun.eval import load_tokenizer
+
+    src, packed = packed_llama
+    bare = tmp_path / "bare"
+    shutil.copytree(packed, bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    (bare / "vocab.txt").write_text("a stale vocabulary that T does not have\n")
+    text = tmp_path / "t.txt"
+    text.write_text(DEFAULT_CALIB.read_text())
+    rc, _, err = run_cli("finetune", bare, tmp_path / "o", "--text", text, "--steps", 1, "--seqlen", 16,
+                         "--tokenizer", src, "--quiet")
+    assert rc == 0, err
+    out = tmp_path / "o"
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    assert not (out / "vocab.txt").exists()  # one tokenizer's files, never a mix of two
+    assert (out / "config.json").read_bytes() == (bare / "config.json").read_bytes()
+    assert load_tokenizer(out)("hello world").input_ids == load_tokenizer(src)("hello world").input_ids
+
+
 @pytest.fixture(scope="module")
 def packed_bert(tmp_path_factory):
     from transformers import BertConfig, BertModel

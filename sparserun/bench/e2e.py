@@ -163,7 +163,7 @@ def _replace(model, name: str, new: nn.Module) -> None:
 def apply_variant(model, variant: Variant, device, dtype, seed: int = 1, progress: bool = True) -> None:
     """Fill every decoder Linear with `variant`, one layer at a time: a dense random weight exists for one
     Linear at a time only, so building a sparse 8B variant never needs the dense model's memory."""
-    from tqdm.auto import tqdm
+    from sparserun.progress import progress_bar
 
     from .. import formats
     from ..runtime.linear import SparseLinear
@@ -171,8 +171,8 @@ def apply_variant(model, variant: Variant, device, dtype, seed: int = 1, progres
 
     torch.manual_seed(seed)  # random_mask_* draw from the global generator
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name in tqdm(decoder_linear_names(model), desc=f"build {variant.name}", unit="linear", leave=False,
-                     disable=not progress):
+    for name in progress_bar(decoder_linear_names(model), progress=progress, desc=f"build {variant.name}",
+                             unit="linear", leave=False):
         old = model.get_submodule(name)
         n, k = old.out_features, old.in_features
         w = torch.empty(n, k, device=device, dtype=dtype).normal_(0.0, INIT_STD, generator=gen)

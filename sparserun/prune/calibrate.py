@@ -831,14 +831,14 @@ def gradient_stats(model, path, layers, store, inputs: LayerInputs, input_ids, d
                    select_fn, spill: Spill, seed: int = 0, progress: bool = True, extra=None) -> None:
     """Per-window gradients of the model's loss (see module doc) w.r.t. every selected Linear weight,
     reduced to Σ|g| (taylor) or mean g² (obd) in float32 and put in `spill` under "grad{i}"."""
-    from tqdm.auto import tqdm
+    from sparserun.progress import progress_bar
 
     n = inputs.hidden.shape[0]
     nl = len(layers)
     lm_loss = has_lm_loss(model)
     h = inputs.hidden
     with torch.no_grad():
-        for i in tqdm(range(nl), desc="gradients: forward", unit="layer", disable=not progress, leave=False):
+        for i in progress_bar(range(nl), progress=progress, desc="gradients: forward", unit="layer", leave=False):
             spill.put(f"act{i}", h.cpu() if spill.dir is not None else h)  # h is never written in place
             layer = store.load(i, device)
             _check_finite_weights(layer, f"{path}.{i}")
@@ -865,8 +865,8 @@ def gradient_stats(model, path, layers, store, inputs: LayerInputs, input_ids, d
                 loss = (y * eps).sum()
             gout[s:s + 1] = torch.autograd.grad(loss, x)[0].float()
     del h
-    for i in tqdm(reversed(range(nl)), total=nl, desc="gradients: backward", unit="layer",
-                  disable=not progress, leave=False):
+    for i in progress_bar(reversed(range(nl)), progress=progress, total=nl, desc="gradients: backward",
+                          unit="layer", leave=False):
         layer = store.load(i, device)
         mods = select_fn(i, layer)
         weights = {name: linear_weight(m) for name, m in mods.items()}
@@ -1041,7 +1041,7 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
 def _prune_stack(model: nn.Module, st: Stack, stacks: list, store, extra, ctx: dict):
     """Prune one stack layer by layer; returns (its final hidden states [n, T, H], what its layers return
     besides them)."""
-    from tqdm.auto import tqdm
+    from sparserun.progress import progress_bar
 
     method, pat, opts, device = ctx["method"], ctx["pat"], ctx["opts"], ctx["device"]
     rows, kept_masks, skip_re = ctx["rows"], ctx["kept_masks"], ctx["skip_re"]
@@ -1088,7 +1088,7 @@ def _prune_stack(model: nn.Module, st: Stack, stacks: list, store, extra, ctx: d
         h = inputs.hidden
         n = h.shape[0]
         desc = f"prune {method} {pat}" + (f" ({st.path})" if len(stacks) > 1 else "")
-        bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not ctx["progress"])
+        bar = progress_bar(range(len(layers)), progress=ctx["progress"], desc=desc, unit="layer")
         for i in bar:
             layer = store.load(i, device)
             mods = select_modules(i, layer, record=True)

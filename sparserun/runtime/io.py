@@ -36,15 +36,16 @@ def _storage_key(t: torch.Tensor):
 
 
 def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
-         max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None) -> Path:
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None, tokenizer_dir=None) -> Path:
     """Write `model` as a packed checkpoint directory at `out_dir`; return its path.
 
     source_dir: the model's original directory: its config.json, generation config and tokenizer files are
                 copied unchanged (it is only read). Without it, or when its config.json no longer fits the
                 model's shapes (a resized vocabulary), model.config is written as config.json.
     overwrite:  replace an existing non-empty out_dir (otherwise that is an error).
+    tokenizer_dir: copy the tokenizer files from here instead of source_dir (the tokenizer actually used).
     """
-    from tqdm.auto import tqdm
+    from sparserun.progress import progress_bar
 
     config = getattr(model, "config", None)
     if source_dir is None and config is None:
@@ -74,9 +75,8 @@ def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
     written_layers: set[str] = set()
     with CheckpointWriter(out_dir, source_dir=source_dir, config=config, generation_config=gen,
                           overwrite=overwrite, max_shard_bytes=max_shard_bytes, source=source, extra=extra,
-                          prefer_config=stale) as w:
-        for key, t in tqdm(sd.items(), desc="save", unit="tensor", leave=False,
-                           disable=None if progress is None else not progress):
+                          prefer_config=stale, tokenizer_dir=tokenizer_dir) as w:
+        for key, t in progress_bar(sd.items(), progress=progress, desc="save", unit="tensor", leave=False):
             layer = owner.get(key)
             if layer in written_layers:
                 continue  # written with its layer
@@ -218,7 +218,7 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
     group_siblings: run q/k/v and gate/up as one launch each (runtime/siblings.py). Default: the
                  SPARSERUN_GROUP_SIBLINGS environment variable ("1" = on), else off until measured on a GPU.
     """
-    from tqdm.auto import tqdm
+    from sparserun.progress import progress_bar
 
     if isinstance(dtype, str):
         dtype = ckpt.dtype_from_name(dtype)
@@ -254,8 +254,7 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
             setattr(parent, attr, new)
 
     sd = {}
-    for name in tqdm(reader.tensor_map, desc="load", unit="tensor", leave=False,
-                     disable=None if progress is None else not progress):
+    for name in progress_bar(reader.tensor_map, progress=progress, desc="load", unit="tensor", leave=False):
         sd[name] = reader.get_tensor(name, device=device, dtype=dtype)
     reader.close()
     try:

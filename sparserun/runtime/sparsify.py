@@ -126,7 +126,7 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
 
 
 def _sparsify(model, pat, filter_fn, masks, sparsity, progress) -> SparsifyReport:
-    from tqdm.auto import tqdm
+    from sparserun.progress import progress_bar
 
     # the default choice leaves MoE routers dense (runtime/experts.router_names); a filter_fn you pass decides
     routers = experts.router_names(model) if filter_fn is default_filter else set()
@@ -152,9 +152,7 @@ def _sparsify(model, pat, filter_fn, masks, sparsity, progress) -> SparsifyRepor
                              f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
 
     report = SparsifyReport()
-    # progress=None: a bar only on a terminal (tqdm's disable=None)
-    bar = tqdm(linears, desc=f"sparsify {pat}", unit="layer", leave=False,
-               disable=None if progress is None else not progress)
+    bar = progress_bar(linears, progress=progress, desc=f"sparsify {pat}", unit="layer", leave=False)
     for name, lin in bar:
         shape = linear_shape(lin)
         if not filter_fn(lin, name):
