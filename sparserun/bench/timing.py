@@ -89,18 +89,20 @@ def results_stem(kind: str, env: dict, out_dir: str | os.PathLike = "benchmarks/
     return Path(out_dir) / f"{gpu_slug(env['gpu'])}-{day}-{kind}"
 
 
-def check_out_dir(out_dir) -> Path:
+def check_out_dir(out_dir, flag: str = "--out") -> Path:
     """Create the results directory and prove it writable before a run, not after: a long GPU sweep that
     cannot save its results at the end is lost."""
     import tempfile
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OSError(f"cannot write results to {flag} {out}: it is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as e:
-        raise OSError(f"cannot write results to --out {out}: {e.strerror or e}") from None
+        raise OSError(f"cannot write results to {flag} {out}: {e.strerror or e}") from None
     return out
 
 

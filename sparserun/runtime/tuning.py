@@ -435,6 +435,12 @@ def _run_bench_tune(args) -> int:
         raise ValueError(f"--m takes comma-separated token counts such as 1,16,2048, got {args.m!r}") from None
     if any(m < 1 for m in m_values):
         raise ValueError(f"--m values must be >= 1, got {args.m!r}")
+    if args.json:  # before the tuning, not after it: its timings would be lost
+        from ..bench import timing
+
+        if Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json} is a directory; give a file name")
+        timing.check_out_dir(Path(args.json).absolute().parent, flag="--json's folder")
     if not str(args.device).startswith("cuda") or not torch.cuda.is_available():
         # ValueError: a usage error the CLI prints as one plain line, not as a crash
         raise ValueError(f"bench tune times GPU kernels and needs a CUDA device (got --device {args.device}, "
@@ -449,7 +455,9 @@ def _run_bench_tune(args) -> int:
     print(f"tuned {len(rows)} (shape, M) keys: " +
           ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        from ..bench import timing
+
+        timing.write_atomically(Path(args.json), lambda tmp: tmp.write_text(json.dumps(rows, indent=1)))
     return 0
 
 

@@ -399,6 +399,11 @@ def test_cli_bench_group_and_tune(monkeypatch, tmp_path, capsys):
         assert err.startswith("error: bench tune times GPU kernels and needs a CUDA device") and err.count("\n") == 1
     assert cli.main(["bench", "tune", str(tmp_path), "--m", "x"]) == 1
     assert "--m takes comma-separated token counts such as 1,16,2048, got 'x'" in capsys.readouterr().err
+    # an unwritable --json fails before the tuning (its timings would be lost after it), on any machine
+    (tmp_path / "file").write_text("x")
+    for bad, said in [(tmp_path, "is a directory"), (tmp_path / "file" / "rows.json", "cannot write results")]:
+        assert cli.main(["bench", "tune", str(tmp_path), "--json", str(bad)]) == 1
+        assert said in capsys.readouterr().err
     # the command wires its options through to tune_dir and writes the rows
     seen = {}
 
