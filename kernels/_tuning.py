@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from ..runtime.tuning import Uncheckable
+
 _cache: dict[tuple, dict] = {}
 
 
@@ -46,7 +48,10 @@ def pick(key: tuple, candidates: Callable[[], list[dict]], launch: Callable[[dic
     for cfg in candidates:
         try:
             out = launch(cfg)  # compile (and fail, for a config that does not fit) outside any capture
-            err = check(out) if check is not None else 0.0
+            try:
+                err = check(out) if check is not None else 0.0
+            except Uncheckable:
+                return default  # uncached: the next finite input tunes this key
             if not err <= tol:  # also catches NaN
                 _rejected.setdefault(key, []).append((cfg, f"relative error {err:.3g}"))
                 continue
@@ -83,5 +88,9 @@ def sample_rows(n: int, count: int = 64) -> slice | list:
 
 
 def rel_err(got, ref) -> float:
+    """‖got − ref‖ / ‖ref‖; raises Uncheckable when ref, as got's dtype, is not all finite."""
+    if not bool(torch.isfinite(ref.to(got.dtype)).all()):
+        raise Uncheckable(f"the reference output has NaN or Inf in {str(got.dtype).removeprefix('torch.')} "
+                          f"(NaN/Inf in the input, or an overflow): nothing to check a candidate against")
     den = float(ref.norm())
     return float((got.float() - ref).norm()) / (den if den > 0 else 1.0)

@@ -118,6 +118,7 @@ def _bsr_matmul_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # int64: M * K can pass 2**31 in a long prefill
     offs_b = tl.arange(0, B)  # rows (out) / columns (in) inside a block
     offs_u = tl.arange(0, UNROLL * B)  # UNROLL blocks side by side along the reduction
     u_of = offs_u // B  # which of the UNROLL blocks a reduction column belongs to
@@ -146,7 +147,7 @@ def _bsr_matmul_kernel(
             acc2 += w.to(tl.float32) * x2.to(tl.float32)
         else:
             bcol = tl.load(col_ptr + blk, mask=valid, other=0)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (bcol * B + c_in)[None, :] * stride_xk,
+            x = tl.load(x_rows + (bcol * B + c_in)[None, :] * stride_xk,
                         mask=mask_m[:, None] & valid[None, :], other=0.0)
             if USE_DOT:
                 acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
@@ -166,7 +167,7 @@ def _bsr_matmul_kernel(
     if DIRECT:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on,
                  acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
     else:
         base = part_ptr + (row * S + seg).to(tl.int64) * M * B
@@ -188,7 +189,7 @@ def _segment_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, S, stride_om, stri
         acc += tl.load(part_ptr + ((row * S + s).to(tl.int64) * M + m) * B + j, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -172,10 +172,11 @@ def _store_tile(acc, bias_ptr, out_ptr, part_ptr, offs_m, offs_n, mask_m, mask_n
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+        # row offsets in int64: M * N reaches 2**31 in a long prefill (131072 tokens x 28672 features)
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on,
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+        tl.store(part_ptr + (pid_k * M + offs_m).to(tl.int64)[:, None] * N + offs_n[None, :], acc, mask=mask)
 
 
 @triton.jit
@@ -250,6 +251,7 @@ def _semi24_matmul_kernel(
     pid_n = (pid % width) // size_m
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # int64: M * K can pass 2**31 in a long prefill
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -277,7 +279,7 @@ def _semi24_matmul_kernel(
         for j in tl.static_range(4):
             w_j = tl.where(i0 == j, v0, tl.where(i1 == j, v1, 0.0)).to(wdt)
             kk = 4 * g + j
-            x_j = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+            x_j = tl.load(x_rows + kk[None, :] * stride_xk,
                           mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
             if USE_DOT:
                 acc += tl.dot(x_j, tl.trans(w_j), input_precision=DOT_PRECISION)
@@ -471,6 +473,7 @@ def _semi24_dot_words_kernel(
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # int64: M * K can pass 2**31 in a long prefill
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -486,7 +489,7 @@ def _semi24_dot_words_kernel(
         vp = vals_ptr + offs_n[:, None] * stride_vn + g[None, :]
         mp = meta_ptr + offs_n[:, None] * stride_mn + (g // 2)[None, :]
         cols = ks * BLOCK_K + pair_col
-        xp = x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk
+        xp = x_rows + cols[None, :] * stride_xk
         if EVEN_N and EVEN_K:
             p = tl.load(vp)
             mb = tl.load(mp)
@@ -519,7 +522,8 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_o
     n = offs % N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (offs // N) * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + (offs // N).to(tl.int64) * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------

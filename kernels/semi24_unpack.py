@@ -44,7 +44,7 @@ def _semi24_unpack_kernel(vals_ptr, meta_ptr, out_ptr, N, K, NG, stride_vn, stri
     # join(join(w0, w2), join(w1, w3)) is [..., 2, 2] with [..., i, j] = w_(2i + j): flattening puts them in order
     tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * BLOCK_G))
     cols = tl.program_id(1) * (4 * BLOCK_G) + tl.arange(0, 4 * BLOCK_G)
-    tl.store(out_ptr + offs_n[:, None] * stride_on + cols[None, :], tile,
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + cols[None, :], tile,  # N * K may pass 2**31
              mask=(offs_n < N)[:, None] & (cols < K)[None, :])
 
 
@@ -76,7 +76,7 @@ def _semi24_unpack_words_kernel(vals_ptr, meta_ptr, out_ptr, N, NG, stride_vn, s
     a, b = group_words(p, (mb.to(tl.int32) >> ((g & 1) * 4)[None, :]) & 0xF)
     tile = tl.reshape(tl.join(a, b), (BLOCK_N, 2 * BLOCK_G))
     words = tl.program_id(1) * (2 * BLOCK_G) + tl.arange(0, 2 * BLOCK_G)
-    tl.store(out_ptr + offs_n[:, None] * stride_on + words[None, :], tile,
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + words[None, :], tile,
              mask=(offs_n < N)[:, None] & (words < 2 * NG)[None, :])
 
 

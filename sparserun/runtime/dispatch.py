@@ -376,7 +376,7 @@ def auto_backend(layer, x: torch.Tensor, allow_timing: bool = True) -> str:
     k = layer.in_features
     m = x.numel() // k if k else 0
     grad = _needs_grad(layer, x)
-    from .tuning import get_tuner, m_bucket
+    from .tuning import Uncheckable, get_tuner, m_bucket
 
     if m == 0:
         return static_choice(layer, m)  # nothing to time: an empty input must not decide the decode (M=1) bucket
@@ -390,10 +390,16 @@ def auto_backend(layer, x: torch.Tensor, allow_timing: bool = True) -> str:
             choice = get_tuner().lookup(tuning_key(layer, m, x.dtype, x.device, grad))
         else:
             key = tuning_key(layer, m, x.dtype, x.device, grad)
-            choice = get_tuner().choose(key, candidates(layer, x, grad), output_check(layer, x))
-            _memo_times[mk] = get_tuner().times(key)
-            layer.__dict__.setdefault("_sr_used", set()).add(choice)
-            release_unused_caches(layer)
+            try:
+                choice = get_tuner().choose(key, candidates(layer, x, grad), output_check(layer, x))
+            except Uncheckable:
+                # NaN/Inf in x (or an overflowing output), as nn.Linear passes them on: not an error, and
+                # not an input to tune on. An earlier process's choice, else the static one, uncached.
+                choice = get_tuner().lookup(key)
+            else:
+                _memo_times[mk] = get_tuner().times(key)
+                layer.__dict__.setdefault("_sr_used", set()).add(choice)
+                release_unused_caches(layer)
         if choice is not None:
             with _memo_lock:
                 _memo[mk] = choice

@@ -202,11 +202,15 @@ class SparseLinear(nn.Module):
     @property
     def max_row_blocks(self) -> int:
         """Most kept blocks in any block-row (bsr). The kernels size their work split with it; computing it
-        syncs with the device once, so it is cached (keyed on the index tensor's storage)."""
+        syncs with the device once, so it is cached, keyed on the index tensor's storage and its in-place write
+        counter: load_state_dict copies a new mask into the same storage, and a stale count launches too few
+        segments (blocks silently dropped)."""
+        from .dispatch import version_of
+
         if self._max_row_blocks is not None and torch.compiler.is_compiling():
             return self._max_row_blocks[1]  # a traced graph cannot compare data pointers; eager checks
         crow = self.crow_indices
-        key = (crow.device, crow.data_ptr())
+        key = (crow.device, crow.data_ptr(), version_of(crow))
         if self._max_row_blocks is None or self._max_row_blocks[0] != key:
             n = int((crow[1:] - crow[:-1]).max()) if crow.numel() > 1 else 0
             self._max_row_blocks = (key, n)
@@ -220,6 +224,10 @@ class SparseLinear(nn.Module):
             if hit is not None and hit[0]() is self:
                 SparseLinear._last_read = None
 
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            # as nn.Linear refuses it; the block-sparse kernel reads K from x and would read past its rows
+            raise RuntimeError(f"SparseLinear({self.out_features}x{self.in_features}, {self.format}): input of "
+                               f"shape {tuple(x.shape)} does not end in in_features={self.in_features}")
         group = self.__dict__.get("_sr_group")  # runtime/siblings.py: q/k/v or gate/up as one launch
         if group is not None and self._group_usable(group, x):
             return group.output(self, x)

@@ -323,6 +323,8 @@ class Tuner:
                 if not math.isfinite(ms) or ms <= 0:
                     raise ValueError(f"timer returned {ms!r}")
                 times[name] = ms
+            except Uncheckable:
+                raise  # the input, not this candidate: the caller decides without tuning
             except Exception as e:  # a candidate that fails here is never chosen
                 errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 log.info("sparserun: backend %s failed while tuning: %s", name, errors[name])
@@ -334,6 +336,12 @@ class Tuner:
         if errors:
             out["errors"] = errors
         return out
+
+
+class Uncheckable(Exception):
+    """The tuning input's reference output holds NaN or Inf (NaN/Inf in x, or a value past the range of the
+    output dtype): no output can be judged right or wrong on it, so nothing may be chosen and cached from it.
+    Callers run their untuned choice for this call and tune on the next finite input."""
 
 
 # A candidate's output on the tuning input must agree with the reference this closely (relative error of

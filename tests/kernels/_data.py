@@ -1,6 +1,7 @@
 """Random packed weights for kernel tests: random values (never zeros), awkward masks."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sparserun import formats
@@ -47,3 +48,15 @@ def random_bsr(n: int, k: int, b: int, density: float, dtype, dev, gen: torch.Ge
         keep[-1] = True
     mask = keep.repeat_interleave(b, 0).repeat_interleave(b, 1)
     return formats.pack(w.to(dev), mask.to(dev), f"{b}x{b}")
+
+
+def rows_past_2_31(m: int, k: int, dtype, dev):
+    """[m, k] view whose last row starts past element 2**31 of its storage (mostly untouched virtual memory):
+    the row offsets a long prefill reaches (M * K or M * N >= 2**31) at a size the interpreter can run."""
+    stride = (2 ** 31) // (m - 1) + 64
+    try:
+        big = torch.empty(m, stride, dtype=dtype, device=dev)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve the large virtual buffer here")
+    return big[:, :k]
+

@@ -6,7 +6,7 @@ import sparserun.kernels._common as kcommon
 from sparserun import formats
 from sparserun.kernels.bsr_matmul import bsr_dense_ref, bsr_matmul, bsr_matmul_ref, candidate_configs
 
-from ._data import TOL, device, dtypes, random_bsr, rel_err
+from ._data import TOL, device, dtypes, random_bsr, rel_err, rows_past_2_31
 
 M_VALUES = [1, 2, 3, 7, 16, 33, 64, 129]
 DENSITIES = [0.0, 0.1, 0.5, 1.0]
@@ -117,3 +117,23 @@ def test_every_candidate_config_on_gpu(m, blk, density, dtype):
     for cfg in candidate_configs(m, blk):
         assert rel_err(_run(p, x, b, config=cfg), ref) < TOL[dtype], cfg
     assert rel_err(_run(p, x, b), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("where", ["x", "out"])
+def test_row_offsets_past_2_31(where):
+    """As for 2:4: row offsets past 2**31 elements (a long prefill) wrapped in int32."""
+    dev, dt, m, n, k = device(), torch.float16, 129, 64, 96
+    p = random_bsr(n, k, 32, 0.5, dt, dev, torch.Generator().manual_seed(0))
+    bias = torch.randn(n, dtype=dt, device=dev)
+    xs = torch.randn(m, k, dtype=dt, device=dev)
+    t = p.tensors
+    if where == "x":
+        x = rows_past_2_31(m, k, dt, dev)
+        x.copy_(xs)
+        y = bsr_matmul(x, t["crow_indices"], t["col_indices"], t["values"], _max_row(p), bias)
+    else:
+        y = rows_past_2_31(m, n, dt, dev)
+        y.fill_(float("nan"))
+        bsr_matmul(xs, t["crow_indices"], t["col_indices"], t["values"], _max_row(p), bias, out=y)
+    ref = bsr_matmul_ref(xs, t["crow_indices"], t["col_indices"], t["values"], bias)
+    assert rel_err(y[-1:], ref[-1:]) < TOL[dt] and rel_err(y, ref) < TOL[dt]

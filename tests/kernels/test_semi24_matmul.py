@@ -7,7 +7,7 @@ from sparserun import formats
 from sparserun.kernels.semi24_matmul import (candidate_configs, semi24_matmul, semi24_matmul_ref,
                                              semi24_unpack_ref, units_ok)
 
-from ._data import TOL, device, dtypes, random_24, rel_err
+from ._data import TOL, device, dtypes, random_24, rel_err, rows_past_2_31
 
 M_VALUES = [1, 2, 3, 7, 16, 33, 64, 129]
 SHAPES = [(48, 80), (33, 130), (160, 256)]  # N, K: odd N, K not a multiple of the tile (130: padded)
@@ -182,3 +182,23 @@ def test_every_candidate_config_on_gpu(m, n, k, dtype):
         assert rel_err(y, ref) < TOL[dtype], cfg
     # and the tuned path
     assert rel_err(semi24_matmul(x, p.tensors["values"], p.tensors["meta"], k, b), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("where", ["x", "out"])
+def test_row_offsets_past_2_31(where):
+    """offs_m * stride was an int32 product: past 2**31 elements it wrapped (a segfault on the CPU, a wild
+    address on a GPU). The tiled paths now form row offsets in int64."""
+    dev, dt, m, n, k = device(), torch.float16, 129, 48, 80
+    p = random_24(n, k, dt, dev, torch.Generator().manual_seed(0))
+    bias = torch.randn(n, dtype=dt, device=dev)
+    xs = torch.randn(m, k, dtype=dt, device=dev)
+    if where == "x":
+        x = rows_past_2_31(m, k, dt, dev)
+        x.copy_(xs)
+        y = semi24_matmul(x, p.tensors["values"], p.tensors["meta"], k, bias)
+    else:
+        y = rows_past_2_31(m, n, dt, dev)
+        y.fill_(float("nan"))
+        semi24_matmul(xs, p.tensors["values"], p.tensors["meta"], k, bias, out=y)
+    ref = semi24_matmul_ref(xs, p.tensors["values"], p.tensors["meta"], k, bias)
+    assert rel_err(y[-1:], ref[-1:]) < TOL[dt] and rel_err(y, ref) < TOL[dt]

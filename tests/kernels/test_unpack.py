@@ -9,7 +9,7 @@ from sparserun.kernels.semi24_unpack import semi24_unpack
 from sparserun.runtime import dispatch
 from sparserun.runtime.linear import SparseLinear
 
-from ._data import device, random_24, random_bsr
+from ._data import device, random_24, random_bsr, rows_past_2_31
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot: bf16 is exact under the interpreter too
 
@@ -100,3 +100,13 @@ def test_unpack_on_gpu_large_and_captured(dtype):
         assert torch.equal(_bits(w), _bits(formats.unpack(p)))
         compiled = torch.compile(lambda: dispatch.decompress(lay), fullgraph=True)
         assert torch.equal(_bits(compiled()), _bits(formats.unpack(p)))
+
+
+def test_semi24_unpack_rows_past_2_31():
+    """A weight of N * K >= 2**31 elements (a 256000-word head at K >= 8389): the row offset wrapped in int32.
+    (16-bit weights are written as 32-bit words, half the offset: they wrap only at 2**32 elements.)"""
+    dev, n, k, dtype = device(), 129, 64, torch.float32
+    p = random_24(n, k, dtype, dev, torch.Generator().manual_seed(0))
+    out = rows_past_2_31(n, k, dtype, dev)
+    semi24_unpack(p.tensors["values"], p.tensors["meta"], k, out=out)
+    assert torch.equal(out, formats.unpack(p))

@@ -22,3 +22,40 @@ def test_forced_triton_on_cpu_tensors(monkeypatch, interpret, dtype, msg):
     layer = _layer(dtype)
     with pytest.raises(RuntimeError, match=rf"SparseLinear\(32x64, semi24\): {msg}"):
         layer(torch.randn(3, 64, dtype=dtype))
+
+
+def _bsr_layer(mask):
+    lin = torch.nn.Linear(mask.shape[1], mask.shape[0])
+    return SparseLinear.from_linear(lin, mask, "32x32")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "dense"])
+@pytest.mark.parametrize("fmt", ["2:4", "32x32"])
+def test_input_of_another_width_is_refused(monkeypatch, backend, fmt):
+    """The block-sparse kernel takes K from x: a [3, 32] input to a 64-wide layer returned a [3, 64] result
+    read past x's rows. Every backend now refuses it, as nn.Linear does."""
+    monkeypatch.setenv("SPARSERUN_BACKEND", backend)
+    lin = torch.nn.Linear(64, 64)
+    layer = SparseLinear.from_linear(lin, magnitude_mask(lin.weight, fmt, None if fmt == "2:4" else 0.5), fmt)
+    for bad in (torch.randn(3, 32), torch.randn(3, 96), torch.tensor(1.0)):
+        with pytest.raises(RuntimeError, match=r"SparseLinear\(64x64, .*\): input of shape .* does not end in "
+                                               r"in_features=64"):
+            layer(bad)
+
+
+def test_block_count_follows_a_mask_copied_in_place(monkeypatch):
+    """max_row_blocks was cached on the index storage only: load_state_dict copies a new mask into the same
+    storage, and the kernel, sized for one block per row, dropped three of the four blocks of the new one."""
+    monkeypatch.setenv("SPARSERUN_BACKEND", "triton")
+    spread = torch.zeros(128, 128, dtype=torch.bool)
+    spread[:, :32] = True  # one block in each block-row
+    piled = torch.zeros(128, 128, dtype=torch.bool)
+    piled[:32, :] = True  # the same four blocks, all in the first block-row
+    layer, other = _bsr_layer(spread), _bsr_layer(piled)
+    x = torch.randn(3, 128)
+    layer(x)
+    assert layer.max_row_blocks == 1
+    layer.load_state_dict(other.state_dict())  # copies into the existing buffers
+    assert layer.max_row_blocks == 4
+    ref = x.double() @ other.dense_weight().double().T + other.bias.detach().double()
+    assert ((layer(x).double() - ref).norm() / ref.norm()) < 1e-5

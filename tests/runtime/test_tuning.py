@@ -281,6 +281,36 @@ def test_a_backend_with_wrong_output_is_never_chosen(fake_gpu, monkeypatch):
     assert "wrong output" in entry["errors"]["cuda"] and "cuda" not in entry["times_ms"]
 
 
+@pytest.mark.parametrize("poison", ["nan", "overflow"])
+def test_a_non_finite_input_runs_untuned_and_decides_nothing(fake_gpu, poison):
+    """NaN in x, or an fp16 output past 65504: every backend (dense too) failed the output check and the forward
+    raised "every backend failed while tuning", where nn.Linear returns NaN/Inf. It now runs the static
+    choice, caches nothing, and the next finite input of the bucket tunes it."""
+    layer = _layer(dtype=torch.float16)
+    x = torch.randn(5, 96).half()
+    if poison == "nan":
+        x[0, 3] = float("nan")
+    else:
+        x[0] = 60000.0
+    assert dispatch.auto_backend(layer, x) == dispatch.static_choice(layer, 5)
+    assert fake_gpu["tuner"].entries() == {} and dispatch._memo == {}
+    assert dispatch.auto_backend(layer, torch.randn(5, 96).half()) == "cuda"  # tuned now
+    assert len(fake_gpu["tuner"].entries()) == 1
+
+
+def test_kernel_config_pick_on_a_non_finite_input_runs_the_default_uncached():
+    from sparserun.kernels import _tuning as kt
+
+    ran = []
+
+    def check(y):
+        return kt.rel_err(y, torch.tensor([float("inf"), 1.0]))
+
+    got = kt.pick(("probe-nonfinite",), lambda: [{"a": 1}, {"a": 2}], lambda cfg: ran.append(cfg) or
+                  torch.zeros(2), lambda: {"a": 0}, check)
+    assert got == {"a": 0} and ("probe-nonfinite",) not in kt.tuned()
+
+
 def test_output_check_compares_sampled_rows_with_torch():
     layer = _layer(n=200, k=96)
     x = torch.randn(150, 96)  # more tokens and features than the sample: first and last 64 of each
