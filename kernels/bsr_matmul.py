@@ -118,7 +118,10 @@ def _bsr_matmul_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # int64: M * K can pass 2**31 in a long prefill
+    # this tile's first row of x as a pointer (int64: M * K can pass 2**31 in a long prefill); rows within the
+    # tile stay int32 offsets from it, so the loop's address arithmetic is what it was
+    x_tile = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm
+    rows = tl.arange(0, BLOCK_M)
     offs_b = tl.arange(0, B)  # rows (out) / columns (in) inside a block
     offs_u = tl.arange(0, UNROLL * B)  # UNROLL blocks side by side along the reduction
     u_of = offs_u // B  # which of the UNROLL blocks a reduction column belongs to
@@ -147,7 +150,7 @@ def _bsr_matmul_kernel(
             acc2 += w.to(tl.float32) * x2.to(tl.float32)
         else:
             bcol = tl.load(col_ptr + blk, mask=valid, other=0)
-            x = tl.load(x_rows + (bcol * B + c_in)[None, :] * stride_xk,
+            x = tl.load(x_tile + rows[:, None] * stride_xm + (bcol * B + c_in)[None, :] * stride_xk,
                         mask=mask_m[:, None] & valid[None, :], other=0.0)
             if USE_DOT:
                 acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)

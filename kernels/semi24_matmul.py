@@ -251,7 +251,10 @@ def _semi24_matmul_kernel(
     pid_n = (pid % width) // size_m
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # int64: M * K can pass 2**31 in a long prefill
+    # this tile's first row of x as a pointer (int64: M * K can pass 2**31 in a long prefill); rows within the
+    # tile stay int32 offsets from it, so the loop's address arithmetic is what it was
+    x_tile = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm
+    rows = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -279,7 +282,7 @@ def _semi24_matmul_kernel(
         for j in tl.static_range(4):
             w_j = tl.where(i0 == j, v0, tl.where(i1 == j, v1, 0.0)).to(wdt)
             kk = 4 * g + j
-            x_j = tl.load(x_rows + kk[None, :] * stride_xk,
+            x_j = tl.load(x_tile + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                           mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
             if USE_DOT:
                 acc += tl.dot(x_j, tl.trans(w_j), input_precision=DOT_PRECISION)
@@ -473,7 +476,10 @@ def _semi24_dot_words_kernel(
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # int64: M * K can pass 2**31 in a long prefill
+    # this tile's first row of x as a pointer (int64: M * K can pass 2**31 in a long prefill); rows within the
+    # tile stay int32 offsets from it, so the loop's address arithmetic is what it was
+    x_tile = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm
+    rows = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -489,7 +495,7 @@ def _semi24_dot_words_kernel(
         vp = vals_ptr + offs_n[:, None] * stride_vn + g[None, :]
         mp = meta_ptr + offs_n[:, None] * stride_mn + (g // 2)[None, :]
         cols = ks * BLOCK_K + pair_col
-        xp = x_rows + cols[None, :] * stride_xk
+        xp = x_tile + rows[:, None] * stride_xm + cols[None, :] * stride_xk
         if EVEN_N and EVEN_K:
             p = tl.load(vp)
             mb = tl.load(mp)
