@@ -149,12 +149,16 @@ class SourceTensors:
 
 
 def stored_dtype(config, src: SourceTensors) -> torch.dtype:
-    """The dtype OUT is written in by default: config.json's (what from_pretrained loads a model in), else the
-    one most of the stored bytes have."""
+    """The dtype OUT is written in by default: config.json's (what from_pretrained loads a model in), unless it
+    is wider than the one most of the stored bytes have: a float16 checkpoint whose config says float32 would
+    come out twice its size with nothing gained (an explicit --dtype still does what it says)."""
+    stored = src.floating_dtype()
     dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)
-    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else src.floating_dtype()
+    if not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+        return stored
+    return dt if dt.itemsize <= stored.itemsize else stored
 
 
 def _listed_files(src: Path) -> dict[str, Path] | Path:
@@ -638,7 +642,8 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
 
     method / pattern / sparsity / calib / nsamples / seqlen / skip / opts: as for sparserun.prune
     device:  where each layer is processed ("cpu", "cuda", "cuda:1")
-    dtype:   "float16" | "bfloat16" | "float32" (or a torch dtype): the stored dtype, default the source's;
+    dtype:   "float16" | "bfloat16" | "float32" (or a torch dtype): the stored dtype, default the source's
+             (config.json's, never wider than the stored weights');
              also the compute dtype, except that on the CPU 16-bit models are processed in float32
     include_lm_head: prune the output projection too (default: it stays dense, as do the embeddings,
              which are lookups, not matmuls)
@@ -763,14 +768,14 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
                 if method == "sparsegpt":  # 16-bit models are pruned in fp32: its update must fit the stored dtype
                     check_representable(p.tensors["values"], dtype, name)
                 p = p.to("cpu", dtype)
-                w.add_layer(name, p, bias=None if bias is None else _stored(bias, dtype))
+                w.add_layer(name, p, bias=None if bias is None else _stored(bias, dtype, f"{name}.bias"))
                 packed_bytes[name] = p.nbytes()
                 written.update({f"{name}.weight", f"{name}.bias"})
             if layer is None:
                 return
             for k, t in layer.state_dict(prefix=f"{prefix}.").items():
                 if k not in written:
-                    w.add_tensor(k, _stored(t, dtype))
+                    w.add_tensor(k, _stored(t, dtype, k))
                     written.add(k)
 
         # taylor / obd spill per-layer activations to disk inside the writer's temp directory: whatever stops
@@ -787,6 +792,10 @@ def convert(src, out, method: str, pattern, sparsity: float | None = None, *, ca
                 r["bytes_before"] = math.prod(r["shape"]) * esize
                 r["bytes_after"] = packed_bytes.get(r["name"], r["bytes_before"])
         report = PruneReport(method, pattern, sparsity, cal.describe(), rows, {}, info)
+        # the whole checkpoint against the whole source, tensor bytes both (the rows cover the pruned layers)
+        report.info.update({"checkpoint_bytes": sum(t["nbytes"] for t in w.tensors.values()),
+                            "source_bytes": sum(tensors.nbytes(k) for k in tensors.info),
+                            "source_dtype": str(tensors.floating_dtype()).removeprefix("torch.")})
         report.info.update({"source": str(src), "output": str(out), "dtype": str(dtype).removeprefix("torch."),
                             "compute_dtype": str(compute).removeprefix("torch."), "device": str(device),
                             "memory_estimate": est, "disk_estimate": disk, "architecture": type(model).__name__,
@@ -860,10 +869,20 @@ def _tied_keys(model: nn.Module) -> dict[str, str]:
     return tied
 
 
-def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`t` on the CPU as the checkpoint stores it: floating tensors in `dtype`, others as they are."""
+def _stored(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """`t` on the CPU as the checkpoint stores it: floating tensors in `dtype`, others as they are. A value the
+    narrower dtype cannot hold (an embedding of 1e6 in float16) is refused: cast, it became inf, silently."""
     t = t.detach().cpu()
-    return t.to(dtype) if t.is_floating_point() else t
+    if not t.is_floating_point():
+        return t
+    limit = torch.finfo(dtype).max
+    if limit < torch.finfo(t.dtype).max and t.numel():
+        top = float(t.abs().max())
+        if math.isfinite(top) and top > limit:
+            dt = str(dtype).removeprefix("torch.")
+            raise ConvertError(f"{name}: holds {top:.4g}, beyond what {dt} holds ({limit:.4g}); store the model in "
+                               f"bfloat16 or float32 (--dtype)")
+    return t.to(dtype)
 
 
 def _write_outside(w: CheckpointWriter, model: nn.Module, stacks, written: set, dtype: torch.dtype) -> None:
@@ -878,7 +897,7 @@ def _write_outside(w: CheckpointWriter, model: nn.Module, stacks, written: set, 
         first[id(t)] = k
         if t.is_meta:
             raise CheckpointError(f"{k}: no data (still on the meta device)")
-        w.add_tensor(k, _stored(t, dtype))
+        w.add_tensor(k, _stored(t, dtype, k))
 
 
 def _shard_bytes(mib: int) -> int:
@@ -928,8 +947,8 @@ def add_parser(sub) -> None:
                    help=f"tokens per window (default min({calibrate.DEFAULT_SEQLEN}, the model's limit))")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (one layer at a time goes there)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="stored dtype (default: config.json's dtype, else that of most stored bytes); on the CPU "
-                        "16-bit models are processed in float32")
+                   help="stored dtype (default: config.json's dtype, but never wider than that of most stored bytes, "
+                        "which is the default without one); on the CPU 16-bit models are processed in float32")
     p.add_argument("--skip", default=None, help="regex: Linear layers whose name matches stay dense")
     p.add_argument("--balance-rows", action="store_true",
                    help="blocks: keep the same number of blocks in every block-row")

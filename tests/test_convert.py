@@ -558,6 +558,46 @@ def test_default_dtype_is_the_configs_not_the_first_tensors(tmp_path, llama_src)
         assert got["lm_head.weight"].dtype == torch.bfloat16
 
 
+def test_a_config_wider_than_the_weights_does_not_double_the_checkpoint(tmp_path, llama_src):
+    """fp16 weights under a config that says float32 came out in fp32: 1.9x the source while every printed
+    ratio said smaller. The default never widens; an explicit wider --dtype is done, and said to be larger."""
+    from safetensors.torch import save_file
+
+    src = _copy_without_weights(llama_src, tmp_path / "src")
+    save_file({k: v.half() for k, v in _state_dict(llama_src).items()}, str(src / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = "float32"
+    (src / "config.json").write_text(json.dumps(cfg))
+    source = (src / "model.safetensors").stat().st_size
+    rep = cv.convert(src, tmp_path / "out", "magnitude", "2:4", progress=False)
+    assert rep.info["dtype"] == "float16" and rep.info["checkpoint_bytes"] < rep.info["source_bytes"]
+    shards = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    assert shards < source
+    line = [ln for ln in rep.table().splitlines() if ln.startswith("checkpoint:")]
+    assert line and f"({rep.info['checkpoint_bytes'] / rep.info['source_bytes']:.3f}x)" in line[0]
+    assert not [w for w in rep.warnings() if "not smaller than the source" in w]
+    wide = cv.convert(src, tmp_path / "wide", "magnitude", "2:4", dtype="float32", progress=False)
+    assert wide.info["checkpoint_bytes"] > wide.info["source_bytes"]
+    (w,) = [w for w in wide.warnings() if "not smaller than the source" in w]
+    assert "stored in float32, the source in float16" in w
+
+
+def test_a_dense_tensor_beyond_the_stored_dtype_is_refused(tmp_path, llama_src):
+    """An embedding value of 1e6 written as float16 became inf with nothing said (a Linear's weight was checked,
+    the tensors kept dense were not). Now it is named, and nothing is written."""
+    from safetensors.torch import save_file
+
+    src = _copy_without_weights(llama_src, tmp_path / "src")
+    sd = _state_dict(llama_src)
+    sd["model.embed_tokens.weight"][5, :4] = 1e6
+    save_file(sd, str(src / "model.safetensors"))
+    with pytest.raises(cv.ConvertError, match=r"model\.embed_tokens\.weight: holds 1e\+06, beyond what float16 "
+                                              r"holds \(6\.55e\+04\); store the model in bfloat16 or float32"):
+        cv.convert(src, tmp_path / "out", "magnitude", "2:4", dtype="float16", progress=False)
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
 def test_output_links_and_long_names(tmp_path, llama_src):
     """OUT given as a link to a directory is written there (the link still points at it); a dangling link is
     refused before any work; a name near the 255-byte limit does not overflow in the temp name."""

@@ -60,6 +60,7 @@ def test_demo_model_option_and_out(tmp_path):
     assert [r["case"] for r in rows] == ["2:4 wanda", "32x32 wanda 50%"]
     assert {r["dense_disk_bytes"] for r in rows} == {(src / "pytorch_model.bin").stat().st_size}
     assert all(r["linear_bytes"] < 0.6 * r["linear_dense_bytes"] for r in rows)
+    assert all(r["disk_bytes"] < r["dense_disk_bytes"] for r in rows)  # weight files against weight files
     assert all(0.0 < r["token_cosine"] < 0.9999 for r in rows)
     for sub in ("2of4", "32x32"):
         m = sparserun.load(tmp_path / "out" / sub)

@@ -2,7 +2,8 @@
 
 The model is changed in place: every chosen Linear is left as a *masked dense* weight (sparsegpt also
 updates the kept weights), and the report holds the explicit masks, ready for
-`sparserun.sparsify_(model, pattern=..., masks=report.masks)` or `sparserun.save`.
+`sparserun.sparsify_(model, pattern=..., masks=report.masks)`, which packs them; then `sparserun.save`
+(saved before packing, the masked dense weights take as much space as the original).
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class PruneReport:
         """What did not get what pruning is for: no layer pruned at all (every shape refused the pattern, or the
         target rounds to zero blocks), a packed form no smaller than dense (a sparsity too low for the format's
         index), layers pruned far past the target by block rounding, calibration text the tokenizer cannot read,
-        experts calibration never reached, 3-D tensors no Linear holds."""
+        experts calibration never reached, 3-D tensors no Linear holds, a checkpoint no smaller than its source."""
         pr = self.pruned
         larger = [r for r in pr if r["bytes_after"] >= r["bytes_before"]]
         out = []
@@ -82,11 +83,16 @@ class PruneReport:
                        f"{r['reason']})")
         if larger:
             r = larger[0]
+            sizes = [human_bytes(r["bytes_before"]), human_bytes(r["bytes_after"])]
+            if sizes[0] == sizes[1]:  # rounded alike: show the bytes, or the example shows no difference
+                sizes = [f"{r['bytes_before']} B", f"{r['bytes_after']} B"]
             out.append(f"warning: {len(larger)} layer(s) are not smaller packed than dense (e.g. {r['name']}: "
-                       f"{human_bytes(r['bytes_before'])} -> {human_bytes(r['bytes_after'])}): at "
+                       f"{sizes[0]} -> {sizes[1]}): at "
                        f"{100 * r['sparsity']:.1f}% the {r['format']} index costs more than the removed weights")
         # rounding to whole blocks can overshoot: 2 blocks per row at 75 % keeps round(0.5) = 0 of them
-        over = [r for r in pr if self.sparsity is not None and r["sparsity"] > min(1.0, self.sparsity + 0.1)]
+        # (a layer pruned to nothing is named even at a 90 % target, where +10 points would be 100 % itself)
+        over = [r for r in pr if self.sparsity is not None
+                and (r["sparsity"] > min(1.0, self.sparsity + 0.1) or r["sparsity"] >= 1.0 > self.sparsity)]
         if over:
             r = max(over, key=lambda r: r["sparsity"])
             empty = sum(r["sparsity"] >= 1.0 for r in over)
@@ -113,6 +119,15 @@ class PruneReport:
             out.append(f"warning: {self.info['unused_tensors']} stored tensor(s) the {self.info.get('architecture')} "
                        f"has no place for were left out (e.g. {self.info['unused_example']}); check that config.json "
                        f"names the right architecture")
+        ck, sb = self.info.get("checkpoint_bytes"), self.info.get("source_bytes")
+        if ck and sb and ck >= sb:
+            why = ("the pruned layers are too small a part of the model, or pruned too little, to pay for their "
+                   "index")
+            if self.info.get("dtype") != self.info.get("source_dtype"):
+                why = (f"it is stored in {self.info.get('dtype')}, the source in {self.info.get('source_dtype')}; "
+                       f"leave out --dtype, or give the source's")
+            out.append(f"warning: the checkpoint ({human_bytes(ck)}) is not smaller than the source's weights "
+                       f"({human_bytes(sb)}): {why}")
         frac = self.info.get("unpruned_3d_fraction") or 0
         if frac >= 0.1:
             out.append(f"warning: {100 * frac:.0f}% of the parameters are 3-D tensors that no Linear layer holds "
@@ -164,6 +179,10 @@ class PruneReport:
         frac = self.info.get("pruned_param_fraction")
         if frac is not None:
             out.append(f"the pruned layers hold {100 * frac:.1f}% of the model's parameters")
+        ck, sb = self.info.get("checkpoint_bytes"), self.info.get("source_bytes")
+        if ck and sb:  # "total" above is the pruned layers only; this is what the user's disk sees
+            out.append(f"checkpoint: {human_bytes(ck)} of tensors, against {human_bytes(sb)} in the source "
+                       f"({ck / sb:.3f}x)")
         src = self.calib.get("source", "?")
         head = (f"{self.method} {self.pattern} at {100 * self.sparsity:.1f}% target; calibration: {src} "
                 f"({self.calib.get('nsamples')} x {self.calib.get('seqlen')} tokens)")

@@ -59,6 +59,15 @@ def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
     if gen is not None and hasattr(model, "can_generate") and not model.can_generate():
         gen = None
     sparse = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    if not sparse:
+        # sparserun.prune leaves masked *dense* weights: saved as they are, zeros and all, nothing is smaller
+        import warnings
+
+        from .. import SparserunWarning
+
+        warnings.warn(f"{type(model).__name__} has no sparse layers, so {out_dir} is a dense checkpoint, no smaller "
+                      f"than the source; after sparserun.prune, pack the layers first with "
+                      f"sparserun.sparsify_(model, pattern, masks=report.masks)", SparserunWarning, stacklevel=2)
     owner: dict[str, str] = {}  # state_dict key -> sparse layer name (its packed roles and bias)
     for name, m in sparse.items():
         roles = _buffer_shapes(m.format, m.out_features, m.in_features, m.block, m.values.shape[0])

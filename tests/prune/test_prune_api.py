@@ -224,6 +224,21 @@ def test_report_warns_when_block_rounding_empties_layers(tok):
                      r".*: 100\.0%\): whole 32x32 blocks round that way", w)
 
 
+def test_a_layer_emptied_at_a_90_percent_target_is_named():
+    """At a target of 0.9 or more, "10 points past the target" is 100 % itself, so a layer pruned to nothing
+    (128x128 blocks: 4 per row at 90 % keep none) got no warning."""
+    from sparserun.prune.api import PruneReport
+
+    def row(name, sparsity):
+        return {"name": name, "pattern": "128x128", "format": "bsr", "shape": [512, 512], "status": "pruned",
+                "reason": "", "sparsity": sparsity, "rel_error": 1.0, "bytes_before": 1 << 19,
+                "bytes_after": int((1 << 19) * (1 - sparsity)) + 64}
+
+    rep = PruneReport("magnitude", "128x128", 0.9, {}, [row("a.q_proj", 1.0), row("a.up_proj", 0.9375)])
+    (w,) = [w for w in rep.warnings() if "far past" in w]
+    assert "1 layer(s) were pruned far past the 90% target, 1 of them to nothing (e.g. a.q_proj" in w
+
+
 @pytest.mark.parametrize("method", ["taylor", "obd", "sparsegpt"])
 def test_a_non_finite_weight_is_named_before_calibration_spreads_it(tok, method):
     """The gradients carried one NaN into every layer's scores, and taylor/obd blamed the first layer checked

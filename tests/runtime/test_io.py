@@ -137,6 +137,25 @@ def test_llama_tied_round_trip(tmp_path, pattern, sparsity):
         torch.testing.assert_close(half(input_ids=ids).logits.float(), ref, rtol=0.05, atol=0.05)
 
 
+def test_saving_a_pruned_but_unpacked_model_warns(tmp_path):
+    """sparserun.prune leaves masked dense weights: saving that wrote a dense checkpoint, zeros and all, with no
+    word. It warns and says how to pack; after sparsify_(masks=) the same save is silent and smaller."""
+    import warnings
+
+    model = tiny_llama()
+    ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    report = sparserun.prune(model, "wanda", "2:4", calib=ids, progress=False)
+    with pytest.warns(sparserun.SparserunWarning, match=r"LlamaForCausalLM has no sparse layers, so .*dense "
+                                                        r"checkpoint.*sparsify_\(model, pattern, masks=report.masks\)"):
+        sparserun.save(model, tmp_path / "dense")
+    sparserun.sparsify_(model, pattern="2:4", masks=report.masks, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sparserun.SparserunWarning)
+        sparserun.save(model, tmp_path / "packed")
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    assert size(tmp_path / "packed") < size(tmp_path / "dense")
+
+
 def test_untied_llama_and_fallback_class(tmp_path):
     model = tiny_llama(tie=False, seed=1)
     sparserun.sparsify_(model, "2:4", filter_fn=lambda m, n: True)  # lm_head too (untied, 101x64)
