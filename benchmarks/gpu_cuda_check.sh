@@ -9,6 +9,7 @@ LOGDIR=${OUT:-benchmarks/results}
 mkdir -p "$LOGDIR"
 STEPS=${STEPS:-"build test sanitize bench"}
 PY=${PYTHON:-python3}
+$PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { echo "error: $(basename "$0") needs a CUDA GPU" >&2; exit 1; }
 export PYTHONUNBUFFERED=1
 # a fresh cache dir per run unless one is given, so the numbers are for these sources
 export SPARSERUN_CACHE_DIR=${SPARSERUN_CACHE_DIR:-/tmp/sparserun-cache}

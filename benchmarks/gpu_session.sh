@@ -10,6 +10,7 @@ export PYTHONUNBUFFERED=1
 # the GPU machine cannot download the real MiniLM package; its tests opt out explicitly
 export SPARSERUN_SKIP_MINILM=${SPARSERUN_SKIP_MINILM:-1}
 what=${1:-all}; shift || true
+python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { echo "error: $(basename "$0") needs a CUDA GPU" >&2; exit 1; }
 rc=0  # any failed step makes the script fail (pipefail: a step's status survives its tee/tail)
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv | tee "$OUT/gpu.txt"

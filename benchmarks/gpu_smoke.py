@@ -3,6 +3,7 @@ float64 reference. For a short lease; the full GPU suite is `pytest -m gpu`.
 
     python benchmarks/gpu_smoke.py
 """
+import sys
 import time
 
 import torch
@@ -24,6 +25,8 @@ def layers(n, k, dtype):
 
 
 def main():
+    if not torch.cuda.is_available():  # one line, not an AssertionError from deep inside torch
+        sys.exit("error: gpu_smoke.py needs a CUDA GPU")
     worst = 0.0
     for n, k in ((4096, 4096), (14336, 4096)):
         for name, layer in layers(n, k, torch.bfloat16).items():

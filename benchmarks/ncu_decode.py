@@ -4,12 +4,16 @@
     ncu --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \\
         -k regex:'semi24_gemv' python benchmarks/ncu_decode.py      (benchmarks/gpu_session.sh ncu)
 """
+import sys
+
 import torch
 
 from sparserun import formats
 from sparserun.bench.kernels import random_mask_24
 from sparserun.kernels.semi24_matmul import candidate_configs, semi24_matmul
 
+if not torch.cuda.is_available():  # one line, not an AssertionError from deep inside torch
+    sys.exit("error: ncu_decode.py needs a CUDA GPU")
 torch.manual_seed(0)
 n, k = 28672, 8192
 w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)

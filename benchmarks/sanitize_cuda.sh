@@ -13,6 +13,7 @@ LOGDIR=${OUT:-benchmarks/results}
 mkdir -p "$LOGDIR"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 PY=${PYTHON:-python3}
+$PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { echo "error: $(basename "$0") needs a CUDA GPU" >&2; exit 1; }
 # build outside the sanitizer (nvcc under it would be slow and is not what we check)
 $PY -c "from sparserun.runtime import cuda_ext as c; assert c.load_extension() is not None, c.why_unavailable()" || exit 1
 read -r -d '' DRIVER <<'PYEOF'

@@ -1,5 +1,7 @@
 """Every 2:4 decode candidate config, CUDA-graph timed, on the big decode shapes: which kernel variant
 (2-D GEMV, 3-D FMA, tensor-core dot) and tile streams the packed weight fastest. Prints a table."""
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -7,6 +9,8 @@ from sparserun.bench.kernels import bench_graph, random_mask_24
 from sparserun.kernels.semi24_matmul import candidate_configs, semi24_matmul
 from sparserun import formats
 
+if not torch.cuda.is_available():  # one line, not an AssertionError from deep inside torch
+    sys.exit("error: tune_semi24_decode.py needs a CUDA GPU")
 torch.manual_seed(0)
 sms = torch.cuda.get_device_properties(0).multi_processor_count
 for n, k in ((28672, 8192), (14336, 4096), (4096, 4096)):

@@ -153,7 +153,8 @@ def stored_dtype(config, src: SourceTensors) -> torch.dtype:
     is wider than the one most of the stored bytes have: a float16 checkpoint whose config says float32 would
     come out twice its size with nothing gained (an explicit --dtype still does what it says)."""
     stored = src.floating_dtype()
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # transformers 5 calls it dtype (reading the old name warns that it is deprecated); 4.x only torch_dtype
+    dt = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)
     if not (isinstance(dt, torch.dtype) and dt.is_floating_point):

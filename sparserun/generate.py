@@ -105,8 +105,8 @@ def check_sampling(sample: bool, temperature: float | None, top_p: float | None,
     if not sample:
         named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
         if named:
-            raise GenerateError(f"{', '.join(named)} only apply to sampling: add --sample (decoding is greedy "
-                                f"without it)")
+            raise GenerateError(f"{', '.join(named)} only {'applies' if len(named) == 1 else 'apply'} to "
+                                f"sampling: add --sample (decoding is greedy without it)")
         return {}
     opts = {k: SAMPLING_DEFAULTS[k] if v is None else v for k, v in given.items()}
     if not opts["temperature"] > 0:

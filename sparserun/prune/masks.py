@@ -40,7 +40,7 @@ def resolve_sparsity(pattern: "str | Pattern", sparsity: float | None) -> float:
                              f"{fixed:g}; got sparsity={s:g} (leave it out or pass {fixed:g})")
         return s
     if fixed is None:
-        raise ValueError(f"pattern {pat} needs a target sparsity in (0, 1), e.g. sparsity=0.5")
+        raise ValueError(f"pattern {pat} needs a target sparsity in (0, 1), e.g. sparsity=0.5 (--sparsity 0.5)")
     return fixed
 
 

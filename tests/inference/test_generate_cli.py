@@ -83,7 +83,7 @@ def test_errors_are_one_line(packed, tmp_path, capsys):
         (["generate", str(path), "--prompt", "x", "--sample", "--top-k", "-1"], "--top-k must be >= 0 (0: no top-k"),
         (["generate", str(path), "--prompt", "x", "--temperature", "0.5", "--top-k", "5"],
          "--temperature, --top-k only apply to sampling: add --sample"),
-        (["generate", str(path), "--prompt", "x", "--top-k", "50"], "--top-k only apply to sampling"),  # the default
+        (["generate", str(path), "--prompt", "x", "--top-k", "50"], "--top-k only applies to sampling"),  # the default
     ]
     if not torch.cuda.is_available():
         cases.append((["generate", str(path), "--prompt", "x", "--compile"], "--compile needs a CUDA device"))
