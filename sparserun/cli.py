@@ -159,7 +159,7 @@ def seed_arg(text: str) -> int:
     """argparse type of --seed: an integer torch.manual_seed takes, checked before a model is loaded (torch's
     own check fails with "Overflow when unpacking long long" only after the load)."""
     try:
-        v = int(text, 0)
+        v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if not -2 ** 63 <= v < 2 ** 64:
