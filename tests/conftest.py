@@ -10,6 +10,14 @@ import torch
 if not torch.cuda.is_available():
     # no GPU: Triton kernels run on CPU tensors under the interpreter (DESIGN.md, "Testing without a GPU")
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] == "1":
+        # @triton.jit reads TRITON_INTERPRET when a kernel module is imported: import them all now, so a test
+        # that sets TRITON_INTERPRET=0 for itself (test_dispatch) cannot be the first import and leave every
+        # later test with kernels that need a GPU driver
+        import sparserun.kernels.bsr_matmul  # noqa: E402,F401
+        import sparserun.kernels.bsr_unpack  # noqa: E402,F401
+        import sparserun.kernels.semi24_matmul  # noqa: E402,F401
+        import sparserun.kernels.semi24_unpack  # noqa: E402,F401
 
 from pathlib import Path  # noqa: E402
 

@@ -29,9 +29,11 @@ inputs (activation checkpointing at layer granularity), so this too holds one de
                  (Gauss-Newton is exact there since the residual is 0), and for ε ~ N(0, I),
                  g = ∂⟨ε, f⟩/∂W = εᵀJ has E[g²] = diag(JᵀJ). So each window's gradient is
                  that of ⟨ε, f(x)⟩ (last hidden state, a fresh fixed-seed ε per window): obd = ½ W² · mean g²
-                 is then exactly OBD for the output-distance loss, and taylor = |W| · Σ|g| ∝ |W|·sqrt(diag JᵀJ)
-                 (E|g| = sqrt(2/π)·sqrt(E g²)) is its first-order counterpart (same ordering up to noise).
-Per-window gradients (batch 1) make mean g² the empirical Fisher rather than the square of a mean. Cost:
+                 is then OBD for the output-distance loss (in expectation over ε and the windows), and
+                 taylor = |W| · Σ|g| is its first-order counterpart: for one window's J, E|g| =
+                 sqrt(2/π)·sqrt(diag JᵀJ), so across windows the two orderings agree up to how J varies.
+Per-window gradients (batch 1; each the mean over the window's tokens) make mean g² a per-window (mini-batch)
+empirical Fisher, not the square of a mean over all windows, and not a per-token Fisher either. Cost:
 one dense forward + one forward/backward per layer and window; memory: one layer, its fp32 statistic
 (4 bytes per weight) and the saved layer inputs (layers × nsamples × seqlen × hidden), which a converter
 spills to disk.

@@ -336,7 +336,7 @@ class MovementPruner:
                 # no movement seen yet (initial_sparsity > 0 at step 0): all-zero scores would tie-break by
                 # position (2:4 kept columns 2 and 3 of every group) for the whole warm-up; magnitude is the
                 # informed choice, pooled per block as the scores are
-                w = linear_weight(st.linear).detach().float().square()  # block L2 norms, as magnitude_mask
+                w = linear_weight(st.linear).detach().float().abs()  # block sums of |w|, as magnitude_mask
                 sc = (w.reshape(sc.shape[0], st.block, sc.shape[1], st.block).sum(dim=(1, 3)) if st.block else w)
             if st.block:
                 st.mask = select_mask(sc, self.pattern, sparsity, balance_rows=self.balance_rows, name=st.name)

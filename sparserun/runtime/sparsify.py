@@ -7,7 +7,7 @@ The mask of each layer is explicit, never `weight != 0` (a kept weight may be 0.
 * no `masks`: sparsify_ picks a magnitude mask itself (this prunes the model; use sparserun.prune for
   better methods):
       N:M (e.g. 2:4)   keep the N largest |w| of every M consecutive weights along the input dim
-      BxB blocks       keep the (1 - sparsity) fraction of B x B blocks with the largest L2 norm (per layer)
+      BxB blocks       keep the (1 - sparsity) fraction of B x B blocks with the largest sum of |w| (per layer)
       unstructured     keep the (1 - sparsity) fraction of weights with the largest |w| (per layer)
   Blocks and unstructured need `sparsity=`; N:M implies it.
 
@@ -67,39 +67,11 @@ def default_filter(module: nn.Module, name: str) -> bool:
 
 def magnitude_mask(weight: torch.Tensor, pattern: "str | Pattern", sparsity: float | None = None,
                    name: str = "weight") -> torch.Tensor:
-    """A bool mask of `weight`'s shape that fits `pattern`, chosen by magnitude (see module docstring)."""
-    pat = parse(pattern)
-    w = weight.detach().abs().float()
-    n, k = w.shape
-    if pat.kind == "nm":
-        if sparsity is not None and abs(sparsity - pat.fixed_sparsity) > 1e-6:
-            raise ValueError(f"pattern {pat} implies sparsity {pat.fixed_sparsity:g}, got sparsity={sparsity}")
-        m = pat.m
-        kp = (k + m - 1) // m * m
-        scores = torch.full((n, kp), -float("inf"), device=w.device)
-        scores[:, :k] = w
-        idx = scores.view(n, kp // m, m).topk(pat.n, dim=-1).indices
-        mask = torch.zeros(n, kp // m, m, dtype=torch.bool, device=w.device)
-        mask.scatter_(-1, idx, True)
-        return mask.view(n, kp)[:, :k].contiguous()
-    if sparsity is None:
-        raise ValueError(f"pattern {pat} needs a target sparsity (sparsity=0.5 keeps half)")
-    from ..prune.masks import resolve_sparsity
+    """A bool mask of `weight`'s shape that fits `pattern`, chosen by magnitude (see module docstring): the
+    selection `sparserun.prune(method="magnitude")` makes, so both name the same mask."""
+    from ..prune.masks import select
 
-    sparsity = resolve_sparsity(pat, sparsity)  # (0, 1) as in prune and convert: 1.0 packed all-zero layers
-    if pat.kind == "block":
-        b = pat.block
-        if n % b or k % b:
-            raise formats.UnsupportedShape(f"{name}: shape {n}x{k} is not divisible by the {b}x{b} block size")
-        norms = w.view(n // b, b, k // b, b).pow(2).sum(dim=(1, 3)).flatten()
-        keep = round((1.0 - sparsity) * norms.numel())
-        blocks = torch.zeros_like(norms, dtype=torch.bool)
-        blocks[norms.topk(keep).indices] = True
-        return blocks.view(n // b, k // b).repeat_interleave(b, 0).repeat_interleave(b, 1)
-    keep = round((1.0 - sparsity) * w.numel())
-    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-    mask[w.flatten().topk(keep).indices] = True
-    return mask.view(n, k)
+    return select(weight.detach().abs(), pattern, sparsity, name=name)
 
 
 def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None,

@@ -38,6 +38,16 @@ def _load(path):
     return model
 
 
+def _next_token(model, logits):
+    """Greedy next token as `_greedy` picks it: min_new_tokens keeps generate from choosing EOS, so a
+    hand-written loop compared with it must not either (a random model may well rank EOS first)."""
+    logits = logits[:, -1].clone()
+    eos = model.generation_config.eos_token_id
+    if eos is not None:
+        logits[:, eos] = -float("inf")
+    return logits.argmax(-1, keepdim=True)
+
+
 def _greedy(model, enc, n=NEW, **kw):
     with torch.no_grad():
         return model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
@@ -105,7 +115,7 @@ def test_hand_written_decode_loop_with_dynamic_cache(pair):
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         toks = []
         for _ in range(NEW):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            nxt = _next_token(model, out.logits)
             toks.append(nxt)
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
             pos = pos[:, -1:] + 1
@@ -125,7 +135,7 @@ def _static_decode(model, fwd, ids, n, max_len=64):
         out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(p), use_cache=True)
         toks = []
         for i in range(n):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            nxt = _next_token(model, out.logits)
             toks.append(nxt)
             cp = torch.tensor([p + i])
             out = fwd(input_ids=nxt, past_key_values=cache, cache_position=cp, position_ids=cp[None],
@@ -331,7 +341,7 @@ def test_gpu_manual_compile_reduce_overhead_uses_cuda_graphs(tmp_path, pattern, 
                     use_cache=True)
         toks = []
         for i in range(n):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            nxt = _next_token(model, out.logits)
             toks.append(nxt)
             cp = torch.tensor([p + i], device="cuda")
             out = step(input_ids=nxt, past_key_values=cache, cache_position=cp, position_ids=cp[None],

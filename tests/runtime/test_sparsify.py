@@ -47,18 +47,20 @@ def test_magnitude_nm_mask_matches_brute_force(n, m, k, gen):
 
 
 def test_magnitude_block_and_unstructured_masks(gen):
+    """sparsify_'s masks are prune(method="magnitude")'s: blocks were ranked by L2 there and by L1 here, and
+    picked different blocks of the same layer."""
     w = torch.randn(64, 96, generator=gen)
     mask = magnitude_mask(w, "32x32", sparsity=0.5)
     blocks = mask.view(2, 32, 3, 32)[:, 0, :, 0]
     assert int(blocks.sum()) == 3
-    norms = w.view(2, 32, 3, 32).pow(2).sum(dim=(1, 3))
-    assert norms[blocks].min() > norms[~blocks].max()
+    sums = w.abs().view(2, 32, 3, 32).sum(dim=(1, 3))  # the block score prune(method="magnitude") uses too
+    assert sums[blocks].min() > sums[~blocks].max()
     assert torch.equal(mask, blocks.repeat_interleave(32, 0).repeat_interleave(32, 1))
     u = magnitude_mask(w, "unstructured", sparsity=0.75)
     assert int(u.sum()) == 64 * 96 // 4 and w.abs()[u].min() > w.abs()[~u].max()
     with pytest.raises(ValueError, match="needs a target sparsity"):
         magnitude_mask(w, "32x32")
-    with pytest.raises(ValueError, match="implies sparsity 0.5"):
+    with pytest.raises(ValueError, match="so its sparsity is 0.5; got sparsity=0.7"):
         magnitude_mask(w, "2:4", sparsity=0.7)
     for bad in (1.5, 1.0, 0.0):  # 1.0 packed an all-zero layer and reported it "sparsified"
         with pytest.raises(ValueError, match=r"sparsity must be in \(0, 1\)"):
@@ -155,3 +157,15 @@ def test_a_target_that_rounds_to_zero_blocks_leaves_the_layer_dense(gen):
     assert not any(isinstance(m, SparseLinear) for m in model.modules())
     sparserun.sparsify_(model, "32x32", sparsity=0.5, filter_fn=lambda m, n: n == "blocks.0")
     assert isinstance(model.blocks[0], SparseLinear)
+
+
+
+def test_magnitude_ranks_blocks_by_the_sum_of_abs_w():
+    """One block holds a single large weight (squares 16, sum 4), the other many small ones (squares 10.2,
+    sum 51.2): the block sum keeps the second, as prune(method="magnitude") does (an L2 ranking kept the
+    first)."""
+    w = torch.zeros(16, 32)
+    w[0, 0] = 4.0  # block (0, 0)
+    w[:, 16:] = 0.2  # block (0, 1): 256 weights of 0.2
+    mask = magnitude_mask(w, "16x16", sparsity=0.5)
+    assert mask[:, 16:].all() and not mask[:, :16].any()
