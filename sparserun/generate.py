@@ -92,11 +92,12 @@ def check_causal_lm(model, model_dir) -> None:
                             f"LlamaForCausalLM, T5ForConditionalGeneration)")
 
 
-SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}  # transformers' own defaults
 
 
 def check_sampling(sample: bool, temperature: float | None, top_p: float | None, top_k: int | None) -> dict:
-    """The sampling options with defaults filled in ({} for greedy decoding). None means not given."""
+    """The sampling options given, checked ({} for greedy decoding). None means not given: generate() then
+    takes the model's own (its generation_config.json, as from_pretrained does: Llama-3-Instruct samples at
+    temperature 0.6, top-p 0.9), else transformers' 1.0, 1.0 and 50."""
     # checked even without --sample: a wrong value is a mistake either way, and it is cheaper to hear now
     # (`not x > 0` is also true for nan). Without --sample, a sampling option that was given would be ignored
     # (greedy decoding reads none of them): say so rather than decode greedily behind the user's back, also
@@ -108,13 +109,13 @@ def check_sampling(sample: bool, temperature: float | None, top_p: float | None,
             raise GenerateError(f"{', '.join(named)} only {'applies' if len(named) == 1 else 'apply'} to "
                                 f"sampling: add --sample (decoding is greedy without it)")
         return {}
-    opts = {k: SAMPLING_DEFAULTS[k] if v is None else v for k, v in given.items()}
-    if not opts["temperature"] > 0:
+    opts = {k: v for k, v in given.items() if v is not None}
+    if "temperature" in opts and not opts["temperature"] > 0:
         raise GenerateError(f"--temperature must be > 0, got {opts['temperature']} (for greedy decoding leave "
                             f"out --sample)")
-    if not 0 < opts["top_p"] <= 1:
+    if "top_p" in opts and not 0 < opts["top_p"] <= 1:
         raise GenerateError(f"--top-p must be in (0, 1], got {opts['top_p']}")
-    if opts["top_k"] < 0:
+    if "top_k" in opts and opts["top_k"] < 0:
         raise GenerateError(f"--top-k must be >= 0 (0: no top-k filter), got {opts['top_k']}")
     return opts
 
@@ -180,7 +181,8 @@ def generate(model_dir, prompt: str, *, max_new_tokens: int = 64, device=None, d
              tokenizer: str | None = None, out=None, progress: bool = False) -> dict:
     """Stream a completion of `prompt` to `out` (stdout) and return timings:
     {"text", "new_tokens", "prompt_tokens", "ttft_s", "decode_tokens_per_s", "total_s", "device", "dtype"}.
-    temperature, top_p, top_k: only with sample=True (default 1.0, 1.0, 50, transformers' own)."""
+    temperature, top_p, top_k: only with sample=True (default: the model's generation_config.json, else
+    transformers' 1.0, 1.0, 50). The model's end-of-sequence tokens are its generation config's too."""
     import sparserun
 
     out = out or sys.stdout
@@ -298,10 +300,11 @@ def add_parser(sub) -> None:
     mode.add_argument("--greedy", dest="sample", action="store_false", help="greedy decoding (default)")
     mode.add_argument("--sample", dest="sample", action="store_true", help="sample (see --temperature/--top-p/--top-k)")
     p.set_defaults(sample=False)
-    p.add_argument("--temperature", type=float, default=None, help="with --sample (default 1.0)")
-    p.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus filter (default 1.0, off)")
-    p.add_argument("--top-k", type=int, default=None, help="with --sample: keep the k likeliest tokens (default "
-                                                            "50; 0 turns the filter off)")
+    p.add_argument("--temperature", type=float, default=None, help="with --sample (default: the model's generation config, else 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus filter (default: the model's generation "
+                                                             "config, else 1.0, off)")
+    p.add_argument("--top-k", type=int, default=None, help="with --sample: keep the k likeliest tokens (default: the "
+                                                            "model's generation config, else 50; 0: no filter)")
     p.add_argument("--seed", type=seed_arg, default=None, help="seed the sampler")
     p.add_argument("--ignore-eos", action="store_true", help="always produce --max-new-tokens tokens (for timing)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")

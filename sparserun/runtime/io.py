@@ -217,6 +217,21 @@ def _usable_device(device) -> torch.device:
     return dev
 
 
+def _read_generation_config(path, model: nn.Module) -> None:
+    """The checkpoint's generation_config.json (copied from the source), as from_pretrained reads it: it may name
+    end-of-turn tokens config.json's eos_token_id does not (Llama-3-Instruct, Qwen2-Instruct), so without it
+    generate() ran past them to max_new_tokens; also the model's default sampling settings."""
+    f = Path(path) / "generation_config.json"
+    if not f.is_file() or getattr(model, "generation_config", None) is None:
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:  # malformed JSON, values GenerationConfig refuses
+        raise CheckpointError(f"{f}: not a valid generation config ({' '.join(str(e).split())[:200]})") from None
+
+
 def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = True, model_class=None,
          progress: bool | None = None, group_siblings: bool | None = None) -> nn.Module:
     """Load a packed checkpoint directory as a model (eval mode) on `device`.
@@ -237,6 +252,7 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
     reader = CheckpointReader(path, verify=verify)
     config = ckpt.read_hf_config(path)
     model = _build(config, reader.manifest, model_class)
+    _read_generation_config(path, model)
     # MoE experts the checkpoint stores per expert (packed or pruned): unroll them to match (runtime/experts.py)
     experts.unroll_stored(model, list(reader.tensor_map) + list(reader.aliases))
 

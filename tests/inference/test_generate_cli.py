@@ -207,3 +207,28 @@ def test_a_utf8_prompt_in_an_ascii_locale(packed):
                         "--max-new-tokens", "3", "--ignore-eos"], env=env, capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr.decode("ascii", "replace")[-800:]
     assert b"3 new tokens" in r.stderr
+
+
+def test_stops_at_an_end_token_listed_only_in_the_generation_config(packed, tmp_path):
+    """Instruct models list their end-of-turn token in generation_config.json only; load ignored that file,
+    and generate ran on to --max-new-tokens. Here the end token is whatever greedy decoding emits 4th."""
+    import io
+    import json
+    import shutil
+
+    from sparserun.generate import generate
+
+    _, path = packed
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(path, ckpt)
+    tok = make_tokenizer()
+    ids = tok("The ferry leaves the", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        free = sparserun.load(ckpt).generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    end = int(free[0, ids.shape[1] + 3])
+    f = ckpt / "generation_config.json"
+    cfg = json.loads(f.read_text()) if f.exists() else {}
+    cfg["eos_token_id"] = [tok.eos_token_id, end]
+    f.write_text(json.dumps(cfg))
+    res = generate(ckpt, "The ferry leaves the", max_new_tokens=12, out=io.StringIO())
+    assert res["new_tokens"] <= 4

@@ -156,6 +156,22 @@ def test_saving_a_pruned_but_unpacked_model_warns(tmp_path):
     assert size(tmp_path / "packed") < size(tmp_path / "dense")
 
 
+def test_load_reads_the_generation_config(tmp_path):
+    """generation_config.json was copied into the checkpoint but never read: an end-of-turn token listed only
+    there (as Llama-3-Instruct lists its <|eot_id|>) did not stop generate(), which ran to max_new_tokens."""
+    model = tiny_llama()
+    model.generation_config.eos_token_id = [2, 50]
+    model.generation_config.temperature = 0.6
+    sparserun.sparsify_(model, pattern="2:4", progress=False)
+    sparserun.save(model, tmp_path / "p")
+    loaded = sparserun.load(tmp_path / "p")
+    assert loaded.generation_config.eos_token_id == [2, 50] and loaded.generation_config.temperature == 0.6
+    assert loaded.config.eos_token_id != [2, 50]  # the list lives only in generation_config.json
+    (tmp_path / "p" / "generation_config.json").write_text("{not json")
+    with pytest.raises(ck.CheckpointError, match=r"generation_config\.json: not a valid generation config"):
+        sparserun.load(tmp_path / "p")
+
+
 def test_untied_llama_and_fallback_class(tmp_path):
     model = tiny_llama(tie=False, seed=1)
     sparserun.sparsify_(model, "2:4", filter_fn=lambda m, n: True)  # lm_head too (untied, 101x64)
