@@ -4,8 +4,8 @@
 
 DIR and SRC may each be a packed checkpoint (has sparserun.json: loaded with sparserun.load) or a plain
 Hugging Face directory. The text is cut into consecutive, non-overlapping windows of `seqlen` tokens (each
-wrapped in the tokenizer's special tokens, like the calibration windows), so every token is used once and
-the numbers are deterministic.
+wrapped in the tokenizer's special tokens, like the calibration windows), so no token is used twice and the
+numbers are deterministic; a tail shorter than a window is left out.
 
     perplexity   exp(mean next-token negative log-likelihood over all predicted tokens), causal LMs only
     cosine       cosine similarity of the last hidden state (the encoder output, or the hidden state fed to
@@ -218,6 +218,13 @@ def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsampl
         seqlen = min(default_seqlen(getattr(m, "config", None)) for m in models.values())
     check_windows(seqlen, nsamples, models)
     ids = windows(tok, text, seqlen, nsamples, source=f"evaluation text {text_file}")
+    for name, m in models.items():  # a --tokenizer of a larger vocabulary: an IndexError deep in the embedding
+        emb = m.get_input_embeddings() if hasattr(m, "get_input_embeddings") else None
+        rows = getattr(emb, "num_embeddings", None)
+        if rows is not None and int(ids.max()) >= rows:
+            raise EvalError(f"the tokenizer{f' {tokenizer}' if tokenizer is not None else ''} gives token ids up "
+                            f"to {int(ids.max())}, but {name}'s embedding has {rows} rows: use the model's own "
+                            f"tokenizer")
     result = {"model": str(path), "text": str(text_file), "windows": ids.shape[0], "seqlen": ids.shape[1],
               "tokens": int(ids.numel()), "causal_lm": calibrate.is_causal_lm(model)}
     if result["causal_lm"]:

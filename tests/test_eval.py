@@ -214,3 +214,14 @@ def test_cli_prints_sparseruns_own_warnings_as_one_line(tmp_path, minilm_dir):
     assert rc == 0 and "output cosine similarity" in out
     line = f"warning: 100% of the 40 tokens of evaluation text {emoji} are the unknown token '[UNK]'"
     assert [ln for ln in err.splitlines() if "unknown token" in ln][0].startswith(line), err
+
+
+def test_a_tokenizer_with_a_larger_vocabulary_is_refused(tmp_path, dirs, minilm_dir):
+    """--tokenizer of another model whose ids pass the embedding's size: was `IndexError: index out of range
+    in self` from deep inside the embedding."""
+    text = tmp_path / "t.txt"
+    text.write_text("Sparse matrices keep only the weights that matter. " * 20)
+    rc, out, err = run_cli("eval", dirs[1], "--text", text, "--seqlen", "32", "--tokenizer", minilm_dir,
+                           "--quiet", split=True)
+    assert rc == 1 and "embedding has" in err and "use the model's own tokenizer" in err, err
+    assert len(err.strip().splitlines()) == 1
