@@ -19,6 +19,7 @@ and dtype the record implies. Tensor data is read lazily through safetensors' me
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -120,6 +121,13 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise OutputExists(f"output {out} exists and is a file, not a directory; choose a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExists(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
+    if not out.exists():
+        # a replace of OUT by an older sparserun (or one whose file system cannot exchange two names) was killed
+        # between moving the old checkpoint aside and moving the new one in: the old one is all there is
+        left = sorted(out.absolute().parent.glob(glob.escape(_hidden_name(out, "old")) + "*"))
+        if left:
+            raise OutputExists(f"{out} is missing, but {left[0]} holds the checkpoint that an interrupted replace "
+                               f"moved aside; move it back to {out} (or delete it), then run again")
 
 
 def read_hf_config(path, error=None):
@@ -209,6 +217,12 @@ def source_files(source_dir: "str | os.PathLike") -> list[Path]:
             # never copy weights that happen to match a glob (e.g. a "tokenizer.safetensors" is not a thing we copy)
             if p.is_file() and p.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
                 found.setdefault(p.name, p)
+    for p in found.values():  # one that cannot be read must fail when the writer starts, not after the work
+        try:
+            with open(p, "rb"):
+                pass
+        except OSError as e:
+            raise CheckpointError(f"{p} cannot be read ({e.strerror}); it is copied into the output") from None
     return [found[k] for k in sorted(found)]
 
 
@@ -230,7 +244,7 @@ def _signals_deferred():
     half-removed temp dir behind as hidden siblings of OUT. Only Python-level handlers can be held (a signal
     left at the OS default still ends the process at once), and only from the main thread."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
     held, previous = [], {}
     for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
@@ -241,7 +255,7 @@ def _signals_deferred():
             previous[sig] = handler
             signal.signal(sig, lambda signum, frame: held.append(signum))
     try:
-        yield
+        yield held
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -250,9 +264,55 @@ def _signals_deferred():
 
 
 def _hidden_name(out: Path, kind: str) -> str:
-    """Prefix of OUT's temp siblings: `.OUT.tmp-` (cut so that it and the random suffix fit the 255-byte name
-    limit when OUT's own name nearly fills it)."""
-    return f".{out.name[:200]}.{kind}-"
+    """Prefix of OUT's temp siblings: `.OUT.tmp-` (cut to 200 bytes, not characters, so that it and the random
+    suffix fit the 255-byte name limit when OUT's own name nearly fills it, in any script)."""
+    return f".{os.fsdecode(os.fsencode(out.name)[:200])}.{kind}-"
+
+
+@contextmanager
+def _parent_locked(d: Path):
+    """An exclusive flock on OUT's parent directory for the commit: two writers of one OUT (two `--overwrite`
+    runs) commit one after the other instead of interleaving their renames (which left old checkpoints behind as
+    hidden siblings, and failed with "Directory not empty"). No lock file is left; where flock is missing or
+    refused (no fcntl, some network file systems) the commit runs unlocked."""
+    try:
+        import fcntl
+
+        fd = os.open(d, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the directory entries a and b in one step (Linux renameat2 RENAME_EXCHANGE), so there is never a
+    moment without b. False where the kernel, libc or file system cannot; other errors raise."""
+    import ctypes
+    import errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc older than glibc 2.28
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def linked_into(src: Path, out: Path) -> Path | None:
@@ -351,6 +411,15 @@ class CheckpointWriter:
         check_output_dir(self.out, overwrite)
         if self.out.is_symlink():  # a link to a directory: write there (the link keeps pointing at OUT)
             self.out = self.out.resolve()
+        stale = sorted(self.out.parent.glob(glob.escape(_hidden_name(self.out, "tmp")) + "*"))
+        if stale:  # a killed write (or one running now) leaves its temp folder: say so rather than fill the disk
+            import warnings
+
+            from . import SparserunWarning
+
+            warnings.warn(f"{len(stale)} temp folder(s) of earlier writes of {self.out.name} are next to it (e.g. "
+                          f"{stale[0]}): left by a killed run, or in use by one still writing; delete them if no "
+                          f"other process is writing {self.out}", SparserunWarning, stacklevel=3)
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=_hidden_name(self.out, "tmp"), dir=self.out.parent))
@@ -449,8 +518,12 @@ class CheckpointWriter:
 
         fname = f"shard-{len(self._shards) + 1:05d}.safetensors"
         path = self.tmp / fname
-        save_file(self._buf, str(path), metadata={"format": "pt", "producer": "sparserun"})
-        _fsync_file(path)
+        try:
+            save_file(self._buf, str(path), metadata={"format": "pt", "producer": "sparserun"})
+            _fsync_file(path)
+        except Exception as e:  # a full disk: safetensors' message names neither OUT nor where it wrote
+            raise CheckpointError(f"cannot write the output {self.out} (a shard in {self.tmp.parent}): "
+                                  f"{' '.join(str(e).split())[:300]}") from e
         for name in self._buf:
             self.tensors[name]["shard"] = fname
         self._shards.append(fname)
@@ -493,16 +566,28 @@ class CheckpointWriter:
                     raise CheckpointError(f"alias {alias!r} points to {target!r}, which was not saved")
             self._flush()
             final = self._rename_shards()
-            self._write_config()
+            try:
+                self._write_config()
+            except OSError as e:  # ENOSPC while copying the tokenizer: say which output it was for
+                what = Path(e.filename).name if e.filename else "the config and tokenizer files"
+                raise CheckpointError(f"cannot write the output {self.out}: {e.strerror or e} (copying "
+                                      f"{what})") from e
             manifest = self._manifest(final)
             mpath = self.tmp / MANIFEST
             mpath.write_text(json.dumps(manifest, indent=1) + "\n")
             _fsync_file(mpath)
             self._fix_permissions()
             _fsync_dir(self.tmp)
-            with _signals_deferred():
+            with _signals_deferred() as held:
                 self._move_into_place()
-                self._done = True  # an interrupt held until here is raised over a complete OUT
+                self._done = True
+                if held:  # raised once this block ends: say that it came after OUT was complete
+                    import warnings
+
+                    from . import SparserunWarning
+
+                    warnings.warn(f"{self.out} was written completely before the interrupt", SparserunWarning,
+                                  stacklevel=2)
         except BaseException:
             self.abort()
             raise
@@ -556,11 +641,21 @@ class CheckpointWriter:
 
     def _move_into_place(self) -> None:
         out = self.out
-        if out.exists() and not any(out.iterdir()):
-            out.rmdir()
-        if out.exists():
+        with _parent_locked(out.parent):
+            if out.exists() and not any(out.iterdir()):
+                out.rmdir()
+            if not out.exists():
+                os.replace(self.tmp, out)
+                _fsync_dir(out.parent)
+                return
             if not self.overwrite:  # appeared while we were writing
                 raise OutputExists(f"output directory {out} exists and is not empty")
+            if _exchange(self.tmp, out):  # OUT is the new checkpoint; the temp name now holds the old one
+                _fsync_dir(out.parent)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
+            # two renames: a kill between them leaves OUT missing and the old checkpoint in `old`, which
+            # check_output_dir then names rather than let a new run write OUT as if nothing had been there
             old = Path(tempfile.mkdtemp(prefix=_hidden_name(out, "old"), dir=out.parent))
             old.rmdir()
             os.replace(out, old)
@@ -571,9 +666,6 @@ class CheckpointWriter:
                 raise
             _fsync_dir(out.parent)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, out)
-            _fsync_dir(out.parent)
 
     def abort(self) -> None:
         """Drop everything written so far (OUT is untouched)."""

@@ -110,6 +110,9 @@ def run(out: str | None = None, device: str | None = None, quiet: bool = False,
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
     if out:  # the user's directory: refuse, before any work, to replace what is already there
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ConvertError(f"--out {out} is a file; give a directory (the checkpoints go in OUT/2of4 and "
+                               f"OUT/32x32)")
         for _, _, pattern, _ in CASES:
             check_output_dir(Path(out) / pattern.replace(":", "of"), overwrite)
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="sparserun-demo-"))

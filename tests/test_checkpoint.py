@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sparserun
 from sparserun import checkpoint as ck
 from sparserun import formats
 from sparserun.checkpoint import CheckpointReader, CheckpointWriter
@@ -171,17 +172,19 @@ def test_failure_leaves_nothing(tmp_path, gen):
     assert no_leftovers(tmp_path, "o")
 
 
-def test_ctrl_c_during_the_commit_is_held_until_out_is_complete(ckpt, gen, monkeypatch, request):
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_ctrl_c_during_the_commit_is_held_until_out_is_complete(ckpt, gen, monkeypatch, request, exchange):
     """Ctrl-C between swapping the new OUT in and removing the old one used to leave the old checkpoint behind
     as a hidden sibling (and could interrupt the removal of a temp dir half-way). It is held until the commit
-    is done, then raised: OUT is the complete new checkpoint and nothing is left next to it."""
+    is done, then raised, with a warning that OUT was complete: OUT is the new checkpoint and nothing is left
+    next to it. Both commits: the one-step exchange, and the two renames where the file system has none."""
     import signal
 
     out, _, _ = ckpt
     # Python's own Ctrl-C handler, whatever an earlier test or library left installed (restored below)
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
-    real_replace = os.replace
+    real_replace, real_exchange = os.replace, ck._exchange
     calls = []
 
     def replace_then_interrupt(a, b):
@@ -190,8 +193,16 @@ def test_ctrl_c_during_the_commit_is_held_until_out_is_complete(ckpt, gen, monke
         if Path(b) == out:  # OUT moved aside, new OUT in place; the old one is not removed yet
             signal.raise_signal(signal.SIGINT)
 
+    def exchange_then_interrupt(a, b):
+        assert real_exchange(a, b)
+        calls.append(Path(b))
+        signal.raise_signal(signal.SIGINT)  # new OUT in place, the old one (now at a) not removed yet
+        return True
+
     monkeypatch.setattr(ck.os, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(ck, "_exchange", exchange_then_interrupt if exchange else lambda a, b: False)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(sparserun.SparserunWarning,
+                                                        match="written completely before the interrupt"):
         with CheckpointWriter(out, config={**CONFIG, "hidden_size": 8}, overwrite=True) as w:
             w.add_tensor("x", torch.randn(3, generator=gen))
     assert calls[-1] == out
@@ -200,6 +211,94 @@ def test_ctrl_c_during_the_commit_is_held_until_out_is_complete(ckpt, gen, monke
         assert r.get_tensor("x").shape == (3,)
     assert no_leftovers(out.parent, out.name)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_a_replace_killed_between_its_renames_is_not_papered_over(tmp_path, gen):
+    """Killed after OUT was moved aside and before the new one moved in (the two-rename commit), the old
+    checkpoint was left as a hidden .OUT.old-* and the next run wrote OUT as if nothing had been there."""
+    out = tmp_path / "o"
+    write(out, gen)
+    aside = tmp_path / ".o.old-x1y2"
+    os.replace(out, aside)
+    with pytest.raises(ck.OutputExists, match=r"o is missing, but .*\.o\.old-x1y2 holds the checkpoint"):
+        CheckpointWriter(out, config=CONFIG)
+    os.replace(aside, out)  # what the message says to do
+    write(out, gen, overwrite=True)
+
+
+def test_concurrent_overwrites_of_one_out(tmp_path):
+    """Three processes replacing the same OUT over and over: every commit succeeds, OUT is always one whole
+    checkpoint, and no old checkpoint is left behind (interleaved renames failed with "Directory not empty"
+    and orphaned .OUT.old-* copies)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    code = ("import sys, torch; from sparserun.checkpoint import CheckpointWriter\n"
+            "for i in range(40):\n"
+            "    with CheckpointWriter(sys.argv[1], config={'model_type': 'bert', 'i': i}, overwrite=True) as w:\n"
+            "        w.add_tensor('x', torch.full((1000,), float(i)))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    with CheckpointReader(out) as r:
+        assert r.get_tensor("x").shape == (1000,)
+    assert no_leftovers(tmp_path, "o")
+
+
+def test_a_full_disk_names_the_output_and_keeps_the_old_one(ckpt, gen, monkeypatch):
+    """safetensors' own ENOSPC message named neither OUT nor the folder it wrote in."""
+    import safetensors.torch
+
+    out, _, _ = ckpt
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(ck.CheckpointError, match=rf"cannot write the output {out} \(a shard in "
+                                                 rf"{out.parent}\): .*No space left on device"):
+        write(out, gen, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and no_leftovers(out.parent, out.name)
+
+
+def test_an_unreadable_file_to_copy_fails_before_the_work(tmp_path, monkeypatch):
+    """A tokenizer file the user cannot read failed only at the end, after the whole conversion."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(CONFIG))
+    (src / "vocab.txt").write_text("a\n")
+    real_open = open
+
+    def no_vocab(path, *a, **k):
+        if str(path).endswith("vocab.txt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    import builtins
+
+    monkeypatch.setattr(builtins, "open", no_vocab)  # as for a file of mode 000 (root would read it anyway)
+    with pytest.raises(ck.CheckpointError, match=r"vocab\.txt cannot be read \(Permission denied\)"):
+        CheckpointWriter(tmp_path / "o", source_dir=src)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_temp_folders_left_by_a_killed_write_are_named(tmp_path, gen):
+    """kill -9 during a write leaves its hidden temp folder (GBs for a real model), and nothing ever said so."""
+    (tmp_path / ".o.tmp-abc123").mkdir()
+    with pytest.warns(sparserun.SparserunWarning, match=r"1 temp folder\(s\) of earlier writes of o .*\.o\.tmp-abc123"):
+        write(tmp_path / "o", gen)
+    assert (tmp_path / "o" / "sparserun.json").is_file()
+
+
+def test_a_long_name_in_a_non_latin_script(tmp_path, gen):
+    """The temp name was cut to 200 characters, not bytes: 121 x "é" (242 bytes, a legal name) overflowed."""
+    write(tmp_path / ("é" * 121), gen)
+    assert (tmp_path / ("é" * 121) / "sparserun.json").is_file() and no_leftovers(tmp_path, "é" * 121)
 
 
 def test_writer_refusals(tmp_path, gen):

@@ -99,3 +99,17 @@ def test_a_failed_demo_leaves_no_temp_dir(tmp_path, monkeypatch):
         demo.run(device="cpu", quiet=True, model=str(bad))
     assert not list(scratch.glob("sparserun-demo-*"))  # (torch may put its own caches there)
 
+
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch):
+    """--out naming a file loaded the model first, then failed with "File exists" on OUT/2of4."""
+    from sparserun import eval as ev
+    from sparserun.convert import ConvertError
+
+    f = tmp_path / "outfile"
+    f.write_text("mine")
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ConvertError, match=r"--out .*outfile is a file; give a directory"):
+        demo.run(out=str(f), device="cpu", quiet=True)
+    assert f.read_text() == "mine"

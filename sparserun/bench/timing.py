@@ -99,8 +99,10 @@ def check_out_dir(out_dir, flag: str = "--out") -> Path:
         raise OSError(f"cannot write results to {flag} {out}: it is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        with tempfile.TemporaryFile(dir=out) as f:  # a byte written and flushed: a full disk fails here
+            f.write(b"x")
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
         raise OSError(f"cannot write results to {flag} {out}: {e.strerror or e}") from None
     return out
@@ -108,13 +110,20 @@ def check_out_dir(out_dir, flag: str = "--out") -> Path:
 
 def write_atomically(path: Path, write) -> None:
     """`write(tmp)` then rename onto `path`: a crash never leaves a half-written results file, and a failed
-    write leaves the previous file as it was. The temp name keeps the suffix (matplotlib picks the format
-    from it)."""
+    write leaves the previous file as it was. The temp name is unique (two runs writing the same day's file
+    shared one and tore each other's JSON) and keeps the suffix (matplotlib picks the format from it)."""
+    import tempfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
+        umask = os.umask(0)  # mkstemp's 0600 -> what open() would have made: results are for sharing
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

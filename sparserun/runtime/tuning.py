@@ -202,6 +202,7 @@ class Tuner:
         self._lock = threading.Lock()
         self.tuned_now: list[str] = []  # keys timed by this process (reports, tests)
         self._warned: set = set()  # (path, mtime, size, problem) already warned about: once per bad file
+        self._unreadable = False  # the file exists but cannot be read (permissions): never replace it
 
     # ---- disk -------------------------------------------------------------------------------------
     def _read_disk(self) -> dict[str, dict]:
@@ -210,7 +211,15 @@ class Tuner:
         try:  # exists() itself raises on an unreadable parent (EACCES) or an over-long path (ENAMETOOLONG)
             if not self.path.exists():
                 return {}
-            data = json.loads(self.path.read_text())
+            try:
+                text = self.path.read_text()
+            except (PermissionError, IsADirectoryError) as e:
+                # not corrupt, just not ours to read (another user's cache): replacing it would throw away
+                # their entries; this process keeps its choices in memory instead
+                self._unreadable = True
+                self._warn_once(f"cannot be read ({e.strerror}); choices kept in memory, the file left as it is")
+                return {}
+            data = json.loads(text)
             if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(
                     data.get("entries"), dict):
                 raise ValueError("not a sparserun tuning cache of schema %d" % SCHEMA)
@@ -244,6 +253,9 @@ class Tuner:
         try:
             with _FileLock(self.path.with_name(self.path.name + ".lock")):
                 entries = self._read_disk()
+                if self._unreadable:
+                    self._mem.update(new)
+                    return
                 entries.update(new)
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")

@@ -83,3 +83,30 @@ def test_an_unwritable_out_is_refused_before_the_run(tmp_path, monkeypatch):
     blocker.write_text("x")
     with pytest.raises(OSError, match=f"cannot write results to --out {blocker / 'sub'}"):
         main(["--dry-run", "--out", str(blocker / "sub")])
+
+
+def test_two_writers_of_one_results_file(tmp_path):
+    """Two runs writing the same day's file shared one temp name: one's rename found the other's temp gone
+    (FileNotFoundError) and readers saw torn JSON. Each write now has its own temp file."""
+    import json
+    import threading
+
+    from sparserun.bench import timing
+
+    path = tmp_path / "r.json"
+    errors = []
+
+    def writer(tag):
+        try:
+            for i in range(100):
+                timing.write_json(path, {"writer": tag, "i": i, "rows": list(range(200))})
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and json.loads(path.read_text())["i"] == 99
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp left behind

@@ -3,6 +3,7 @@ corrupt cache file, concurrent writers, capture/compile fallbacks, forced backen
 import json
 import os
 import multiprocessing as mp
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +152,28 @@ def test_an_unreadable_cache_path_is_not_a_crash(tmp_path):
     assert tuner.lookup(KEY) is None
     assert tuner.choose(KEY, t.cands(["triton", "dense"])) == "triton"
     assert tuner.lookup(KEY) == "triton"
+
+
+def test_a_cache_file_that_cannot_be_read_is_left_alone(tmp_path, monkeypatch):
+    """Another user's cache (mode 000 in a shared folder) was read as empty and replaced: their entries were
+    lost. It is now left as it is and this process keeps its choices in memory."""
+    path = tmp_path / "c.json"
+    t = FakeTimer({"dense": 1.0, "triton": 0.1})
+    Tuner(path, timer=t).choose({**KEY, "N": 7}, t.cands(["triton", "dense"]))
+    before = path.read_bytes()
+    real = Path.read_text
+
+    def denied(self, *a, **k):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", denied)  # as mode 000 would (root reads anything)
+    tuner = Tuner(path, timer=t)
+    assert tuner.choose(KEY, t.cands(["triton", "dense"])) == "triton"
+    assert tuner.lookup(KEY) == "triton"
+    monkeypatch.undo()
+    assert path.read_bytes() == before
 
 
 def test_unwritable_cache_keeps_the_choice_in_memory(tmp_path):
