@@ -228,6 +228,11 @@ def _tensor_infos(f: Path) -> dict[str, tuple[tuple, torch.dtype]]:
         return {k: (tuple(t.shape), t.dtype) for k, t in _torch_load_mapped(f).items()}
     from safetensors import safe_open
 
+    try:  # safetensors reports a file it may not open as "No such file or directory"
+        with open(f, "rb"):
+            pass
+    except OSError as e:
+        raise ConvertError(f"cannot read {f}: {e.strerror}") from None
     out = {}
     try:
         with safe_open(str(f), framework="pt") as h:

@@ -600,7 +600,9 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
     dtype = resolve_dtype(dtype, FinetuneError)
     device = resolve_device(device, FinetuneError)
     body = calibrate.read_text(text, what="training text")
-    out_dtype = dtype or _stored_dtype(src)
+    stored = _stored_dtype(src)
+    out_dtype = dtype or stored
+    _check_disk(src, out, out_dtype, stored)  # before training, not after it
 
     model = load(src, device=device, dtype=torch.float32, progress=progress)
     if distill is None and not calibrate.is_causal_lm(model):
@@ -641,6 +643,19 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
             "first_loss": res.first_loss, "last_loss": res.last_loss, "sparse_layers": len(infos),
             "teacher": str(distill) if distill is not None else None, "dtype": str(out_dtype).removeprefix("torch."),
             "model": model}
+
+
+def _check_disk(src: Path, out: Path, out_dtype: torch.dtype, stored: torch.dtype) -> None:
+    """OUT holds what DIR holds (same layers, same patterns), in `out_dtype`: refuse to train for minutes when
+    the result cannot be written."""
+    from .convert import NotEnoughDisk, check_disk
+
+    shards = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    need = shards * out_dtype.itemsize // max(1, stored.itemsize)  # a wider --dtype grows the floating tensors
+    try:
+        check_disk({"checkpoint": need, "gradient_spill": 0}, out)
+    except NotEnoughDisk as e:
+        raise FinetuneError(str(e).replace("converting needs", "the fine-tuned checkpoint needs")) from None
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------

@@ -598,6 +598,22 @@ def test_a_dense_tensor_beyond_the_stored_dtype_is_refused(tmp_path, llama_src):
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
 
 
+def test_a_shard_that_cannot_be_opened_says_so(tmp_path, llama_src, monkeypatch):
+    """safetensors reported a shard the user may not read as "No such file or directory"."""
+    import builtins
+
+    real_open = open
+
+    def denied(path, *a, **k):
+        if str(path).endswith("model.safetensors") and str(llama_src) in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", denied)  # as mode 000 would (root reads anything)
+    with pytest.raises(cv.ConvertError, match=r"cannot read .*model\.safetensors: Permission denied"):
+        cv.SourceTensors(llama_src)
+
+
 def test_output_links_and_long_names(tmp_path, llama_src):
     """OUT given as a link to a directory is written there (the link still points at it); a dangling link is
     refused before any work; a name near the 255-byte limit does not overflow in the temp name."""

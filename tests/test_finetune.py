@@ -341,6 +341,19 @@ def test_cli_tokenizer_from_elsewhere_is_written_to_out(tmp_path, packed_llama):
     assert load_tokenizer(out)("hello world").input_ids == load_tokenizer(src)("hello world").input_ids
 
 
+def test_not_enough_disk_is_refused_before_training(tmp_path, packed_llama, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    _, packed = packed_llama
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    monkeypatch.setattr("sparserun.finetune.recover", lambda *a, **k: pytest.fail("trained anyway"))
+    with pytest.raises(FinetuneError, match=r"not enough disk space for .*: the fine-tuned checkpoint needs"):
+        finetune_checkpoint(packed, tmp_path / "o", DEFAULT_CALIB, steps=1, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.fixture(scope="module")
 def packed_bert(tmp_path_factory):
     from transformers import BertConfig, BertModel
