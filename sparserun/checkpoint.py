@@ -23,6 +23,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -124,7 +125,7 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if not out.exists():
         # a replace of OUT by an older sparserun (or one whose file system cannot exchange two names) was killed
         # between moving the old checkpoint aside and moving the new one in: the old one is all there is
-        left = sorted(out.absolute().parent.glob(glob.escape(_hidden_name(out, "old")) + "*"))
+        left = _siblings(out, "old")
         if left:
             raise OutputExists(f"{out} is missing, but {left[0]} holds the checkpoint that an interrupted replace "
                                f"moved aside; move it back to {out} (or delete it), then run again")
@@ -266,7 +267,16 @@ def _signals_deferred():
 def _hidden_name(out: Path, kind: str) -> str:
     """Prefix of OUT's temp siblings: `.OUT.tmp-` (cut to 200 bytes, not characters, so that it and the random
     suffix fit the 255-byte name limit when OUT's own name nearly fills it, in any script)."""
-    return f".{os.fsdecode(os.fsencode(out.name)[:200])}.{kind}-"
+    return f".{out.name.encode('utf-8', 'surrogateescape')[:200].decode('utf-8', 'ignore')}.{kind}-"
+
+
+def _siblings(out: Path, kind: str) -> list[Path]:
+    """OUT's own `.OUT.<kind>-XXXXXXXX` siblings (mkdtemp's 8 random characters exactly: `.bar.old-*` must not
+    match `.bar.old-2024.tmp-abcd12_z`, the temp folder of another output named `bar.old-2024`)."""
+    prefix = _hidden_name(out, kind)
+    pattern = re.compile(re.escape(prefix) + r"[A-Za-z0-9_]{8}")
+    parent = out.absolute().parent
+    return sorted(p for p in parent.glob(glob.escape(prefix) + "*") if pattern.fullmatch(p.name))
 
 
 @contextmanager
@@ -411,7 +421,7 @@ class CheckpointWriter:
         check_output_dir(self.out, overwrite)
         if self.out.is_symlink():  # a link to a directory: write there (the link keeps pointing at OUT)
             self.out = self.out.resolve()
-        stale = sorted(self.out.parent.glob(glob.escape(_hidden_name(self.out, "tmp")) + "*"))
+        stale = _siblings(self.out, "tmp")
         if stale:  # a killed write (or one running now) leaves its temp folder: say so rather than fill the disk
             import warnings
 
@@ -578,7 +588,8 @@ class CheckpointWriter:
             _fsync_file(mpath)
             self._fix_permissions()
             _fsync_dir(self.tmp)
-            with _signals_deferred() as held:
+            # the lock first: a wait for another writer's commit must stay interruptible
+            with _parent_locked(self.out.parent), _signals_deferred() as held:
                 self._move_into_place()
                 self._done = True
                 if held:  # raised once this block ends: say that it came after OUT was complete
@@ -640,32 +651,32 @@ class CheckpointWriter:
         return m
 
     def _move_into_place(self) -> None:
+        """Called holding the parent's lock (finish)."""
         out = self.out
-        with _parent_locked(out.parent):
-            if out.exists() and not any(out.iterdir()):
-                out.rmdir()
-            if not out.exists():
-                os.replace(self.tmp, out)
-                _fsync_dir(out.parent)
-                return
-            if not self.overwrite:  # appeared while we were writing
-                raise OutputExists(f"output directory {out} exists and is not empty")
-            if _exchange(self.tmp, out):  # OUT is the new checkpoint; the temp name now holds the old one
-                _fsync_dir(out.parent)
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return
-            # two renames: a kill between them leaves OUT missing and the old checkpoint in `old`, which
-            # check_output_dir then names rather than let a new run write OUT as if nothing had been there
-            old = Path(tempfile.mkdtemp(prefix=_hidden_name(out, "old"), dir=out.parent))
-            old.rmdir()
-            os.replace(out, old)
-            try:
-                os.replace(self.tmp, out)
-            except BaseException:
-                os.replace(old, out)  # put the previous checkpoint back
-                raise
+        if out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        if not out.exists():
+            os.replace(self.tmp, out)
             _fsync_dir(out.parent)
-            shutil.rmtree(old, ignore_errors=True)
+            return
+        if not self.overwrite:  # appeared while we were writing
+            raise OutputExists(f"output directory {out} exists and is not empty")
+        if _exchange(self.tmp, out):  # OUT is the new checkpoint; the temp name now holds the old one
+            _fsync_dir(out.parent)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        # two renames: a kill between them leaves OUT missing and the old checkpoint in `old`, which
+        # check_output_dir then names rather than let a new run write OUT as if nothing had been there
+        old = Path(tempfile.mkdtemp(prefix=_hidden_name(out, "old"), dir=out.parent))
+        old.rmdir()
+        os.replace(out, old)
+        try:
+            os.replace(self.tmp, out)
+        except BaseException:
+            os.replace(old, out)  # put the previous checkpoint back
+            raise
+        _fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
         """Drop everything written so far (OUT is untouched)."""

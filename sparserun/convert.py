@@ -159,7 +159,9 @@ def stored_dtype(config, src: SourceTensors) -> torch.dtype:
         dt = getattr(torch, dt, None)
     if not (isinstance(dt, torch.dtype) and dt.is_floating_point):
         return stored
-    return dt if dt.itemsize <= stored.itemsize else stored
+    # (weights stored in a dtype a checkpoint cannot hold, float8 say, are written in config.json's)
+    narrower = stored in (torch.float16, torch.bfloat16, torch.float32) and stored.itemsize < dt.itemsize
+    return stored if narrower else dt
 
 
 def _listed_files(src: Path) -> dict[str, Path] | Path:
@@ -883,7 +885,8 @@ def _stored(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
         return t
     limit = torch.finfo(dtype).max
     if limit < torch.finfo(t.dtype).max and t.numel():
-        top = float(t.abs().max())
+        lo, hi = torch.aminmax(t)  # no |t| copy: that is an embedding-sized allocation per tensor
+        top = max(-float(lo), float(hi))
         if math.isfinite(top) and top > limit:
             dt = str(dtype).removeprefix("torch.")
             raise ConvertError(f"{name}: holds {top:.4g}, beyond what {dt} holds ({limit:.4g}); store the model in "

@@ -593,6 +593,12 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
         raise FinetuneError(f"output {out} overlaps the checkpoint {src}, which is only read; choose another "
                             f"output directory")
     check_output_dir(out, overwrite)  # before spending minutes training (the writer checks again at the end)
+    if tokenizer is not None:  # its files are copied into OUT at the end: one that cannot be must fail now
+        from .checkpoint import source_files
+
+        if not Path(tokenizer).is_dir():
+            raise FinetuneError(f"tokenizer directory not found: {tokenizer}")
+        source_files(Path(tokenizer))
     if distill is not None and not Path(distill).is_dir():
         raise FinetuneError(f"teacher directory not found: {distill}")
     from .convert import resolve_device, resolve_dtype

@@ -27,6 +27,6 @@ def progress_bar(iterable=None, *, progress: bool | None, **kw):
         kw["disable"] = True
     elif progress is None:
         kw["disable"] = None  # tqdm's own test: off unless the stream is a terminal
-    elif not _stderr_is_terminal():
+    elif not _stderr_is_terminal() and "ipykernel" not in sys.modules:  # a notebook's widget is no log
         kw.setdefault("mininterval", LOG_INTERVAL_S)
     return tqdm(iterable, **kw)

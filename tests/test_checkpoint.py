@@ -218,9 +218,9 @@ def test_a_replace_killed_between_its_renames_is_not_papered_over(tmp_path, gen)
     checkpoint was left as a hidden .OUT.old-* and the next run wrote OUT as if nothing had been there."""
     out = tmp_path / "o"
     write(out, gen)
-    aside = tmp_path / ".o.old-x1y2"
+    aside = tmp_path / ".o.old-x1y2z3w4"
     os.replace(out, aside)
-    with pytest.raises(ck.OutputExists, match=r"o is missing, but .*\.o\.old-x1y2 holds the checkpoint"):
+    with pytest.raises(ck.OutputExists, match=r"o is missing, but .*\.o\.old-x1y2z3w4 holds the checkpoint"):
         CheckpointWriter(out, config=CONFIG)
     os.replace(aside, out)  # what the message says to do
     write(out, gen, overwrite=True)
@@ -289,16 +289,64 @@ def test_an_unreadable_file_to_copy_fails_before_the_work(tmp_path, monkeypatch)
 
 def test_temp_folders_left_by_a_killed_write_are_named(tmp_path, gen):
     """kill -9 during a write leaves its hidden temp folder (GBs for a real model), and nothing ever said so."""
-    (tmp_path / ".o.tmp-abc123").mkdir()
-    with pytest.warns(sparserun.SparserunWarning, match=r"1 temp folder\(s\) of earlier writes of o .*\.o\.tmp-abc123"):
+    (tmp_path / ".o.tmp-abc12345").mkdir()
+    with pytest.warns(sparserun.SparserunWarning,
+                      match=r"1 temp folder\(s\) of earlier writes of o .*\.o\.tmp-abc12345"):
         write(tmp_path / "o", gen)
     assert (tmp_path / "o" / "sparserun.json").is_file()
 
 
+def test_another_outputs_temp_folder_is_not_ours(tmp_path, gen):
+    """`.bar.old-*` matched `.bar.old-2024.tmp-abcd1234`, the temp folder of an output named bar.old-2024:
+    writing `bar` was refused as if an interrupted replace had left it."""
+    (tmp_path / ".bar.old-2024.tmp-abcd1234").mkdir()
+    (tmp_path / ".bar.tmp-x.tmp-abcd1234").mkdir()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sparserun.SparserunWarning)  # and no stale-temp warning either
+        write(tmp_path / "bar", gen)
+
+
+def test_ctrl_c_while_waiting_for_another_commit(tmp_path):
+    """The commit waits for the lock on OUT's parent; that wait was inside the block that holds Ctrl-C, so the
+    process could not be interrupted while another writer (or any flock holder) kept it waiting."""
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import signal, torch; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from sparserun.checkpoint import CheckpointWriter\n"
+            "w = CheckpointWriter(r'%s', config={'model_type': 'bert'})\n"
+            "w.add_tensor('x', torch.ones(3)); print('ready', flush=True); w.finish()\n" % (tmp_path / "o"))
+    fd = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1.0)  # now waiting for the lock
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("Ctrl-C did not stop a writer waiting for the commit lock")
+    finally:
+        os.close(fd)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert not (tmp_path / "o").exists() and no_leftovers(tmp_path, "o")
+
+
 def test_a_long_name_in_a_non_latin_script(tmp_path, gen):
-    """The temp name was cut to 200 characters, not bytes: 121 x "é" (242 bytes, a legal name) overflowed."""
-    write(tmp_path / ("é" * 121), gen)
-    assert (tmp_path / ("é" * 121) / "sparserun.json").is_file() and no_leftovers(tmp_path, "é" * 121)
+    """The temp name was cut to 200 characters, not bytes: 121 x "é" (242 bytes, a legal name) overflowed; cut
+    by bytes, it must still end on a whole character (81 x "模", 3 bytes each, has none at byte 200)."""
+    for name in ("é" * 121, "模" * 81):
+        write(tmp_path / name, gen)
+        assert (tmp_path / name / "sparserun.json").is_file() and no_leftovers(tmp_path, name)
+        assert ck._hidden_name(tmp_path / name, "tmp").encode("utf-8")  # valid UTF-8, no lone surrogates
 
 
 def test_writer_refusals(tmp_path, gen):

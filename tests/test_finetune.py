@@ -354,6 +354,22 @@ def test_not_enough_disk_is_refused_before_training(tmp_path, packed_llama, monk
     assert not (tmp_path / "o").exists()
 
 
+def test_a_tokenizer_dir_whose_files_cannot_be_copied_fails_before_training(tmp_path, packed_llama,
+                                                                           monkeypatch):
+    """--tokenizer's files are copied into OUT at the end; a dangling link among them failed after training."""
+    import shutil
+
+    src, _ = packed_llama
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(src, tok_dir)
+    (tok_dir / "preprocessor_config.json").symlink_to(tmp_path / "gone.json")
+    monkeypatch.setattr("sparserun.finetune.recover", lambda *a, **k: pytest.fail("trained anyway"))
+    _, packed = packed_llama
+    with pytest.raises(Exception, match=r"preprocessor_config\.json is a link to .*gone\.json, which does not "
+                                        r"exist"):
+        finetune_checkpoint(packed, tmp_path / "o", DEFAULT_CALIB, steps=1, tokenizer=tok_dir, progress=False)
+
+
 @pytest.fixture(scope="module")
 def packed_bert(tmp_path_factory):
     from transformers import BertConfig, BertModel

@@ -228,8 +228,14 @@ def _read_generation_config(path, model: nn.Module) -> None:
 
     try:
         model.generation_config = GenerationConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as e:  # malformed JSON, values GenerationConfig refuses
-        raise CheckpointError(f"{f}: not a valid generation config ({' '.join(str(e).split())[:200]})") from None
+    except (OSError, ValueError, TypeError) as e:  # malformed JSON, a list, values GenerationConfig refuses
+        # as from_pretrained does: the file is the source's, copied unchanged; keep config.json's settings
+        import warnings
+
+        from .. import SparserunWarning
+
+        warnings.warn(f"{f} ignored, not a valid generation config ({' '.join(str(e).split())[:160]}); "
+                      f"generation uses config.json's settings", SparserunWarning, stacklevel=3)
 
 
 def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = True, model_class=None,

@@ -199,6 +199,17 @@ class SparseLinear(nn.Module):
     def density(self) -> float:
         return float(self.weight_mask().float().mean())
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # load_state_dict copies into the existing buffers. The caches below are keyed on the buffers' write
+        # counters, which tensors made under torch.inference_mode do not have: drop them here, whatever the mode
+        from .dispatch import _CACHE_ATTRS
+
+        for attr in _CACHE_ATTRS.values():
+            if getattr(self, attr, None) is not None:
+                setattr(self, attr, None)
+        self._max_row_blocks = None
+
     @property
     def max_row_blocks(self) -> int:
         """Most kept blocks in any block-row (bsr). The kernels size their work split with it; computing it

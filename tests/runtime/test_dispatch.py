@@ -59,3 +59,23 @@ def test_block_count_follows_a_mask_copied_in_place(monkeypatch):
     assert layer.max_row_blocks == 4
     ref = x.double() @ other.dense_weight().double().T + other.bias.detach().double()
     assert ((layer(x).double() - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_block_count_follows_a_mask_loaded_under_inference_mode(monkeypatch):
+    """Tensors made under torch.inference_mode have no write counter, so the cache key above cannot see a new
+    mask loaded into them; load_state_dict itself now drops the layer's caches."""
+    monkeypatch.setenv("SPARSERUN_BACKEND", "triton")
+    spread = torch.zeros(128, 128, dtype=torch.bool)
+    spread[:, :32] = True
+    piled = torch.zeros(128, 128, dtype=torch.bool)
+    piled[:32, :] = True
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        layer = _bsr_layer(spread)
+        other = _bsr_layer(piled)
+        layer(x)
+        assert layer.max_row_blocks == 1
+        layer.load_state_dict(other.state_dict())
+        assert layer.max_row_blocks == 4
+        ref = x.double() @ other.dense_weight().double().T + other.bias.double()
+        assert ((layer(x).double() - ref).norm() / ref.norm()) < 1e-5

@@ -167,9 +167,11 @@ def test_load_reads_the_generation_config(tmp_path):
     loaded = sparserun.load(tmp_path / "p")
     assert loaded.generation_config.eos_token_id == [2, 50] and loaded.generation_config.temperature == 0.6
     assert loaded.config.eos_token_id != [2, 50]  # the list lives only in generation_config.json
-    (tmp_path / "p" / "generation_config.json").write_text("{not json")
-    with pytest.raises(ck.CheckpointError, match=r"generation_config\.json: not a valid generation config"):
-        sparserun.load(tmp_path / "p")
+    for bad in ("{not json", "[1, 2]"):  # as from_pretrained: ignored with a warning, config.json's settings
+        (tmp_path / "p" / "generation_config.json").write_text(bad)
+        with pytest.warns(sparserun.SparserunWarning, match=r"generation_config\.json ignored, not a valid "):
+            again = sparserun.load(tmp_path / "p")
+        assert again.generation_config.eos_token_id == loaded.config.eos_token_id
 
 
 def test_untied_llama_and_fallback_class(tmp_path):
