@@ -386,7 +386,8 @@ class CheckpointWriter:
     config:     a dict or a transformers PretrainedConfig written as config.json when `source_dir` has none
                 (or no source_dir is given); the source's own config.json wins, copied unchanged, unless
                 `prefer_config` (the caller found that the source's no longer describes the model).
-    overwrite:  replace an existing non-empty `out_dir` (the old one is moved aside, then deleted).
+    overwrite:  replace an existing non-empty `out_dir` (exchanged with the new one in one step where the file
+                system can, else moved aside; then deleted).
     tokenizer_dir: the tokenizer files (all files copied unchanged but config.json and the generation config)
                 come from this directory instead of `source_dir`: the tokenizer the caller actually used.
     """
