@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from sparserun.progress import LOG_INTERVAL_S, progress_bar
+from sparserun.progress import LogLines, progress_bar
 
 
 class _Terminal(io.StringIO):
@@ -33,12 +33,24 @@ def test_none_draws_only_on_a_terminal(monkeypatch):
     assert bar.drawn and "x:" in term.getvalue()
 
 
-def test_true_on_a_log_redraws_rarely(monkeypatch):
-    """A CLI writing to a log file still shows it is alive, but not one frame per item."""
-    log, term = io.StringIO(), _Terminal()
-    bar = _run(monkeypatch, log, True)
-    assert bar.drawn and bar.mininterval == LOG_INTERVAL_S and "x:" in log.getvalue()
-    assert _run(monkeypatch, term, True).mininterval < LOG_INTERVAL_S
+def test_true_on_a_log_writes_lines(monkeypatch):
+    """A CLI writing to a log file: newline-terminated lines, at most one per interval and one at the end (a
+    bar's carriage returns made the log one endless line); a quick inner loop (leave=False) writes nothing."""
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = progress_bar(range(5), progress=True, desc="prune", unit="layer")
+    assert isinstance(bar, LogLines) and len(bar) == 5
+    assert list(bar) == [0, 1, 2, 3, 4]
+    assert log.getvalue() == "prune: 5/5 layer, 0 s\n"
+    quiet = progress_bar(range(3), progress=True, desc="load", leave=False)
+    assert list(quiet) == [0, 1, 2] and log.getvalue().count("\n") == 1
+    slow = LogLines(iter(range(3)), desc="train", unit="step", interval=0.0)  # every item is past the interval
+    slow.set_postfix(loss="1.5")
+    assert list(slow) == [0, 1, 2]
+    assert log.getvalue().splitlines()[1:] == ["train: 1 step, 0 s, loss=1.5", "train: 2 step, 0 s, loss=1.5",
+                                               "train: 3 step, 0 s, loss=1.5"]
+    assert "\r" not in log.getvalue()
+    assert not isinstance(_run(monkeypatch, _Terminal(), True), LogLines)  # a terminal still gets the bar
 
 
 def test_no_stderr_at_all(monkeypatch):

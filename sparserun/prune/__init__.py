@@ -1,6 +1,8 @@
 """One-shot pruning: scores.py (magnitude, wanda, taylor, obd), masks.py (pattern-aware selection),
 sparsegpt.py (OBS with reconstruction), calibrate.py (layer-sequential driver), api.py (`prune`).
 
+The function's arguments: help(sparserun.prune.api.prune), or docs/prune_quality.md.
+
 `sparserun.prune` is both this package and the public function `sparserun.prune(model, method, pattern,
 ...)`: once any submodule is imported, Python binds the attribute `sparserun.prune` to this package, which
 would shadow the function. Making the package itself callable keeps `sparserun.prune(...)` working

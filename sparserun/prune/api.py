@@ -101,6 +101,18 @@ class PruneReport:
                        + f" (e.g. {r['name']}, {r['shape'][0]}x{r['shape'][1]}: {100 * r['sparsity']:.1f}%): "
                        f"whole {r['pattern']} blocks round that way at this shape; lower the sparsity, use smaller "
                        f"blocks, or leave out --balance-rows")
+        under = [r for r in pr if self.sparsity is not None and r["sparsity"] < self.sparsity - 0.1]
+        if under:  # the other way round: few blocks per row, rounded down
+            r = min(under, key=lambda r: r["sparsity"])
+            out.append(f"warning: {len(under)} layer(s) were pruned far below the {100 * self.sparsity:.0f}% target "
+                       f"(e.g. {r['name']}, {r['shape'][0]}x{r['shape'][1]}: {100 * r['sparsity']:.1f}%): whole "
+                       f"{r['pattern']} blocks round that way at this shape; use smaller blocks for such layers")
+        silent = [r for r in pr if r.get("rel_error") is not None and r["rel_error"] >= 0.999]
+        if silent:
+            out.append(f"warning: {len(silent)} layer(s) output (almost) nothing on the calibration tokens after "
+                       f"pruning (relative error {silent[0]['rel_error']:.4f}, e.g. {silent[0]['name']}): the weights "
+                       f"they keep meet inputs that are zero in the pruned model; lower the sparsity or use smaller "
+                       f"blocks")
         unreached = [r for r in pr if r["reason"] == calibrate.UNREACHED_REASON]
         if unreached:
             out.append(f"warning: {len(unreached)} layer(s) saw no calibration token (e.g. {unreached[0]['name']}, "
@@ -111,6 +123,13 @@ class PruneReport:
             out.append(f"warning: {len(zero)} layer(s) had an all-zero calibration statistic and were pruned by "
                        f"magnitude (e.g. {zero[0]['name']}: {zero[0]['reason'].split(': pruned')[0]})")
         c = self.calib or {}
+        if c.get("text_tokens") and c.get("seqlen") and c["text_tokens"] < 4 * c["seqlen"]:
+            # windows are drawn at random from the text: fewer than ~4 windows' worth is the same few tokens over
+            # and over (the shipped text gives 10 windows' worth at the default 512)
+            out.append(f"warning: the calibration text has only {c['text_tokens']} tokens, "
+                       f"{c['text_tokens'] / c['seqlen']:.1f} windows of {c['seqlen']}: the {c.get('nsamples')} "
+                       f"windows drawn from it repeat the same tokens (each used {c.get('coverage')}x on average); "
+                       f"give more text, or shorter windows (--seqlen)")
         unknown = calibrate.unknown_warning(c.get("unknown_tokens", 0.0), c.get("text_tokens"),
                                             f"the calibration text {c.get('source')}", c.get("unk_token"))
         if unknown:
@@ -184,8 +203,9 @@ class PruneReport:
             out.append(f"checkpoint: {human_bytes(ck)} of tensors, against {human_bytes(sb)} in the source "
                        f"({ck / sb:.3f}x)")
         src = self.calib.get("source", "?")
+        text = f" from {self.calib['text_tokens']} tokens of text" if self.calib.get("text_tokens") else ""
         head = (f"{self.method} {self.pattern} at {100 * self.sparsity:.1f}% target; calibration: {src} "
-                f"({self.calib.get('nsamples')} x {self.calib.get('seqlen')} tokens)")
+                f"({self.calib.get('nsamples')} x {self.calib.get('seqlen')} tokens{text})")
         return head + "\n" + "\n".join(out)
 
     def __str__(self) -> str:

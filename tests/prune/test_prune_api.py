@@ -239,6 +239,37 @@ def test_a_layer_emptied_at_a_90_percent_target_is_named():
     assert "1 layer(s) were pruned far past the 90% target, 1 of them to nothing (e.g. a.q_proj" in w
 
 
+def test_layers_far_below_the_target_and_silent_layers_are_named():
+    """64x64 at 70 % on a layer of two blocks per row keeps half of them: 50 %, and nothing said; a layer whose
+    kept weights only meet zero inputs outputs nothing (relative error 1.0), and nothing said either."""
+    from sparserun.prune.api import PruneReport
+
+    def row(name, sparsity, err):
+        return {"name": name, "pattern": "64x64", "format": "bsr", "shape": [128, 128], "status": "pruned",
+                "reason": "", "sparsity": sparsity, "rel_error": err, "bytes_before": 1 << 16,
+                "bytes_after": int((1 << 16) * (1 - sparsity)) + 64}
+
+    rep = PruneReport("magnitude", "64x64", 0.7, {}, [row("l.k_proj", 0.5, 0.3), row("l.down_proj", 0.75, 1.0),
+                                                      row("l.up_proj", 0.75, 0.4)])
+    w = rep.warnings()
+    assert any("1 layer(s) were pruned far below the 70% target (e.g. l.k_proj, 128x128: 50.0%)" in x for x in w)
+    assert any("1 layer(s) output (almost) nothing" in x and "l.down_proj" in x for x in w)
+    calm = PruneReport("magnitude", "64x64", 0.7, {}, [row("l.up_proj", 0.75, 0.4)])
+    assert calm.warnings() == []
+
+
+def test_a_short_calibration_text_is_named():
+    """A 632-token text cut into 32 windows of 512: the same tokens over and over, and the report said nothing."""
+    from sparserun.prune.api import PruneReport
+
+    calib = {"source": "calib.txt", "nsamples": 32, "seqlen": 512, "text_tokens": 632, "coverage": 25.92}
+    rep = PruneReport("wanda", "2:4", 0.5, calib, [])
+    (w,) = rep.warnings()
+    assert "only 632 tokens, 1.2 windows of 512" in w and "each used 25.92x" in w
+    assert "32 x 512 tokens from 632 tokens of text" in rep.table()
+    assert PruneReport("wanda", "2:4", 0.5, {**calib, "text_tokens": 5130, "coverage": 3.19}, []).warnings() == []
+
+
 @pytest.mark.parametrize("method", ["taylor", "obd", "sparsegpt"])
 def test_a_non_finite_weight_is_named_before_calibration_spreads_it(tok, method):
     """The gradients carried one NaN into every layer's scores, and taylor/obd blamed the first layer checked
