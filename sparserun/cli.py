@@ -48,12 +48,13 @@ def inspect_summary(path, verify: bool = False) -> dict:
         "sparse_layers": {"count": len(layers), "nbytes": sp_packed, "dense_nbytes": sp_dense,
                           "ratio": round(sp_packed / sp_dense, 4) if sp_dense else None},
         "dense_tensors": {"count": len(dense), "nbytes": dense_bytes},
-        "checkpoint": {"shards": len(m["shards"]), "nbytes": shard_bytes,
+        # nbytes: the shard files (headers included); tensor_nbytes / dense_nbytes: the ratio's two sides
+        "checkpoint": {"shards": len(m["shards"]), "nbytes": shard_bytes, "tensor_nbytes": sp_packed + dense_bytes,
                        "dense_nbytes": sp_dense + dense_bytes,
                        "ratio": round((sp_packed + dense_bytes) / (sp_dense + dense_bytes), 4)
                        if sp_dense + dense_bytes else None},
     }
-    return {"path": str(path), "format_version": m["format_version"],
+    return {"path": str(path), "format_version": m["format_version"], "verified": verify,
             "sparserun_version": m.get("sparserun_version"), "source": m.get("source"),
             "architecture": m.get("architecture"), "layers": layers, "dense_tensors": dense,
             "aliases": m.get("aliases", {}), "totals": totals}
@@ -95,8 +96,10 @@ def _print_table(info: dict, show_dense: bool) -> None:
     print(f"dense tensors:        {d['count']}, {_human(d['nbytes'])}"
           + (f" ({len(info['aliases'])} tied alias(es) stored once)" if info["aliases"] else ""))
     print(f"whole checkpoint:     {_human(c['nbytes'])} in {c['shards']} shard(s); tensors "
-          f"{_human(s['nbytes'] + d['nbytes'])} vs {_human(c['dense_nbytes'])} dense"
+          f"{_human(c['tensor_nbytes'])} vs {_human(c['dense_nbytes'])} dense"
           + (f" ({c['ratio']:.3f}x)" if c["ratio"] is not None else ""))
+    if info.get("verified"):
+        print(f"verified: the sha256 of every shard ({c['shards']}) matches the manifest")
 
 
 def _run_inspect(args) -> int:

@@ -642,8 +642,17 @@ def finetune_checkpoint(src, out, text, *, steps: int = 100, lora_rank: int | No
                   progress=progress)
     _cast_params_(model, out_dtype)
     repack_(model, infos)
-    # OUT carries the tokenizer it was trained with, so `sparserun generate OUT` needs no --tokenizer
-    save(model, out, overwrite=overwrite, source_dir=src, progress=progress, tokenizer_dir=tokenizer)
+    # OUT carries the tokenizer it was trained with, so `sparserun generate OUT` needs no --tokenizer, and
+    # its manifest says how it was pruned (DIR's record) and then trained
+    from .checkpoint import CheckpointReader
+
+    with CheckpointReader(src, verify=False) as r:
+        pruned = r.manifest.get("prune")
+    history = {"finetune": {"from": str(src), "text": str(text), "mode": res.mode, "steps": res.steps,
+                            "lora_rank": lora_rank, "teacher": str(distill) if distill is not None else None,
+                            "seed": seed}}
+    save(model, out, overwrite=overwrite, source_dir=src, progress=progress, tokenizer_dir=tokenizer,
+         extra={**({"prune": pruned} if pruned else {}), **history})
     return {"checkpoint": str(src), "output": str(out), "mode": res.mode, "steps": res.steps,
             "seconds": round(res.seconds, 1), "trainable_parameters": res.trainable,
             "first_loss": res.first_loss, "last_loss": res.last_loss, "sparse_layers": len(infos),
@@ -671,7 +680,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("finetune", help="fine-tune a packed checkpoint, keeping its sparsity pattern",
                        description="Load the packed checkpoint DIR, fine-tune it on a text (masked fine-tuning "
-                                   "of all weights, or LoRA adapters merged under the masks with --lora-rank), "
+                                   "of every weight but the embeddings, or LoRA adapters merged under the masks with --lora-rank), "
                                    "optionally distilling from the dense model, and write the packed checkpoint "
                                    "OUT with every layer's pattern kept. DIR is only read.")
     p.add_argument("dir", help="packed checkpoint directory (from `sparserun convert` or sparserun.save)")

@@ -306,7 +306,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="with --sample: keep the k likeliest tokens (default: the "
                                                             "model's generation config, else 50; 0: no filter)")
     p.add_argument("--seed", type=seed_arg, default=None, help="seed the sampler")
-    p.add_argument("--ignore-eos", action="store_true", help="always produce --max-new-tokens tokens (for timing)")
+    p.add_argument("--ignore-eos", action="store_true", help="always produce --max-new-tokens tokens, never choosing an end token (for timing)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--compile", action="store_true",
                    help="CUDA only: static KV cache + torch.compile(mode='reduce-overhead') (CUDA graphs); "

@@ -39,10 +39,16 @@ def test_inspect_table_and_json(minilm_packed, capsys, pattern, fmt, limit):
     s = info["totals"]["sparse_layers"]
     assert s["count"] == 37 and s["ratio"] <= limit and s["nbytes"] == sum(x["nbytes"] for x in info["layers"])
     assert info["totals"]["dense_tensors"]["count"] == len(info["dense_tensors"]) > 0
-    assert info["totals"]["checkpoint"]["nbytes"] == sum(p.stat().st_size for p in d.glob("*.safetensors"))
+    c = info["totals"]["checkpoint"]
+    assert c["nbytes"] == sum(p.stat().st_size for p in d.glob("*.safetensors"))
+    # the ratio's two sides are both in the JSON (nbytes holds the shard headers too)
+    assert c["ratio"] == round(c["tensor_nbytes"] / c["dense_nbytes"], 4) and c["tensor_nbytes"] < c["nbytes"]
+    assert c["tensor_nbytes"] == s["nbytes"] + info["totals"]["dense_tensors"]["nbytes"]
+    assert info["verified"] is False
 
     rc, out, _ = run(capsys, "inspect", d, "--dense", "--verify")
     assert rc == 0 and "embeddings.word_embeddings.weight" in out
+    assert "verified: the sha256 of every shard (1) matches the manifest" in out
 
 
 def assert_one_line_error(rc, err, *needles):

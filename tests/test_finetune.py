@@ -262,6 +262,8 @@ def test_checkpoint_finetune_save_load_round_trip(tmp_path, packed_llama, lora):
                             lora_rank=4 if lora else None, distill=src if lora else None, progress=False)
     assert tree_hash(packed) == before  # the source checkpoint is only read
     assert _patterns(out) == _patterns(packed)  # every layer keeps its own pattern and format
+    man = json.loads((out / "sparserun.json").read_text())
+    assert man["finetune"]["steps"] == 3 and man["finetune"]["mode"] == r["mode"]
     for f in ("config.json", "tokenizer.json"):
         assert (out / f).read_bytes() == (packed / f).read_bytes()
     trained = r["model"]
@@ -279,6 +281,21 @@ def test_checkpoint_finetune_save_load_round_trip(tmp_path, packed_llama, lora):
             old = orig.get_submodule(name)
             if lora:  # the merge writes only where the mask keeps
                 assert torch.equal(mod.weight_mask() | old.weight_mask(), old.weight_mask())
+
+
+def test_the_pruning_record_survives_finetuning(tmp_path, packed_llama):
+    """OUT's manifest lost how DIR was pruned (convert's `prune` record) and said nothing of the training."""
+    import shutil
+
+    _, packed = packed_llama
+    src = tmp_path / "src"
+    shutil.copytree(packed, src)
+    man = json.loads((src / "sparserun.json").read_text())
+    man["prune"] = {"method": "wanda", "pattern": "2:4", "sparsity": 0.5, "calibration": {"nsamples": 4}}
+    (src / "sparserun.json").write_text(json.dumps(man))
+    finetune_checkpoint(src, tmp_path / "out", DEFAULT_CALIB, steps=1, seqlen=16, progress=False)
+    out = json.loads((tmp_path / "out" / "sparserun.json").read_text())
+    assert out["prune"] == man["prune"] and out["finetune"]["from"] == str(src)
 
 
 def test_checkpoint_dtype_and_ties_kept(tmp_path):

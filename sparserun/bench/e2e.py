@@ -872,9 +872,12 @@ def run_cli(a) -> int:
     if a.table:
         path = latest_results(a.out) if a.table == "latest" else Path(a.table)
         if path is None or not path.is_file():
-            raise FileNotFoundError(f"no e2e results file {'in ' + a.out if a.table == 'latest' else a.table}")
+            raise FileNotFoundError(f"no e2e results file {'in ' + a.out if a.table == 'latest' else a.table}"
+                                    + (" (dry runs are never picked as the latest: give the file)"
+                                       if a.table == "latest" else ""))
         res = json.loads(path.read_text())
-        print(f"{res['env']['gpu']}, {res['settings']['dtype']}, {res['env']['date'][:10]} ({path.name})\n")
+        dry = f"  DRY RUN ({res['env']['dry_run']})" if res["env"].get("dry_run") else ""
+        print(f"{res['env']['gpu']}, {res['settings']['dtype']}, {res['env']['date'][:10]} ({path.name}){dry}\n")
         print(headline_table(res))
         return 0
     modes = tuple(a.modes.split(",")) if a.modes else MODES

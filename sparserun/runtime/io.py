@@ -36,7 +36,8 @@ def _storage_key(t: torch.Tensor):
 
 
 def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
-         max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None, tokenizer_dir=None) -> Path:
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None, tokenizer_dir=None,
+         extra: dict | None = None) -> Path:
     """Write `model` as a packed checkpoint directory at `out_dir`; return its path.
 
     source_dir: the model's original directory: its config.json, generation config and tokenizer files are
@@ -44,6 +45,7 @@ def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
                 model's shapes (a resized vocabulary), model.config is written as config.json.
     overwrite:  replace an existing non-empty out_dir (otherwise that is an error).
     tokenizer_dir: copy the tokenizer files from here instead of source_dir (the tokenizer actually used).
+    extra:      more JSON-serialisable provenance for the manifest (e.g. how the model was pruned and trained).
     """
     from sparserun.progress import progress_bar
 
@@ -74,10 +76,20 @@ def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
         for role in list(roles) + ["bias"]:
             owner[f"{name}.{role}"] = name
 
-    extra = {"architecture": type(model).__name__}
+    extra = {**(extra or {}), "architecture": type(model).__name__}
     if getattr(config, "model_type", None):
         extra["model_type"] = config.model_type
     source = str(source_dir) if source_dir is not None else (getattr(config, "_name_or_path", None) or None)
+    if source_dir is None and source and Path(source).is_dir() and tokenizer_dir is None:
+        from ..generate import has_tokenizer
+
+        if has_tokenizer(Path(source)):  # OUT would have no tokenizer, and generate/eval on it would stop
+            import warnings
+
+            from .. import SparserunWarning
+
+            warnings.warn(f"no source_dir given: {out_dir} gets no tokenizer files; pass source_dir={source!r} "
+                          f"(the directory the model was loaded from) to copy them", SparserunWarning, stacklevel=2)
     sd = model.state_dict()
     stale = source_dir is not None and config is not None and _config_is_stale(Path(source_dir), model, sd, sparse)
     seen: dict = {}

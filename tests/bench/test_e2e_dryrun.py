@@ -82,6 +82,9 @@ def test_dry_run_every_variant_kind_and_mode(tmp_path, capsys):
     assert e2e.run_cli(_args(tmp_path, table=str(_load(tmp_path)[0]))) == 0
     table = capsys.readouterr().out
     assert "| 8 | 1 | 2:4 |" in table and "| 16 | 2 | 64x64-90 |" in table
+    assert "DRY RUN (CPU, tiny config" in table.splitlines()[0]  # never pasted as GPU numbers by mistake
+    with pytest.raises(FileNotFoundError, match="dry runs are never picked as the latest: give the file"):
+        e2e.run_cli(_args(tmp_path, table="latest"))
 
 
 def test_dry_run_through_the_triton_kernels(tmp_path):

@@ -174,6 +174,22 @@ def test_load_reads_the_generation_config(tmp_path):
         assert again.generation_config.eos_token_id == loaded.config.eos_token_id
 
 
+def test_save_without_source_dir_says_the_tokenizer_is_left_behind(tmp_path):
+    """A model loaded from a local directory and saved without source_dir got no tokenizer files, silently;
+    `sparserun generate OUT` then stopped with "no tokenizer files"."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    tiny_llama().save_pretrained(src)
+    (src / "tokenizer.json").write_text("{}")  # only its presence matters here
+    model = AutoModelForCausalLM.from_pretrained(str(src))
+    sparserun.sparsify_(model, pattern="2:4", progress=False)
+    with pytest.warns(sparserun.SparserunWarning, match=r"gets no tokenizer files; pass source_dir="):
+        sparserun.save(model, tmp_path / "out")
+    sparserun.save(model, tmp_path / "out2", source_dir=src)
+    assert (tmp_path / "out2" / "tokenizer.json").is_file()
+
+
 def test_untied_llama_and_fallback_class(tmp_path):
     model = tiny_llama(tie=False, seed=1)
     sparserun.sparsify_(model, "2:4", filter_fn=lambda m, n: True)  # lm_head too (untied, 101x64)
