@@ -255,10 +255,11 @@ def write(result: dict, out_dir="benchmarks/results", kind="kernels") -> None:
     md = [f"# Kernel benchmark on {env['gpu']}", ""]
     if env.get("dry_run"):
         md += [f"**DRY RUN** ({env['dry_run']}).", ""]
+    gpu = (f", CUDA {env['cuda']}, {env.get('sm_count')} SMs, L2 {env.get('l2_mb')} MB" if env.get("cuda") else
+           " (no CUDA: `dense_cublas` is torch's CPU F.linear here)")
     md += [
-          f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env.get('sm_count')} SMs, "
-          f"L2 {env.get('l2_mb')} MB, measured {env['date']}. Copy bandwidth (read + write): "
-          f"**{env['copy_gbs']:.0f} GB/s**.", "",
+          f"torch {env['torch']}, triton {env['triton']}{gpu}, measured {env['date']}. Copy bandwidth (read + "
+          f"write): **{env['copy_gbs']:.0f} GB/s**.", "",
           "`ms`: do_bench median, L2 flushed per call, operands rotated over > 512 MiB or 64 copies, whichever is "
           "less. `graph_ms` (M <= 16): 64 calls in one CUDA graph, per call, no flush (compare `rotated_mb` with "
           f"the {env.get('l2_mb')} MB L2). Speedups are within one method. `frac_copy_bw`: bytes the op "
