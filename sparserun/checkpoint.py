@@ -120,6 +120,9 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
                            f"directory")
     if out.exists() and not out.is_dir():
         raise OutputExists(f"output {out} exists and is a file, not a directory; choose a directory")
+    if out.is_dir() and os.path.ismount(out):
+        raise OutputExists(f"output {out} is a mount point, which a write cannot replace (the checkpoint is renamed "
+                           f"into place); give a directory inside it")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExists(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
     if not out.exists():
@@ -258,10 +261,19 @@ def _signals_deferred():
     try:
         yield held
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _restore_handlers(list(previous.items()))
         if held:
             previous[held[0]](held[0], None)  # raises KeyboardInterrupt (or the CLI's Terminated) now
+
+
+def _restore_handlers(items: list) -> None:
+    """signal.signal for each (signal, handler), all of them even if a signal arrives in between and its
+    (already restored) handler raises: one left holding would swallow that signal for the rest of the process."""
+    if items:
+        try:
+            signal.signal(*items[0])
+        finally:
+            _restore_handlers(items[1:])
 
 
 def _hidden_name(out: Path, kind: str) -> str:
@@ -323,6 +335,19 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_old(old: Path, out: Path) -> None:
+    """Delete the replaced checkpoint; what cannot be deleted (a read-only folder in it) is named, not left as a
+    silent hidden sibling for a later run to mistake for a killed write."""
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        import warnings
+
+        from . import SparserunWarning
+
+        warnings.warn(f"{out} was replaced, but the previous checkpoint could not be fully deleted: what is left of "
+                      f"it is in {old}; delete it by hand", SparserunWarning, stacklevel=4)
 
 
 def linked_into(src: Path, out: Path) -> Path | None:
@@ -395,7 +420,7 @@ class CheckpointWriter:
     def __init__(self, out_dir, *, source_dir=None, config=None, generation_config=None, overwrite: bool = False,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, source: str | None = None, extra: dict | None = None,
                  prefer_config: bool = False, tokenizer_dir=None):
-        self.out = Path(out_dir).absolute()
+        self.out = Path(os.path.abspath(out_dir))  # `sub/..` normalised: its temp sibling must not land inside it
         self.prefer_config = prefer_config and config is not None
         self.source_dir = Path(source_dir).absolute() if source_dir is not None else None
         self.overwrite = overwrite
@@ -449,6 +474,7 @@ class CheckpointWriter:
         self._buf_storages: set[int] = set()
         self._shards: list[str] = []  # temp shard names in order
         self._done = False
+        self._said_complete = False
 
     # -- context manager
     def __enter__(self):
@@ -594,16 +620,21 @@ class CheckpointWriter:
                 self._move_into_place()
                 self._done = True
                 if held:  # raised once this block ends: say that it came after OUT was complete
-                    import warnings
-
-                    from . import SparserunWarning
-
-                    warnings.warn(f"{self.out} was written completely before the interrupt", SparserunWarning,
-                                  stacklevel=2)
-        except BaseException:
+                    self._say_complete()
+        except BaseException as e:
+            if self._done and not self._said_complete and isinstance(e, KeyboardInterrupt):
+                self._say_complete()  # an interrupt in the instant after the commit block
             self.abort()
             raise
         return self.out
+
+    def _say_complete(self) -> None:
+        import warnings
+
+        from . import SparserunWarning
+
+        self._said_complete = True
+        warnings.warn(f"{self.out} was written completely before the interrupt", SparserunWarning, stacklevel=3)
 
     def _fix_permissions(self) -> None:
         # mkdtemp makes the directory 0700 (and safetensors its files 0600); a checkpoint should get the modes
@@ -664,7 +695,7 @@ class CheckpointWriter:
             raise OutputExists(f"output directory {out} exists and is not empty")
         if _exchange(self.tmp, out):  # OUT is the new checkpoint; the temp name now holds the old one
             _fsync_dir(out.parent)
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            _remove_old(self.tmp, out)
             return
         # two renames: a kill between them leaves OUT missing and the old checkpoint in `old`, which
         # check_output_dir then names rather than let a new run write OUT as if nothing had been there
@@ -677,7 +708,7 @@ class CheckpointWriter:
             os.replace(old, out)  # put the previous checkpoint back
             raise
         _fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_old(old, out)
 
     def abort(self) -> None:
         """Drop everything written so far (OUT is untouched)."""

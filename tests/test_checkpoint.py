@@ -340,6 +340,62 @@ def test_ctrl_c_while_waiting_for_another_commit(tmp_path):
     assert not (tmp_path / "o").exists() and no_leftovers(tmp_path, "o")
 
 
+def test_an_old_checkpoint_that_cannot_be_deleted_is_named(ckpt, gen, monkeypatch):
+    """A read-only folder inside the replaced checkpoint: it stayed as a hidden sibling, silently, and the next
+    run called it a killed write."""
+    out, _, _ = ckpt
+    monkeypatch.setattr(ck.shutil, "rmtree", lambda *a, **k: None)  # as if nothing could be deleted
+    with pytest.warns(sparserun.SparserunWarning, match=rf"{out} was replaced, but the previous checkpoint could "
+                                                        r"not be fully deleted: what is left of it is in "):
+        write(out, gen, overwrite=True)
+
+
+def test_a_mount_point_is_refused_before_the_work(tmp_path, monkeypatch):
+    """OUT a mount point: the rename at the end failed with a raw EBUSY, after all the work."""
+    out = tmp_path / "mnt"
+    out.mkdir()
+    monkeypatch.setattr(ck.os.path, "ismount", lambda p: Path(p) == out)
+    with pytest.raises(ck.OutputExists, match="is a mount point, which a write cannot replace"):
+        CheckpointWriter(out, config=CONFIG, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
+
+
+def test_every_signal_handler_is_restored_even_if_a_signal_lands_between(monkeypatch):
+    """A Ctrl-C while the handlers were being put back left SIGTERM's hold function installed for good: every
+    later SIGTERM in that process was swallowed."""
+    import signal
+
+    set_to = {}
+    real = signal.signal
+
+    def flaky(sig, handler):
+        set_to[sig] = handler
+        if sig == signal.SIGINT:
+            raise KeyboardInterrupt  # the Ctrl-C that arrives right after SIGINT's handler is back
+        return real(sig, signal.getsignal(sig))
+
+    monkeypatch.setattr(ck.signal, "signal", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        ck._restore_handlers([(signal.SIGINT, "int"), (signal.SIGTERM, "term"), (signal.SIGHUP, "hup")])
+    assert set_to == {signal.SIGINT: "int", signal.SIGTERM: "term", signal.SIGHUP: "hup"}
+
+
+def test_an_interrupt_right_after_the_commit_still_says_out_is_complete(ckpt, gen, monkeypatch):
+    out, _, _ = ckpt
+    real = ck._restore_handlers
+
+    def then_ctrl_c(items):
+        real(items)
+        raise KeyboardInterrupt  # lands as the commit block ends, after it held nothing
+
+    monkeypatch.setattr(ck, "_restore_handlers", then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(sparserun.SparserunWarning,
+                                                        match="written completely before the interrupt"):
+        with CheckpointWriter(out, config={**CONFIG, "hidden_size": 8}, overwrite=True) as w:
+            w.add_tensor("x", torch.randn(3, generator=gen))
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 8 and no_leftovers(out.parent, out.name)
+
+
 def test_a_long_name_in_a_non_latin_script(tmp_path, gen):
     """The temp name was cut to 200 characters, not bytes: 121 x "é" (242 bytes, a legal name) overflowed; cut
     by bytes, it must still end on a whole character (81 x "模", 3 bytes each, has none at byte 200)."""

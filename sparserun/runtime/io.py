@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -118,7 +119,7 @@ def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
                     seen.setdefault(_storage_key(getattr(m, role)), tname)
                 if m.bias is not None and m.bias.numel():
                     seen.setdefault(_storage_key(m.bias.detach()), f"{layer}.bias")
-    return Path(out_dir)
+    return w.out  # absolute: a relative OUT such as "." no longer names it once it has been replaced
 
 
 def _config_is_stale(source_dir: Path, model: nn.Module, sd: dict, sparse: dict) -> bool:
@@ -145,6 +146,12 @@ def _config_is_stale(source_dir: Path, model: nn.Module, sd: dict, sparse: dict)
 
 # ---- load -----------------------------------------------------------------------------------------------
 
+_meta_lock = threading.Lock()
+_meta_users = 0  # threads inside params_on_meta: the patch is installed by the first, removed by the last
+_meta_orig = None
+_meta_here = threading.local()  # .depth: this thread is building a skeleton
+
+
 @contextlib.contextmanager
 def params_on_meta():
     """Build modules with every *parameter* on the meta device and every buffer real (on the CPU).
@@ -152,23 +159,34 @@ def params_on_meta():
     Parameters are replaced by the checkpoint's tensors, so allocating or initialising them would be wasted
     (and for a large model would not fit); buffers are small and some are not in any checkpoint
     (non-persistent ones), so the model's own __init__ must compute them. Same idea as accelerate's
-    init_empty_weights(include_buffers=False), without the dependency.
+    init_empty_weights(include_buffers=False), without the dependency. The patch of register_parameter is
+    process-wide, so it acts only for the thread inside this block: a model another thread builds meanwhile
+    (a server loading while it saves) keeps real parameters.
     """
-    orig = nn.Module.register_parameter
+    global _meta_users, _meta_orig
+    with _meta_lock:
+        if _meta_users == 0:
+            orig = _meta_orig = nn.Module.register_parameter
 
-    def register_parameter(module, name, param):
-        orig(module, name, param)
-        if param is not None and param.device.type != "meta":
-            p = module._parameters[name]
-            kwargs = dict(p.__dict__)
-            kwargs["requires_grad"] = p.requires_grad
-            module._parameters[name] = type(p)(p.to("meta"), **kwargs)
+            def register_parameter(module, name, param):
+                orig(module, name, param)
+                if getattr(_meta_here, "depth", 0) and param is not None and param.device.type != "meta":
+                    p = module._parameters[name]
+                    kwargs = dict(p.__dict__)
+                    kwargs["requires_grad"] = p.requires_grad
+                    module._parameters[name] = type(p)(p.to("meta"), **kwargs)
 
-    nn.Module.register_parameter = register_parameter
+            nn.Module.register_parameter = register_parameter
+        _meta_users += 1
+    _meta_here.depth = getattr(_meta_here, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = orig
+        _meta_here.depth -= 1
+        with _meta_lock:
+            _meta_users -= 1
+            if _meta_users == 0:
+                nn.Module.register_parameter = _meta_orig
 
 
 def _model_class(config, manifest: dict):

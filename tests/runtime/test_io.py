@@ -190,6 +190,33 @@ def test_save_without_source_dir_says_the_tokenizer_is_left_behind(tmp_path):
     assert (tmp_path / "out2" / "tokenizer.json").is_file()
 
 
+def test_a_skeleton_built_in_one_thread_leaves_other_threads_alone():
+    """save/load patch nn.Module.register_parameter while they build a skeleton: a model another thread built
+    meanwhile (a server loading while it saves) got meta parameters, and two threads in the block at once
+    could leave the patch installed for good."""
+    import threading
+
+    from sparserun.runtime.io import params_on_meta
+
+    inside, done, bad = threading.Event(), threading.Event(), []
+
+    def other():
+        inside.wait()
+        for _ in range(50):
+            if torch.nn.Linear(4, 4).weight.is_meta:
+                bad.append(1)
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with params_on_meta():
+        assert torch.nn.Linear(4, 4).weight.is_meta  # this thread's modules are skeletons
+        inside.set()
+        done.wait(30)
+    t.join()
+    assert bad == [] and not torch.nn.Linear(4, 4).weight.is_meta  # and the patch is gone afterwards
+
+
 def test_untied_llama_and_fallback_class(tmp_path):
     model = tiny_llama(tie=False, seed=1)
     sparserun.sparsify_(model, "2:4", filter_fn=lambda m, n: True)  # lm_head too (untied, 101x64)
