@@ -116,6 +116,12 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     ours to delete). Commands call this before any long work, and the writer again when it starts."""
     out = Path(out)
     if out.is_symlink() and not out.exists():
+        target = Path(os.path.abspath(os.path.join(out.parent, os.readlink(out))))
+        left = _siblings(target, "old")  # the link's target was being replaced when the run was killed
+        if left:
+            raise OutputExists(f"{out} links to {target}, which is missing, but {left[0]} holds the checkpoint "
+                               f"that an interrupted replace moved aside; move it back to {target} (or delete "
+                               f"it), then run again")
         raise OutputExists(f"output {out} is a symbolic link to {os.readlink(out)}, which does not exist; give a "
                            f"directory")
     if out.exists() and not out.is_dir():

@@ -224,6 +224,12 @@ def test_a_replace_killed_between_its_renames_is_not_papered_over(tmp_path, gen)
         CheckpointWriter(out, config=CONFIG)
     os.replace(aside, out)  # what the message says to do
     write(out, gen, overwrite=True)
+    # the same through a link to OUT: the link dangles while the checkpoint is aside
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    os.replace(out, aside)
+    with pytest.raises(ck.OutputExists, match=r"link links to .*o, which is missing, but .*\.o\.old-x1y2z3w4 holds"):
+        CheckpointWriter(link, config=CONFIG)
 
 
 def test_concurrent_overwrites_of_one_out(tmp_path):
