@@ -21,6 +21,23 @@ class SparserunWarning(UserWarning):
     """What sparserun warns about (the CLI prints these as one `warning: ...` line, wherever they point)."""
 
 
+def _warn(message: str, stacklevel: int = 1) -> None:
+    """warnings.warn(message, SparserunWarning), pointing `stacklevel` frames above the caller."""
+    import warnings
+
+    warnings.warn(message, SparserunWarning, stacklevel=stacklevel + 2)
+
+
+def _umask_mode(mode: int) -> int:
+    """`mode` (0o666 for a file, 0o777 for a directory) under the process umask: what open() or mkdir would
+    have given. mkstemp/mkdtemp make 0600/0700, too tight for a checkpoint, results or a cache others read."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def __getattr__(name):
     # Lazy: `import sparserun` must stay cheap and must not import triton or transformers.
     if name == "SparseLinear":

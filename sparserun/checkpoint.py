@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import formats
+from . import _umask_mode, _warn, formats
 from .formats.common import SUPPORTED_DTYPES
 from .patterns import parse as parse_pattern
 
@@ -348,12 +348,8 @@ def _remove_old(old: Path, out: Path) -> None:
     silent hidden sibling for a later run to mistake for a killed write."""
     shutil.rmtree(old, ignore_errors=True)
     if old.exists():
-        import warnings
-
-        from . import SparserunWarning
-
-        warnings.warn(f"{out} was replaced, but the previous checkpoint could not be fully deleted: what is left of "
-                      f"it is in {old}; delete it by hand", SparserunWarning, stacklevel=4)
+        _warn(f"{out} was replaced, but the previous checkpoint could not be fully deleted: what is left of "
+                      f"it is in {old}; delete it by hand", stacklevel=3)
 
 
 def linked_into(src: Path, out: Path) -> Path | None:
@@ -455,13 +451,9 @@ class CheckpointWriter:
             self.out = self.out.resolve()
         stale = _siblings(self.out, "tmp")
         if stale:  # a killed write (or one running now) leaves its temp folder: say so rather than fill the disk
-            import warnings
-
-            from . import SparserunWarning
-
-            warnings.warn(f"{len(stale)} temp folder(s) of earlier writes of {self.out.name} are next to it (e.g. "
+            _warn(f"{len(stale)} temp folder(s) of earlier writes of {self.out.name} are next to it (e.g. "
                           f"{stale[0]}): left by a killed run, or in use by one still writing; delete them if no "
-                          f"other process is writing {self.out}", SparserunWarning, stacklevel=3)
+                          f"other process is writing {self.out}", stacklevel=2)
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=_hidden_name(self.out, "tmp"), dir=self.out.parent))
@@ -635,22 +627,16 @@ class CheckpointWriter:
         return self.out
 
     def _say_complete(self) -> None:
-        import warnings
-
-        from . import SparserunWarning
-
         self._said_complete = True
-        warnings.warn(f"{self.out} was written completely before the interrupt", SparserunWarning, stacklevel=3)
+        _warn(f"{self.out} was written completely before the interrupt", stacklevel=2)
 
     def _fix_permissions(self) -> None:
         # mkdtemp makes the directory 0700 (and safetensors its files 0600); a checkpoint should get the modes
         # any directory made with mkdir would get (e.g. readable by a serving user), i.e. follow the umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)
+        os.chmod(self.tmp, _umask_mode(0o777))
         for p in self.tmp.iterdir():
             if p.is_file():
-                os.chmod(p, 0o666 & ~umask)
+                os.chmod(p, _umask_mode(0o666))
 
     def _rename_shards(self) -> dict[str, str]:
         n = len(self._shards)

@@ -218,13 +218,11 @@ def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsampl
         seqlen = min(default_seqlen(getattr(m, "config", None)) for m in models.values())
     check_windows(seqlen, nsamples, models)
     ids = windows(tok, text, seqlen, nsamples, source=f"evaluation text {text_file}")
-    for name, m in models.items():  # a --tokenizer of a larger vocabulary: an IndexError deep in the embedding
-        emb = m.get_input_embeddings() if hasattr(m, "get_input_embeddings") else None
-        rows = getattr(emb, "num_embeddings", None)
-        if rows is not None and int(ids.max()) >= rows:
-            raise EvalError(f"the tokenizer{f' {tokenizer}' if tokenizer is not None else ''} gives token ids up "
-                            f"to {int(ids.max())}, but {name}'s embedding has {rows} rows: use the model's own "
-                            f"tokenizer")
+    from .prune.api import check_token_ids
+
+    for name, m in models.items():  # a --tokenizer of a larger vocabulary
+        check_token_ids(m, ids, f"{name} with the tokenizer{f' {tokenizer}' if tokenizer is not None else ''}",
+                        EvalError)
     result = {"model": str(path), "text": str(text_file), "windows": ids.shape[0], "seqlen": ids.shape[1],
               "tokens": int(ids.numel()), "causal_lm": calibrate.is_causal_lm(model)}
     if result["causal_lm"]:

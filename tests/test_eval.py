@@ -223,5 +223,5 @@ def test_a_tokenizer_with_a_larger_vocabulary_is_refused(tmp_path, dirs, minilm_
     text.write_text("Sparse matrices keep only the weights that matter. " * 20)
     rc, out, err = run_cli("eval", dirs[1], "--text", text, "--seqlen", "32", "--tokenizer", minilm_dir,
                            "--quiet", split=True)
-    assert rc == 1 and "embedding has" in err and "use the model's own tokenizer" in err, err
+    assert rc == 1 and "embedding has" in err and "tokenise with the model's own tokenizer" in err, err
     assert len(err.strip().splitlines()) == 1

@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import _umask_mode
+
 ROTATE_BYTES = 512 * 2**20  # total operand bytes to rotate through: ~10x the H100's L2
 
 
@@ -121,9 +123,7 @@ def write_atomically(path: Path, write) -> None:
     tmp = Path(name)
     try:
         write(tmp)
-        umask = os.umask(0)  # mkstemp's 0600 -> what open() would have made: results are for sharing
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, _umask_mode(0o666))  # results are for sharing, as open() would have made them
         os.replace(tmp, path)
     finally:
         if tmp.exists():

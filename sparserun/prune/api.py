@@ -352,15 +352,20 @@ def load_calibration(model, calib, tokenizer, nsamples, seqlen, seed) -> calibra
     return _check_ids(model, calibrate.calibration_data(calib, tokenizer, nsamples, seqlen, seed))
 
 
-def _check_ids(model, cal: calibrate.CalibData) -> calibrate.CalibData:
+def check_token_ids(model, ids: torch.Tensor, what: str, error=calibrate.CalibrationError) -> None:
     """Token ids must index the model's embedding table (a tokenizer of another model, or pre-tokenised ids
-    for another vocabulary, would otherwise end in an IndexError deep inside the embedding)."""
+    for another vocabulary, would otherwise end in an IndexError deep inside the embedding). `what` names the
+    ids and the model in the message."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     n = getattr(emb, "num_embeddings", None)
-    lo, hi = int(cal.input_ids.min()), int(cal.input_ids.max())
+    lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or (n is not None and hi >= n):
-        raise calibrate.CalibrationError(f"calibration token ids span [{lo}, {hi}] but the model's embedding has "
-                                         f"{n} rows ({cal.source}): tokenise with the model's own tokenizer")
+        raise error(f"{what}: token ids span [{lo}, {hi}] but the model's embedding has {n} rows: tokenise with "
+                    f"the model's own tokenizer")
+
+
+def _check_ids(model, cal: calibrate.CalibData) -> calibrate.CalibData:
+    check_token_ids(model, cal.input_ids, f"calibration ({cal.source})")
     return cal
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import checkpoint as ckpt
+from .. import _warn, checkpoint as ckpt
 from ..checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, DEFAULT_SHARD_BYTES
 from . import experts
 from .linear import SparseLinear, _buffer_shapes, guard_save_pretrained, is_linear, linear_shape
@@ -64,13 +64,9 @@ def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
     sparse = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     if not sparse:
         # sparserun.prune leaves masked *dense* weights: saved as they are, zeros and all, nothing is smaller
-        import warnings
-
-        from .. import SparserunWarning
-
-        warnings.warn(f"{type(model).__name__} has no sparse layers, so {out_dir} is a dense checkpoint, no smaller "
+        _warn(f"{type(model).__name__} has no sparse layers, so {out_dir} is a dense checkpoint, no smaller "
                       f"than the source; after sparserun.prune, pack the layers first with "
-                      f"sparserun.sparsify_(model, pattern, masks=report.masks)", SparserunWarning, stacklevel=2)
+                      f"sparserun.sparsify_(model, pattern, masks=report.masks)", stacklevel=1)
     owner: dict[str, str] = {}  # state_dict key -> sparse layer name (its packed roles and bias)
     for name, m in sparse.items():
         roles = _buffer_shapes(m.format, m.out_features, m.in_features, m.block, m.values.shape[0])
@@ -85,12 +81,8 @@ def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
         from ..generate import has_tokenizer
 
         if has_tokenizer(Path(source)):  # OUT would have no tokenizer, and generate/eval on it would stop
-            import warnings
-
-            from .. import SparserunWarning
-
-            warnings.warn(f"no source_dir given: {out_dir} gets no tokenizer files; pass source_dir={source!r} "
-                          f"(the directory the model was loaded from) to copy them", SparserunWarning, stacklevel=2)
+            _warn(f"no source_dir given: {out_dir} gets no tokenizer files; pass source_dir={source!r} "
+                          f"(the directory the model was loaded from) to copy them", stacklevel=1)
     sd = model.state_dict()
     stale = source_dir is not None and config is not None and _config_is_stale(Path(source_dir), model, sd, sparse)
     seen: dict = {}
@@ -260,12 +252,8 @@ def _read_generation_config(path, model: nn.Module) -> None:
         model.generation_config = GenerationConfig.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as e:  # malformed JSON, a list, values GenerationConfig refuses
         # as from_pretrained does: the file is the source's, copied unchanged; keep config.json's settings
-        import warnings
-
-        from .. import SparserunWarning
-
-        warnings.warn(f"{f} ignored, not a valid generation config ({' '.join(str(e).split())[:160]}); "
-                      f"generation uses config.json's settings", SparserunWarning, stacklevel=3)
+        _warn(f"{f} ignored, not a valid generation config ({' '.join(str(e).split())[:160]}); "
+                      f"generation uses config.json's settings", stacklevel=2)
 
 
 def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = True, model_class=None,

@@ -27,6 +27,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from .. import _umask_mode
 from typing import Callable, Iterable
 
 log = logging.getLogger(__name__)
@@ -262,11 +264,8 @@ class Tuner:
                 try:
                     with os.fdopen(fd, "w") as f:
                         json.dump({"schema": SCHEMA, "entries": entries}, f, indent=1, sort_keys=True)
-                    # mkstemp makes the file 0600; a cache in a shared SPARSERUN_CACHE_DIR must be readable by the
-                    # other users the umask allows, as a file made with open() would be
-                    umask = os.umask(0)
-                    os.umask(umask)
-                    os.chmod(tmp, 0o666 & ~umask)
+                    # a cache in a shared SPARSERUN_CACHE_DIR must be readable by the users the umask allows
+                    os.chmod(tmp, _umask_mode(0o666))
                     os.replace(tmp, self.path)
                 except BaseException:
                     if os.path.exists(tmp):
