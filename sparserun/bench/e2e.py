@@ -275,12 +275,12 @@ def backend_choices(variant: Variant) -> list[str]:
     fmt = "semi24" if variant.pattern == "2:4" else "bsr"
     out = []
     for key, choice in sorted(dispatch._memo.items(), key=lambda kv: str(kv[0])):
-        f, n, k, bucket, _dt, _dev, _grad, detail = key
-        if f == fmt and (fmt == "semi24" or dict(detail).get("block") == variant.block and
-                         abs(dict(detail).get("density", -1) - round(1 - variant.sparsity, 2)) < 1e-6):
+        detail = dict(key.detail)
+        if key.format == fmt and (fmt == "semi24" or detail.get("block") == variant.block and
+                                  abs(detail.get("density", -1) - round(1 - variant.sparsity, 2)) < 1e-6):
             t = dispatch._memo_times.get(key) or {}
             timed = f" ({', '.join(f'{b} {ms * 1e3:.1f}' for b, ms in sorted(t.items()))} us)" if t else ""
-            out.append(f"{n}x{k} M<={bucket}: {choice}{timed}")
+            out.append(f"{key.n}x{key.k} M<={key.bucket}: {choice}{timed}")
     return out or ["cpu: reference (auto)"]
 
 

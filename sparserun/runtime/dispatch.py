@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -255,9 +256,22 @@ def _check_interpreted(layer, x: torch.Tensor) -> None:
 
 
 # ---- the choice -------------------------------------------------------------------------------------
+class MemoKey(NamedTuple):
+    """What an in-process choice is remembered under (readers use the field names: the key has grown)."""
+    format: str
+    n: int
+    k: int
+    bucket: int
+    dtype: torch.dtype
+    device: torch.device
+    grad: bool
+    keeps_dense: bool
+    detail: tuple  # _format_detail's items: block size and rounded density for block-sparse layers
+
+
 _static_key: dict = {}
-_memo: dict[tuple, str] = {}
-_memo_times: dict[tuple, dict] = {}  # the timings behind choices made in this process (reports)
+_memo: dict[MemoKey, str] = {}
+_memo_times: dict[MemoKey, dict] = {}  # the timings behind choices made in this process (reports)
 _memo_lock = threading.Lock()
 
 
@@ -380,8 +394,8 @@ def auto_backend(layer, x: torch.Tensor, allow_timing: bool = True) -> str:
 
     if m == 0:
         return static_choice(layer, m)  # nothing to time: an empty input must not decide the decode (M=1) bucket
-    mk = (layer.format, layer.out_features, k, m_bucket(m), x.dtype, x.device, grad, keeps_dense(layer),
-          tuple(_format_detail(layer).items()))
+    mk = MemoKey(layer.format, layer.out_features, k, m_bucket(m), x.dtype, x.device, grad, keeps_dense(layer),
+                 tuple(_format_detail(layer).items()))
     choice = _memo.get(mk)
     if choice is None:
         if _compiling():

@@ -257,6 +257,25 @@ def test_an_empty_input_neither_times_nor_decides_the_decode_bucket(fake_gpu):
     assert fake_gpu["ran"] == [] and fake_gpu["tuner"].entries() == {}
 
 
+def test_e2e_report_reads_the_choices_the_dispatcher_made(fake_gpu):
+    """bench e2e lists the dispatcher's in-process choices per variant. The memo is filled only on a GPU, so
+    the CPU dry run never read one: a key that grew a field made every sparse e2e row fail on the H100."""
+    from sparserun.bench.e2e import Variant, backend_choices
+    from sparserun.formats import bsr
+
+    w = torch.randn(64, 96)
+    blocks = torch.zeros(2, 3, dtype=torch.bool)
+    blocks[0, 1] = blocks[1, 0] = blocks[1, 2] = True  # 3 of 6 blocks: density 0.5
+    mask = blocks.repeat_interleave(32, 0).repeat_interleave(32, 1)
+    block_layer = SparseLinear.from_packed(bsr.pack(w, mask, 32))
+    for layer in (_layer(), block_layer):
+        dispatch.auto_backend(layer, torch.randn(3, 96))
+    assert backend_choices(Variant("2:4", "2:4", 0.5)) == [
+        "64x96 M<=4: cuda (cuda 300.0, cusparselt 400.0, dense 1000.0, triton 500.0 us)"]
+    assert backend_choices(Variant("32x32-50", "32x32", 0.5))[0].startswith("64x96 M<=4: ")
+    assert backend_choices(Variant("64x64-50", "64x64", 0.5)) == ["cpu: reference (auto)"]  # no such layer
+
+
 def test_keep_dense_is_part_of_the_tuning_key(fake_gpu, monkeypatch):
     """With a resident dense copy the dense candidate is a bare GEMM: its timing must not answer for a default
     process, where dense means decompress + GEMM per call (and the other way round)."""
