@@ -175,6 +175,15 @@ def _make_streamer(tokenizer, out, times: list):
     return TimedStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+def fullgraph_ok(model) -> bool:
+    """Whether the decode step compiles as one graph. Packed MoE experts route tokens expert by expert with a
+    host sync (runtime/experts.py, as transformers' eager loop), which a full graph cannot hold: those models
+    compile with graph breaks around the routing, and CUDA graphs cover the pieces between them."""
+    from .runtime.experts import experts_modules
+
+    return not experts_modules(model, unrolled=True)
+
+
 def generate(model_dir, prompt: str, *, max_new_tokens: int = 64, device=None, dtype=None, sample: bool = False,
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
              seed: int | None = None, ignore_eos: bool = False, chat: bool = False, compile: bool = False,
@@ -233,7 +242,8 @@ def generate(model_dir, prompt: str, *, max_new_tokens: int = 64, device=None, d
 
         # generate() compiles the decode step itself when the cache is static and the device is CUDA;
         # reduce-overhead = CUDA graphs. The sparse layers' kernels are torch.library custom ops (ops.py).
-        kw.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
+        kw.update(cache_implementation="static",
+                  compile_config=CompileConfig(fullgraph=fullgraph_ok(model), mode="reduce-overhead"))
         print("compiling the decode step (warm-up generation, not timed) ...", file=sys.stderr, flush=True)
         with torch.inference_mode():
             warm = {k: v for k, v in kw.items() if k != "min_new_tokens"}

@@ -78,6 +78,29 @@ def test_unrolled_model_survives_deepcopy_and_torch_save():
         assert exp.forward.args[0] is exp, "the copy's forward must route through the copy's own experts"
 
 
+def test_unrolled_experts_compile_with_graph_breaks_not_as_one_graph():
+    """The routing loop syncs with the host (the experts hit), so `generate --compile` must not ask for a full
+    graph on a packed MoE model (it did, and failed on a GPU); with graph breaks it computes the same logits."""
+    from sparserun.generate import fullgraph_ok
+
+    model = make_moe("qwen3_moe", V).eval()
+    assert fullgraph_ok(model), "fused experts: one graph, as transformers compiles them"
+    X.unroll_all(model)
+    assert not fullgraph_ok(model)
+    ids = _ids()
+    want = _logits(model, ids)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            got = torch.compile(model, backend="eager", fullgraph=False)(ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch._dynamo.reset()
+            with pytest.raises(Exception, match="(?i)data.dependent|tolist|graph break|unsupported"):
+                torch.compile(model, backend="eager", fullgraph=True)(ids)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_unroll_refuses_a_module_outside_the_experts_contract():
     with pytest.raises(ValueError, match="not a fused experts module"):
         X.unroll(nn.Linear(4, 4))
