@@ -1,6 +1,7 @@
 """Helpers the kernel launchers share: interpreter detection, M bucketing, SM count, dot precision."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -62,6 +63,19 @@ def workspace(shape, device) -> torch.Tensor:
     if POISON_WORKSPACE:
         return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
     return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def on_device(name: str, x: torch.Tensor, **tensors):
+    """The context a launch for x runs in. Every tensor must be on x's device, as nn.Linear requires: Triton
+    takes a pointer from another device without a word. And Triton launches on the *current* CUDA device,
+    whatever device the pointers belong to, so a layer on cuda:1 called while cuda:0 is current would read
+    cuda:1 memory from cuda:0 (and the tuner would time on the wrong GPU): x's device is made current."""
+    for what, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{name}: {what} is on {t.device}, the input on {x.device}")
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def check_out(out: torch.Tensor | None, m: int, n: int, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (as_2d, cdiv, check_out, dot_precision, interpreting, m_bucket, next_pow2, num_sms,
+from ._common import (as_2d, cdiv, check_out, dot_precision, interpreting, m_bucket, next_pow2, num_sms, on_device,
                       workspace)
 from ._tuning import pick, rel_err, sample_rows
 
@@ -223,6 +223,7 @@ def bsr_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
     k = x.shape[-1]
     if k % b:
         raise ValueError(f"bsr_matmul: in_features {k} is not a multiple of the block size {b}")
+    device = on_device("bsr_matmul", x, crow=crow, col=col, values=values, bias=bias, out=out)
     x2 = as_2d(x, k, "bsr_matmul")
     m = x2.shape[0]
     out = check_out(out, m, n, x)
@@ -269,16 +270,17 @@ def bsr_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
             errs.append(rel_err(y[rm][:, cols], ref))
         return max(errs)
 
-    if config is None:
-        if interpreting():
-            config = interpreter_config(m, b)
-        else:
-            mb = m_bucket(m)
-            # density to one decimal: layers of one model share tuning across their (different) masks
-            dens = round(col.numel() / max(1, rows * (k // b)), 1)
-            key = ("bsr", n, k, b, dens, mb, x.dtype, has_bias, str(x.device))
-            config = pick(key, lambda: candidate_configs(mb, b), launch, lambda: default_config(mb, b), check)
-    launch(config)
+    with device:
+        if config is None:
+            if interpreting():
+                config = interpreter_config(m, b)
+            else:
+                mb = m_bucket(m)
+                # density to one decimal: layers of one model share tuning across their (different) masks
+                dens = round(col.numel() / max(1, rows * (k // b)), 1)
+                key = ("bsr", n, k, b, dens, mb, x.dtype, has_bias, str(x.device))
+                config = pick(key, lambda: candidate_configs(mb, b), launch, lambda: default_config(mb, b), check)
+        launch(config)
     return out.reshape(*x.shape[:-1], n)
 
 

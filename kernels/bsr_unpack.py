@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import on_device
+
 
 @triton.jit
 def _bsr_unpack_kernel(crow_ptr, col_ptr, vals_ptr, out_ptr, ROWS, stride_on,
@@ -45,6 +47,7 @@ def bsr_unpack(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, k: i
         raise TypeError(f"bsr_unpack: indices must be int32, got {crow.dtype}, {col.dtype}")
     if k % b:
         raise ValueError(f"bsr_unpack: in_features {k} is not a multiple of the block size {b}")
+    device = on_device("bsr_unpack", values, crow=crow, col=col)
     rows = crow.numel() - 1
     out = torch.zeros((rows * b, k), dtype=values.dtype, device=values.device)
     nnz = values.shape[0]
@@ -53,6 +56,7 @@ def bsr_unpack(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, k: i
     crow, col, values = crow.contiguous(), col.contiguous(), values.contiguous()
     # enough halvings to shrink [0, rows] to one row, plus one: the loop is unrolled, so it is a constexpr
     log_rows = max(1, rows.bit_length() + 1)
-    _bsr_unpack_kernel[(nnz,)](crow, col, values, out, rows, out.stride(0), B=b, LOG_ROWS=log_rows,
-                               num_warps=4 if b <= 64 else 8)
+    with device:
+        _bsr_unpack_kernel[(nnz,)](crow, col, values, out, rows, out.stride(0), B=b, LOG_ROWS=log_rows,
+                                   num_warps=4 if b <= 64 else 8)
     return out

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (as_2d, cdiv, check_out, dot_precision, interpreting, m_bucket, next_pow2, num_sms,
+from ._common import (as_2d, cdiv, check_out, dot_precision, interpreting, m_bucket, next_pow2, num_sms, on_device,
                       workspace)
 from ._tuning import pick, rel_err, sample_rows
 from .semi24_unpack import group_words
@@ -566,6 +566,7 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
         raise TypeError(f"semi24_matmul: x dtype {x.dtype} != weight dtype {values.dtype}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"semi24_matmul: bias shape {tuple(bias.shape)} != ({n},)")
+    device = on_device("semi24_matmul", x, values=values, meta=meta, bias=bias, out=out)
     x2 = as_2d(x, k, "semi24_matmul")
     values, meta = values.contiguous(), meta.contiguous()
     m = x2.shape[0]
@@ -633,16 +634,17 @@ def semi24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: 
                                 acc=torch.float32)
         return rel_err(y[rm][:, rn], ref)
 
-    if config is None:
-        if interpreting():
-            config = interpreter_config(m, n, k, x.dtype)
-        else:
-            sms = num_sms(x)
-            key = ("semi24", n, k, m_bucket(m), x.dtype, has_bias, str(x.device))
-            mb = m_bucket(m)
-            config = pick(key, lambda: candidate_configs(mb, n, k, sms, x.dtype), launch,
-                          lambda: default_config(mb, n, k, sms), check)
-    launch(config)
+    with device:
+        if config is None:
+            if interpreting():
+                config = interpreter_config(m, n, k, x.dtype)
+            else:
+                sms = num_sms(x)
+                key = ("semi24", n, k, m_bucket(m), x.dtype, has_bias, str(x.device))
+                mb = m_bucket(m)
+                config = pick(key, lambda: candidate_configs(mb, n, k, sms, x.dtype), launch,
+                              lambda: default_config(mb, n, k, sms), check)
+        launch(config)
     return out.reshape(*x.shape[:-1], n)
 
 

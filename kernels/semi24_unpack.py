@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting
+from ._common import cdiv, interpreting, on_device
 
 
 @triton.jit
@@ -90,6 +90,7 @@ def semi24_unpack(values: torch.Tensor, meta: torch.Tensor, k: int, out: torch.T
     if meta.dtype != torch.uint8 or meta.shape != (n, (ng + 1) // 2):
         raise ValueError(f"semi24_unpack: meta must be uint8 {(n, (ng + 1) // 2)}, got {meta.dtype} "
                          f"{tuple(meta.shape)}")
+    device = on_device("semi24_unpack", values, meta=meta, out=out)
     values, meta = values.contiguous(), meta.contiguous()
     if out is None:
         out = torch.empty((n, k), dtype=values.dtype, device=values.device)
@@ -100,12 +101,13 @@ def semi24_unpack(values: torch.Tensor, meta: torch.Tensor, k: int, out: torch.T
         return out
     bn, bg = (8, 16) if interpreting() else (16, 128)  # 16 rows x 512 columns per program on a GPU
     grid = (cdiv(n, bn), cdiv(ng, bg))
-    if values.element_size() == 2 and k % 4 == 0 and out.stride(0) % 2 == 0 and out.storage_offset() % 2 == 0:
-        # whole words: about half the instructions per group of the 16-bit path below (sm_90 SASS)
-        ow = out.view(torch.int32)
-        _semi24_unpack_words_kernel[grid](values.view(torch.int32), meta, ow, n, ng, kp2 // 2, meta.stride(0),
-                                          ow.stride(0), BLOCK_N=bn, BLOCK_G=bg, num_warps=4)
-        return out
-    _semi24_unpack_kernel[grid](values, meta, out, n, k, ng, values.stride(0), meta.stride(0), out.stride(0),
-                                BLOCK_N=bn, BLOCK_G=bg, num_warps=4)
+    with device:
+        if values.element_size() == 2 and k % 4 == 0 and out.stride(0) % 2 == 0 and out.storage_offset() % 2 == 0:
+            # whole words: about half the instructions per group of the 16-bit path below (sm_90 SASS)
+            ow = out.view(torch.int32)
+            _semi24_unpack_words_kernel[grid](values.view(torch.int32), meta, ow, n, ng, kp2 // 2, meta.stride(0),
+                                              ow.stride(0), BLOCK_N=bn, BLOCK_G=bg, num_warps=4)
+        else:
+            _semi24_unpack_kernel[grid](values, meta, out, n, k, ng, values.stride(0), meta.stride(0),
+                                        out.stride(0), BLOCK_N=bn, BLOCK_G=bg, num_warps=4)
     return out

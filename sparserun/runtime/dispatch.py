@@ -452,7 +452,13 @@ def sparse_linear(layer, x: torch.Tensor) -> torch.Tensor:
     elif x.dtype != wdt:
         raise TypeError(f"SparseLinear({layer.out_features}x{layer.in_features}, {layer.format}): input dtype "
                         f"{x.dtype} does not match the weight dtype {wdt}")
-    return run_backend(choose_backend(layer, x), layer, x)
+    if torch.compiler.is_compiling():  # traced: the ops' launchers guard the device when the graph runs
+        return run_backend(choose_backend(layer, x), layer, x)
+    from ..kernels._common import on_device
+
+    # the tuner times, and the Triton kernels launch, on the current CUDA device: make it x's
+    with on_device(f"SparseLinear({layer.out_features}x{layer.in_features})", x, weight=layer.values):
+        return run_backend(choose_backend(layer, x), layer, x)
 
 
 def clear_memo() -> None:

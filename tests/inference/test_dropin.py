@@ -86,6 +86,8 @@ def test_autocast_computes_as_nn_linear_does(pair, stored):
     layer = model.model.layers[0].mlp.down_proj
     with pytest.raises(TypeError, match="input dtype torch.float16 does not match the weight dtype"):
         layer(torch.ones(1, 128, dtype=torch.float16))  # outside autocast, a dtype mismatch is an error
+    with pytest.raises(RuntimeError, match=r"SparseLinear\(64x128\): weight is on meta, the input on cpu"):
+        copy.deepcopy(layer).to("meta")(torch.ones(1, 128, dtype=stored))  # as nn.Linear: one device
 
 
 def test_pipeline(pair):

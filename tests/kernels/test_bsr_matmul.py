@@ -99,6 +99,8 @@ def test_bad_inputs_raise_clear_errors():
         bsr_matmul(x.half(), t["crow_indices"], t["col_indices"], t["values"], 2)
     with pytest.raises(ValueError, match="multiple of the block size"):
         bsr_matmul(torch.randn(2, 40, device=device()), t["crow_indices"], t["col_indices"], t["values"], 2)
+    with pytest.raises(RuntimeError, match=f"bsr_matmul: col is on meta, the input on {device()}"):
+        bsr_matmul(x, t["crow_indices"], t["col_indices"].to("meta"), t["values"], 2)
 
 
 @pytest.mark.gpu

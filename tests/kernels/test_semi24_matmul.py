@@ -78,6 +78,11 @@ def test_bad_inputs_raise_clear_errors():
         semi24_matmul(x, v, meta, 16, torch.randn(5, device=device()))
     with pytest.raises(ValueError, match="meta must be uint8"):
         semi24_matmul(x, v, meta.to(torch.int32), 16)
+    # a pointer from another device is not an error Triton reports: a launch would read garbage or fault
+    with pytest.raises(RuntimeError, match=f"semi24_matmul: values is on meta, the input on {device()}"):
+        semi24_matmul(x, v.to("meta"), meta, 16)
+    with pytest.raises(RuntimeError, match="bias is on meta"):
+        semi24_matmul(x, v, meta, 16, torch.randn(8, device="meta"))
 
 
 # ---- the unit GEMV (16-bit, K % 8 == 0, M <= 4): no tl.dot, so bf16 runs under the interpreter too ----------

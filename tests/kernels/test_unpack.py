@@ -55,6 +55,10 @@ def test_bad_inputs_raise_clear_errors():
         bsr_unpack(q["crow_indices"], q["col_indices"], q["values"], 48)
     with pytest.raises(TypeError, match="int32"):
         bsr_unpack(q["crow_indices"].long(), q["col_indices"], q["values"], 64)
+    with pytest.raises(RuntimeError, match="semi24_unpack: meta is on meta"):
+        semi24_unpack(v, meta.to("meta"), 16)
+    with pytest.raises(RuntimeError, match="bsr_unpack: crow is on meta"):
+        bsr_unpack(q["crow_indices"].to("meta"), q["col_indices"], q["values"], 64)
 
 
 @pytest.mark.parametrize("fmt", ["semi24", "bsr"])
