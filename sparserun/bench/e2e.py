@@ -237,12 +237,10 @@ def model_bytes(model) -> dict:
 
 def prepared_bytes(model) -> int:
     """Bytes of operands the dispatcher prepared on purpose (dense copies, repacked or compressed weights)."""
-    from ..runtime.linear import SparseLinear
+    from ..runtime.siblings import running_layers
 
     total = 0
-    for m in model.modules():
-        if not isinstance(m, SparseLinear):
-            continue
+    for _, m in running_layers(model):  # a sibling group's fused layer holds its own prepared operands
         for attr in ("_dense_cache", "_sr_cuda", "_sr_cslt"):
             hit = getattr(m, attr, None)
             if hit:
@@ -251,7 +249,9 @@ def prepared_bytes(model) -> int:
 
 
 def release_prepared(model) -> None:
-    for m in model.modules():
+    from ..runtime.siblings import running_layers
+
+    for _, m in running_layers(model):
         for attr in ("_dense_cache", "_sr_cuda", "_sr_cslt"):
             if getattr(m, attr, None) is not None:
                 setattr(m, attr, None)

@@ -191,3 +191,24 @@ def ungroup_siblings(model: nn.Module) -> int:
         if m.__dict__.pop("_sr_group", None) is not None:
             count += 1
     return count
+
+
+def running_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
+    """Every SparseLinear that runs in `model`: its own modules, and each intact group's fused layer, which is
+    not a submodule (named after its members: "model.layers.0.self_attn.q_proj+k_proj+v_proj"). What the
+    tuner must tune and what a memory count must see: at run time the fused layer runs, with its own N."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out, seen = [], set()
+    for name, m in model.named_modules():
+        if not isinstance(m, SparseLinear):
+            continue
+        out.append((name, m))
+        group = m.__dict__.get("_sr_group")
+        if group is None or id(group) in seen or not all(group.intact(x) for x in group.members):
+            continue
+        seen.add(id(group))
+        member_names = [names.get(id(x), "?") for x in group.members]
+        prefix = member_names[0].rpartition(".")[0]
+        fused_name = "+".join(n.rpartition(".")[2] for n in member_names)
+        out.append((f"{prefix}.{fused_name}" if prefix else fused_name, group.fused))
+    return out

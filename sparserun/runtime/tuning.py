@@ -400,12 +400,11 @@ def tune_model(model, m_values: Iterable[int] = M_BUCKETS, progress: Callable[[s
     import torch
 
     from . import dispatch
-    from .linear import SparseLinear
+    from .siblings import running_layers
 
     tuner = get_tuner()
     rows, seen = [], set()
-    layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
-    for name, layer in layers:
+    for name, layer in running_layers(model):  # grouped q/k/v and gate/up run as one wider layer: tune that
         if layer.format not in dispatch.KERNEL_FORMATS:
             continue
         for m in m_values:

@@ -430,6 +430,28 @@ def test_tune_model_dedups_shapes(fake_gpu):
     assert len(fake_gpu["tuner"].entries()) == 6
 
 
+def test_tune_model_tunes_the_fused_layer_that_grouped_siblings_run(fake_gpu):
+    """With q/k/v grouped, the layer that runs is the fused one (N = 64+32+32), not a submodule: bench tune
+    must tune its shape, or the first grouped call tunes it lazily (inside a capture: a static guess)."""
+    from sparserun.bench.e2e import prepared_bytes, release_prepared
+    from sparserun.runtime.siblings import group_siblings, running_layers
+
+    att = torch.nn.Module()
+    att.q_proj, att.k_proj, att.v_proj = _layer(seed=1), _layer(n=32, seed=2), _layer(n=32, seed=3)
+    model = torch.nn.Sequential(att)
+    assert group_siblings(model) == ["0: q_proj+k_proj+v_proj"]
+    assert [(n, m.out_features) for n, m in running_layers(model)] == [
+        ("0.q_proj", 64), ("0.q_proj+k_proj+v_proj", 128), ("0.k_proj", 32), ("0.v_proj", 32)]
+    rows = tuning.tune_model(model, m_values=(1,))
+    assert [(r["layer"], r["N"]) for r in rows] == [("0.q_proj", 64), ("0.q_proj+k_proj+v_proj", 128),
+                                                   ("0.k_proj", 32)]  # v_proj has k_proj's key
+    # the fused layer's prepared operand (the fake cuda backend built one) is counted and released
+    fused = att.q_proj.__dict__["_sr_group"].fused
+    assert fused._sr_cuda is not None and prepared_bytes(model) > 0
+    release_prepared(model)
+    assert fused._sr_cuda is None and prepared_bytes(model) == 0
+
+
 def test_forced_backends(monkeypatch):
     layer = _layer()
     x = torch.randn(3, 96)
