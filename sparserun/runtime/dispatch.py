@@ -405,7 +405,10 @@ def auto_backend(layer, x: torch.Tensor, allow_timing: bool = True) -> str:
         else:
             key = tuning_key(layer, m, x.dtype, x.device, grad)
             try:
-                choice = get_tuner().choose(key, candidates(layer, x, grad), output_check(layer, x))
+                from ..kernels._common import on_device
+
+                with on_device("tuning", x):  # graph_timer captures and times on the current device
+                    choice = get_tuner().choose(key, candidates(layer, x, grad), output_check(layer, x))
             except Uncheckable:
                 # NaN/Inf in x (or an overflowing output), as nn.Linear passes them on: not an error, and
                 # not an input to tune on. An earlier process's choice, else the static one, uncached.
@@ -456,7 +459,8 @@ def sparse_linear(layer, x: torch.Tensor) -> torch.Tensor:
         return run_backend(choose_backend(layer, x), layer, x)
     from ..kernels._common import on_device
 
-    # the tuner times, and the Triton kernels launch, on the current CUDA device: make it x's
+    # the Triton kernels launch on the current CUDA device: make it x's (the launchers and the tuner guard
+    # too; one guard here covers every backend of the call)
     with on_device(f"SparseLinear({layer.out_features}x{layer.in_features})", x, weight=layer.values):
         return run_backend(choose_backend(layer, x), layer, x)
 
