@@ -82,7 +82,9 @@ def graph_replay_ms(body: Callable[[], None], calls: int, replays: int) -> float
     import torch
 
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    # thread_local: the first call of a shape tunes, maybe while other threads serve the same model; the
+    # default ("global") mode would make their allocations fail for the length of this capture
+    with torch.cuda.graph(g, capture_error_mode="thread_local"):
         for _ in range(calls):
             body()
     g.replay()
