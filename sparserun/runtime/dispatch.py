@@ -46,7 +46,13 @@ def forced_backend() -> str:
 
 def _cannot_time() -> bool:
     # is_compiling first: torch.compile cannot trace is_current_stream_capturing (it returns a bool)
-    return _compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return _compiling() or capturing()
+
+
+def capturing() -> bool:
+    """Inside a CUDA-graph capture. Nothing made there may be cached: its kernels are only recorded, so the
+    tensor holds garbage until a replay runs them, and it lives in the graph's private pool."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _compiling() -> bool:
@@ -148,7 +154,7 @@ def dense_cached(layer) -> torch.Tensor:
     if not keeps_dense(layer):
         return decompress(layer)
     if _stale(layer._dense_cache, layer):
-        if _compiling():  # no key can be read while tracing: decompress inside the graph, cache nothing
+        if _compiling() or capturing():  # no key can be read while tracing; see capturing()
             return decompress(layer)
         layer._dense_cache = (_data_key(layer), decompress(layer))
     return layer._dense_cache[1]
@@ -161,6 +167,8 @@ def cuda_cached(layer) -> tuple[torch.Tensor, torch.Tensor]:
     hit = getattr(layer, "_sr_cuda", None)
     if _stale(hit, layer):
         vf, ef = cuda_ext.repack(layer.values, layer.meta, layer.out_features, layer.in_features)
+        if capturing():
+            return vf, ef
         layer._sr_cuda = hit = (_data_key(layer), vf, ef)
     return hit[1], hit[2]
 
@@ -169,7 +177,10 @@ def cslt_cached(layer) -> torch.Tensor:
     """torch._cslt_compress of the dense weight, once."""
     hit = getattr(layer, "_sr_cslt", None)
     if _stale(hit, layer):
-        layer._sr_cslt = hit = (_data_key(layer), torch._cslt_compress(dense_cached(layer)))
+        packed = torch._cslt_compress(dense_cached(layer))
+        if capturing():
+            return packed
+        layer._sr_cslt = hit = (_data_key(layer), packed)
     return hit[1]
 
 

@@ -177,9 +177,9 @@ class SparseLinear(nn.Module):
             warnings.warn("SparseLinear.weight was read: it decompresses the dense weight "
                           "(slow; model code that only needs its dtype/device can use .values)", SparserunWarning,
                           stacklevel=2)
-        from .dispatch import _data_key, decompress, version_of
+        from .dispatch import _data_key, capturing, decompress, version_of
 
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or capturing():  # see dispatch.capturing
             return decompress(self)
         key, hit = _data_key(self), SparseLinear._last_read
         if hit is not None and hit[0]() is self and hit[1] == key and version_of(hit[2]) == hit[3]:

@@ -452,6 +452,23 @@ def test_tune_model_tunes_the_fused_layer_that_grouped_siblings_run(fake_gpu):
     assert fused._sr_cuda is None and prepared_bytes(model) == 0
 
 
+def test_nothing_made_inside_a_cuda_graph_capture_is_cached(monkeypatch):
+    """A tensor made while a CUDA graph captures holds garbage until a replay runs its kernels: a first call
+    inside a capture (a forced backend, a read of .weight) must compute its operands without keeping them."""
+    layer = _layer()
+    monkeypatch.setenv("SPARSERUN_KEEP_DENSE", "1")
+    monkeypatch.setattr(dispatch, "capturing", lambda: True)
+    SparseLinear._last_read = None
+    assert torch.equal(dispatch.dense_cached(layer), layer.dense_weight()) and layer._dense_cache is None
+    assert len(dispatch.cuda_cached(layer)) == 2 and getattr(layer, "_sr_cuda", None) is None
+    monkeypatch.setattr(SparseLinear, "_weight_warned", True)  # (its one warning per process: not tested here)
+    layer.weight
+    assert SparseLinear._last_read is None
+    monkeypatch.setattr(dispatch, "capturing", lambda: False)  # outside a capture they are kept, as before
+    dispatch.dense_cached(layer), dispatch.cuda_cached(layer)
+    assert layer._dense_cache is not None and layer._sr_cuda is not None
+
+
 def test_forced_backends(monkeypatch):
     layer = _layer()
     x = torch.randn(3, 96)
