@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels.bsr_matmul import bsr_dense_ref, bsr_matmul
+from .kernels.bsr_matmul import bsr_matmul
 from .kernels.bsr_unpack import bsr_unpack
-from .kernels.semi24_matmul import semi24_matmul, semi24_unpack_ref
+from .kernels.semi24_matmul import semi24_matmul
 from .kernels.semi24_unpack import semi24_unpack
 
 
@@ -39,7 +39,9 @@ def _semi24_setup(ctx, inputs, output):
 
 def _semi24_backward(ctx, grad):
     values, meta = ctx.saved_tensors
-    w = semi24_unpack_ref(values, meta, ctx.k)
+    # through the unpack op: one opaque node that traces under dynamic shapes too (the ops run where the
+    # Triton kernels run: CUDA, or the interpreter)
+    w = semi24_unpack_op(values, meta, ctx.k)
     gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
     return grad @ w.to(grad.dtype), None, None, gb, None
 
@@ -68,7 +70,9 @@ def _bsr_setup(ctx, inputs, output):
 
 def _bsr_backward(ctx, grad):
     crow, col, values = ctx.saved_tensors
-    w = bsr_dense_ref(crow, col, values, ctx.k)
+    # not torch's sparse BSR type (bsr_dense_ref): it cannot trace symbolic sizes (torch.compile(dynamic=True)
+    # failed), and its invariant check syncs with the host on every backward
+    w = bsr_unpack_op(crow, col, values, ctx.k)
     gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
     return grad @ w.to(grad.dtype), None, None, None, gb, None
 

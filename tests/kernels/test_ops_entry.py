@@ -38,3 +38,32 @@ def test_direct_kernel_without_grad_op_with_grad(i, monkeypatch):
     gref = layer.dense_weight().sum(0).expand_as(x)
     assert torch.allclose(xg.grad, gref, rtol=1e-5, atol=1e-5)
     assert torch.equal(y, y2.detach())
+
+
+@pytest.mark.parametrize("i", [0, 1], ids=["semi24", "bsr"])
+def test_ops_pass_torch_opcheck_and_compile_with_dynamic_shapes_and_a_backward(i):
+    """The fake implementations and autograd registrations must agree with the real op (torch's opcheck:
+    schema, fake tensor, autograd, AOT dispatch static and dynamic). The block-sparse backward went through
+    torch's sparse BSR type, which fails on symbolic sizes: torch.compile(dynamic=True) with a backward broke."""
+    layer = _layers()[i]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 64, generator=g, requires_grad=True)
+    if layer.format == "semi24":
+        op, args = ops.semi24_linear, (x, layer.values, layer.meta, layer.bias, 64)
+        unpack, unpack_args = ops.semi24_unpack_op, (layer.values, layer.meta, 64)
+    else:
+        op, args = ops.bsr_linear, (x, layer.crow_indices, layer.col_indices, layer.values, layer.bias,
+                                    layer.max_row_blocks)
+        unpack, unpack_args = ops.bsr_unpack_op, (layer.crow_indices, layer.col_indices, layer.values, 64)
+    torch.library.opcheck(op, args)
+    torch.library.opcheck(unpack, unpack_args)
+
+    torch._dynamo.reset()
+    try:
+        f = torch.compile(lambda t: op(t, *args[1:]), dynamic=True, fullgraph=True, backend="aot_eager")
+        for rows in (5, 9):  # a second size: the graph is traced with a symbolic row count
+            xs = torch.randn(rows, 64, generator=g, requires_grad=True)
+            f(xs).sum().backward()
+            torch.testing.assert_close(xs.grad, layer.dense_weight().sum(0).expand_as(xs), rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
