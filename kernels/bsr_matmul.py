@@ -49,8 +49,11 @@ def _segments(rows: int, max_row: int, m_tiles: int, sms: int, unroll: int, deco
 FMA_MAX_M = 4  # up to here CUDA-core FMAs are candidates; tensor cores would pad M to 16
 
 
-def candidate_configs(m: int, b: int) -> list[dict]:
+def candidate_configs(m: int, b: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Tuned choices; SEG (blocks per program) is derived at launch from the layer's row counts."""
+    # fp32 dots at B = 128 ("ieee": exact fp32) hold twice the registers of 16-bit ones: 64-row tiles spilled
+    # ~15 KB per thread with 4 warps (sm_90, Triton 3.9) and ~1.9 KB with 8 (3.6); 32 rows x 8 warps fit
+    wide_fp32 = dtype == torch.float32 and b == 128
     out = []
     if m <= FMA_MAX_M:
         bm = next_pow2(m)
@@ -64,18 +67,18 @@ def candidate_configs(m: int, b: int) -> list[dict]:
                 # at low density on 8B shapes the two launches were most of an ~11 µs layer (NOTES.md)
                 out.append(dict(out[-1], WHOLE_ROWS=True))
     if m <= DECODE_MAX_M:
-        bm = max(16, next_pow2(m))
+        bm = min(32, max(16, next_pow2(m))) if wide_fp32 else max(16, next_pow2(m))
         for u in sorted({max(1, 64 // b), max(1, 128 // b)}):
-            for warps in (4, 8) if b >= 64 else (4,):
+            for warps in (8,) if wide_fp32 else (4, 8) if b >= 64 else (4,):
                 out.append(dict(BLOCK_M=bm, UNROLL=u, USE_DOT=True, num_warps=warps, num_stages=3))
     else:
-        for bm, warps in ((64, 4), (128, 8)):
+        for bm, warps in ((32, 8),) if wide_fp32 else ((64, 4), (128, 8)):
             out.append(dict(BLOCK_M=bm, UNROLL=max(1, 64 // b), USE_DOT=True, num_warps=warps, num_stages=3))
     return out
 
 
-def default_config(m: int, b: int) -> dict:
-    return candidate_configs(m, b)[0]
+def default_config(m: int, b: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    return candidate_configs(m, b, dtype)[0]
 
 
 def interpreter_config(m: int, b: int) -> dict:
@@ -279,7 +282,8 @@ def bsr_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
                 # density to one decimal: layers of one model share tuning across their (different) masks
                 dens = round(col.numel() / max(1, rows * (k // b)), 1)
                 key = ("bsr", n, k, b, dens, mb, x.dtype, has_bias, str(x.device))
-                config = pick(key, lambda: candidate_configs(mb, b), launch, lambda: default_config(mb, b), check)
+                config = pick(key, lambda: candidate_configs(mb, b, x.dtype), launch,
+                              lambda: default_config(mb, b, x.dtype), check)
         launch(config)
     return out.reshape(*x.shape[:-1], n)
 

@@ -291,7 +291,7 @@ def sweep(n: int = 4096, k: int = 4096, dtype: str = "bfloat16", arch: int = 90,
             crow, col, vals = pb.tensors["crow_indices"], pb.tensors["col_indices"], pb.tensors["values"]
             most = int((crow[1:] - crow[:-1]).max())
             seen = set()
-            for cfg in bsr_mod.candidate_configs(m, b):
+            for cfg in bsr_mod.candidate_configs(m, b, dt):
                 fam = "dot" if cfg.get("USE_DOT") else "fma"
                 if quick and fam in seen:
                     continue

@@ -45,6 +45,16 @@ def test_no_candidate_config_spills():
     assert not spills, "\n".join(spills)
 
 
+def test_fp32_block_configs_do_not_spill():
+    """fp32 dots are exact ("ieee") and hold twice the registers: the 64-row B = 128 tiles spilled ~15 KB."""
+    rows = _sweep("--arch", "90", "--dtype", "float32", "--m", "64,512", "--blocks", "128", "--n", "1024",
+                  "--k", "1024")
+    rows = [r for r in rows if r["kernel"] == "_bsr_matmul_kernel"]
+    assert rows
+    spills = [f"{r['config']} (M={r['M']}): {r['spill_bytes']} bytes" for r in rows if r["ok"] and r["spill_bytes"]]
+    assert not spills, "\n".join(spills)
+
+
 def test_unit_gemv_hot_loop_stays_in_registers_and_lean(sm90_rows):
     """The property the unit GEMV was built for (NOTES.md): no shared-memory shuffle in its loop and under 20
     instructions per group of 4 weights at one token (the 2-D GEMV takes 33-35)."""
