@@ -13,7 +13,7 @@ from ..patterns import Pattern, parse
 FORMATS = {"semi24": semi24, "bsr": bsr, "bitmask": bitmask}
 
 __all__ = ["Packed", "PatternViolation", "UnsupportedShape", "FORMATS", "pack", "unpack", "mask",
-           "validate", "module"]
+           "validate", "check_indices", "module"]
 
 
 def module(fmt: str):
@@ -59,4 +59,18 @@ def mask(p: Packed) -> torch.Tensor:
 
 
 def validate(p: Packed, name: str = "weight") -> None:
-    module(p.format).validate(p, name)
+    """The format's full check: every index and position well formed, every value finite."""
+    check_indices(p, name)
+    module(p.format).check_values(p, name)
+
+
+def check_indices(p: Packed, name: str = "weight") -> None:
+    """Everything but the value scan: shapes, dtypes, and every index, position and bit count that a kernel
+    or unpack addresses memory with (an out-of-range block column is a write outside the buffer), plus an N:M
+    pattern stored as a bitmask. What loading a checkpoint runs: its sha256 sits in the same manifest."""
+    module(p.format).check_indices(p, name)
+    pattern = p.meta.get("pattern")
+    if p.format == "bitmask" and pattern:
+        pat = parse(pattern)
+        if pat.kind == "nm":
+            check_nm(mask(p), pat.n, pat.m, name)

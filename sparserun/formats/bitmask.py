@@ -41,7 +41,7 @@ def unpack(p: Packed) -> torch.Tensor:
     return out
 
 
-def validate(p: Packed, name: str = "weight") -> None:
+def check_indices(p: Packed, name: str = "weight") -> None:
     n, k = p.shape
     vals, bits = p.tensors.get("values"), p.tensors.get("bitmask")
     if vals is None or bits is None:
@@ -54,8 +54,17 @@ def validate(p: Packed, name: str = "weight") -> None:
         raise ValueError(f"{name}: bitmask sets bits past column {k}")
     if vals.dim() != 1 or vals.numel() != int(m.sum()):
         raise ValueError(f"{name}: bitmask has {int(m.sum())} set bits but {vals.numel()} values")
-    check_weight(vals.view(1, -1), name)
+
+
+def check_values(p: Packed, name: str = "weight") -> None:
+    check_weight(p.tensors["values"].view(1, -1), name)
 
 
 def nbytes(p: Packed) -> int:
     return p.nbytes()
+
+
+def validate(p: Packed, name: str = "weight") -> None:
+    """The full check: check_indices, then check_values."""
+    check_indices(p, name)
+    check_values(p, name)

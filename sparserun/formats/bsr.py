@@ -70,7 +70,8 @@ def mask(p: Packed) -> torch.Tensor:
     return kept.repeat_interleave(b, 0).repeat_interleave(b, 1)
 
 
-def validate(p: Packed, name: str = "weight") -> None:
+def check_indices(p: Packed, name: str = "weight") -> None:
+    """Shapes, dtypes and the block structure: the kernels and unpack index memory with crow and col."""
     n, k = p.shape
     b = p.meta.get("block")
     if b not in (16, 32, 64, 128):
@@ -103,8 +104,18 @@ def validate(p: Packed, name: str = "weight") -> None:
         if bad.any():
             i = int(bad.nonzero()[0]) + 1
             raise ValueError(f"{name}: bsr col_indices not strictly increasing within a block-row at entry {i}")
-    check_weight(values.reshape(-1, b), name)
+
+
+def check_values(p: Packed, name: str = "weight") -> None:
+    b = p.meta["block"]
+    check_weight(p.tensors["values"].reshape(-1, b), name)
 
 
 def nbytes(p: Packed) -> int:
     return p.nbytes()
+
+
+def validate(p: Packed, name: str = "weight") -> None:
+    """The full check: check_indices, then check_values."""
+    check_indices(p, name)
+    check_values(p, name)

@@ -91,8 +91,9 @@ def mask(p: Packed) -> torch.Tensor:
     return out.view(n, kp)[:, :k].contiguous()
 
 
-def validate(p: Packed, name: str = "weight") -> None:
-    """Raise ValueError naming the layer unless `p` is a well-formed 2:4 packing of shape p.shape."""
+def check_indices(p: Packed, name: str = "weight") -> None:
+    """Raise ValueError naming the layer unless `p`'s tensors and positions are a well-formed 2:4 packing of
+    shape p.shape (its values are not scanned: check_values)."""
     n, k = p.shape
     kp = _padded_k(k)
     vals, meta = p.tensors.get("values"), p.tensors.get("meta")
@@ -104,14 +105,19 @@ def validate(p: Packed, name: str = "weight") -> None:
     if meta.dtype != torch.uint8 or tuple(meta.shape) != exp_meta:
         raise ValueError(f"{name}: semi24 meta must be uint8 {exp_meta}, got {meta.dtype} "
                          f"{tuple(meta.shape)}")
-    check_weight(vals, name)
-    pos = positions(p)
-    bad = pos[..., 0] >= pos[..., 1]
-    if bad.any():
-        r, gi = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{name}: semi24 meta at row {r}, group {gi} has positions "
-                         f"{tuple(pos[r, gi].tolist())}; they must be distinct and increasing")
+    # in uint8, nibble by nibble: positions() would build an int64 tensor 4x the weight's size (at load time)
+    g = kp // GROUP
+    for half, shift in ((0, 0), (1, 4)):
+        i0, i1 = (meta >> shift) & 3, (meta >> (shift + 2)) & 3
+        bad = i0 >= i1
+        if half and g % 2:
+            bad[:, -1] = False  # the last byte's high nibble is padding, no group
+        if bad.any():
+            r, j = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name}: semi24 meta at row {r}, group {2 * j + half} has positions "
+                             f"{(int(i0[r, j]), int(i1[r, j]))}; they must be distinct and increasing")
     if kp != k:
+        pos = positions(p)
         # a value stored in a pad column would be silently dropped by unpack and read by kernels
         cols = torch.arange(kp // GROUP, device=pos.device)[:, None] * GROUP + pos
         stray = (cols >= k) & (vals.view(n, kp // GROUP, 2) != 0)
@@ -120,5 +126,15 @@ def validate(p: Packed, name: str = "weight") -> None:
             raise ValueError(f"{name}: semi24 row {r} stores a nonzero value in the padding past column {k}")
 
 
+def check_values(p: Packed, name: str = "weight") -> None:
+    check_weight(p.tensors["values"], name)
+
+
 def nbytes(p: Packed) -> int:
     return p.nbytes()
+
+
+def validate(p: Packed, name: str = "weight") -> None:
+    """The full check: check_indices, then check_values."""
+    check_indices(p, name)
+    check_values(p, name)

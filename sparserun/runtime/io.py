@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import _warn, checkpoint as ckpt
+from .. import _warn, checkpoint as ckpt, formats
 from ..checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, DEFAULT_SHARD_BYTES
 from . import experts
 from .linear import SparseLinear, _buffer_shapes, guard_save_pretrained, is_linear, linear_shape
@@ -314,6 +314,14 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
             raise
         raise CheckpointError(f"{Path(path) / ckpt.CONFIG} does not describe the stored tensors: {first}") from None
     del sd
+    for rec in reader.layers:
+        # the kernels and unpack address memory with the index tensors, and the sha256 that vouches for them
+        # sits in the same manifest: a damaged or hostile index must be an error here, not a write outside
+        # a buffer on the GPU (values are not scanned: a NaN shows in the outputs)
+        try:
+            formats.check_indices(model.get_submodule(rec["name"]).packed(), rec["name"])
+        except ValueError as e:
+            raise ckpt.TensorMismatch(f"{Path(path)}: {e}") from None
     for alias, target in reader.aliases.items():
         _set_tensor(model, alias, _get_tensor(model, target))
     missing = [k for k in result.missing_keys if k not in reader.aliases]

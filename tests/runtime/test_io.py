@@ -137,6 +137,49 @@ def test_llama_tied_round_trip(tmp_path, pattern, sparsity):
         torch.testing.assert_close(half(input_ids=ids).logits.float(), ref, rtol=0.05, atol=0.05)
 
 
+def _poke(ckpt_dir, tensor, index, value):
+    """Overwrite one element of a stored tensor in place and reseal the manifest's sha256, as anyone handing
+    out a checkpoint can: the sha256 sits in the same directory, so it vouches for nothing against them."""
+    import hashlib
+    import struct
+
+    m = json.loads((ckpt_dir / "sparserun.json").read_text())
+    shard = m["tensors"][tensor]["shard"]
+    path = ckpt_dir / shard
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        h = json.loads(f.read(n))
+        size = {"I32": 4, "U8": 1}[h[tensor]["dtype"]]  # index tensors only
+        f.seek(8 + n + h[tensor]["data_offsets"][0] + index * size)
+        f.write(int(value).to_bytes(size, "little", signed=size == 4))
+    m["shards"][shard]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (ckpt_dir / "sparserun.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("pattern, tensor, index, value, match", [
+    # a block column past the matrix: unpack and the kernels would write / read outside their buffers
+    ("32x32", "col_indices", 0, 10**6, r"col_indices out of range \[0, 2\)"),
+    ("32x32", "col_indices", 0, -1, r"col_indices out of range"),  # negative indexing would wrap silently
+    # row offsets whose counts go negative: torch's repeat_interleave wrote past its buffer (heap corruption)
+    ("32x32", "crow_indices", 1, 100000, r"crow_indices must rise from 0 to nnz"),
+    # a 2:4 group whose two positions are equal: the second value would be silently dropped
+    ("2:4", "meta", 0, 0x00, r"meta at row 0, group 0 has positions \(0, 0\)"),
+    ("2:4", "meta", 3, 0x64, r"meta at row 0, group 7 has positions \(2, 1\)"),
+    # more set bits than stored values: the dense fallback failed at the first forward, naming no layer
+    ("4:8", "bitmask", 0, 0xFF, r"bitmask has \d+ set bits but \d+ values"),
+])
+def test_load_refuses_index_tensors_a_kernel_would_misaddress(tmp_path, pattern, tensor, index, value, match):
+    model = tiny_llama()
+    sparserun.sparsify_(model, pattern=pattern, sparsity=0.5 if "x" in pattern else None)
+    assert isinstance(model.model.layers[1].self_attn.o_proj, SparseLinear)
+    sparserun.save(model, tmp_path / "p")
+    layer = "model.layers.1.self_attn.o_proj"
+    _poke(tmp_path / "p", f"{layer}.{tensor}", index, value)
+    with pytest.raises(ck.TensorMismatch, match=f"{layer}: .*{match}"):
+        sparserun.load(tmp_path / "p")
+    assert ck.CheckpointReader(tmp_path / "p").layer(layer)  # the manifest itself is sound
+
+
 def test_saving_a_pruned_but_unpacked_model_warns(tmp_path):
     """sparserun.prune leaves masked dense weights: saving that wrote a dense checkpoint, zeros and all, with no
     word. It warns and says how to pack; after sparsify_(masks=) the same save is silent and smaller."""
