@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -57,6 +58,7 @@ COPY_GLOBS = ("tokenizer*", "vocab*", "merges*", "*.tiktoken", "chat_template*",
 _NOT_TOKENIZER_FILES = (CONFIG, "generation_config.json")
 
 # safetensors dtype codes <-> torch dtypes (only the ones a model state_dict can hold).
+_MAX_HEADER = 100_000_000  # what safetensors itself refuses beyond: a reader must not parse gigabytes of JSON
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -138,6 +140,16 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         if left:
             raise OutputExists(f"{out} is missing, but {left[0]} holds the checkpoint that an interrupted replace "
                                f"moved aside; move it back to {out} (or delete it), then run again")
+
+
+def read_tokenizer(path):
+    """AutoTokenizer of the directory `path`, never running code it ships and never downloading: a
+    tokenizer_config.json whose `auto_map` names a module in the directory would otherwise be imported (a
+    packed checkpoint is often someone else's), and a name that is no directory spent ~50 s in Hub retries
+    offline. Raises what transformers raises; callers turn it into their one-line error."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
 def read_hf_config(path, error=None):
@@ -723,24 +735,38 @@ def _read_header(path: Path) -> dict:
             (n,) = struct.unpack("<Q", raw)
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
+            if n > _MAX_HEADER:
+                raise ValueError(f"header length {n} exceeds the {_MAX_HEADER} bytes safetensors allows")
             header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptShard(f"shard {path.name} is not a readable safetensors file: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CorruptShard(f"shard {path.name} is not a readable safetensors file: "
+                           f"{'nested too deeply' if isinstance(e, RecursionError) else e}") from None
     data = size - 8 - n
     if not isinstance(header, dict):
         raise CorruptShard(f"shard {path.name} is not a readable safetensors file: header is not an object")
     header.pop("__metadata__", None)
+    extents = []
     for name, info in header.items():
         try:
             begin, end = info["data_offsets"]
             shape, code = info["shape"], info["dtype"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (begin, end, *shape)):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
             raise CorruptShard(f"shard {path.name}: malformed header entry for tensor {name!r}") from None
         if code not in _ST_DTYPES:
             raise CorruptShard(f"shard {path.name}: tensor {name!r} has unsupported dtype {code!r}")
-        if not (0 <= begin <= end <= data):
+        if not (begin <= end <= data):
             raise CorruptShard(f"shard {path.name}: tensor {name!r} lies past the end of the file "
                                f"(truncated?)")
+        if end - begin != math.prod(shape) * _ST_DTYPES[code].itemsize:
+            raise CorruptShard(f"shard {path.name}: tensor {name!r} spans {end - begin} bytes, its shape "
+                               f"{shape} and dtype {code} need {math.prod(shape) * _ST_DTYPES[code].itemsize}")
+        extents.append((begin, end, name))
+    extents.sort()
+    for (_, end0, a), (begin1, _, b) in zip(extents, extents[1:]):
+        if begin1 < end0:
+            raise CorruptShard(f"shard {path.name}: tensors {a!r} and {b!r} overlap")
     return header
 
 
@@ -793,8 +819,9 @@ class CheckpointReader:
                                 "(make one with `sparserun convert` or sparserun.save)")
         try:
             m = json.loads(mpath.read_text())
-        except (OSError, ValueError) as e:
-            raise ManifestError(f"{mpath} is not valid JSON: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise ManifestError(f"{mpath} is not valid JSON: "
+                                f"{'nested too deeply' if isinstance(e, RecursionError) else e}") from None
         if not isinstance(m, dict):
             raise ManifestError(f"{mpath}: expected a JSON object")
         v = m.get("format_version")
@@ -808,9 +835,11 @@ class CheckpointReader:
                 raise ManifestError(f"{mpath}: missing or invalid {key!r}")
         if not isinstance(m.get("aliases", {}), dict):
             raise ManifestError(f"{mpath}: invalid 'aliases'")
-        for shard in m["shards"]:
+        for shard, info in m["shards"].items():
             if "/" in shard or "\\" in shard or shard in ("", ".", "..") or not shard.endswith(".safetensors"):
                 raise ManifestError(f"{mpath}: invalid shard file name {shard!r}")
+            if not isinstance(info, dict):
+                raise ManifestError(f"{mpath}: shard {shard!r}: expected an object with sha256 and nbytes")
         for name, info in m["tensors"].items():
             if not isinstance(info, dict) or info.get("shard") not in m["shards"]:
                 raise ManifestError(f"{mpath}: tensor {name!r} points to an unlisted shard")
@@ -820,9 +849,16 @@ class CheckpointReader:
             if rec["name"] in seen:
                 raise ManifestError(f"{mpath}: layer {rec['name']!r} recorded twice")
             seen.add(rec["name"])
+        packed = {t for rec in m["layers"] for t in rec["tensors"].values()}
         for alias, target in m.get("aliases", {}).items():
-            if target not in m["tensors"]:
+            if not isinstance(target, str) or target not in m["tensors"]:
                 raise ManifestError(f"{mpath}: alias {alias!r} points to unknown tensor {target!r}")
+            # an alias names a tied plain tensor (lm_head.weight -> the embedding): never a stored tensor, which
+            # it would silently replace, nor a part of a packed weight
+            if alias in m["tensors"]:
+                raise ManifestError(f"{mpath}: alias {alias!r} is also a stored tensor")
+            if target in packed:
+                raise ManifestError(f"{mpath}: alias {alias!r} points into the packed layer tensor {target!r}")
         return m
 
     @staticmethod
@@ -853,7 +889,8 @@ class CheckpointReader:
         if fmt == "bsr" and (rec.get("block") != pat.block):
             raise ManifestError(f"{mpath}: layer {name}: block {rec.get('block')!r} does not match pattern "
                                 f"{rec.get('pattern')!r}")
-        if fmt in ("bsr", "bitmask") and not (isinstance(rec.get("nnz"), int) and rec["nnz"] >= 0):
+        nnz = rec.get("nnz")
+        if fmt in ("bsr", "bitmask") and not (isinstance(nnz, int) and not isinstance(nnz, bool) and nnz >= 0):
             raise ManifestError(f"{mpath}: layer {name}: {fmt} record needs a non-negative 'nnz'")
         if fmt == "bsr" and (shape[0] % pat.block or shape[1] % pat.block):
             raise ManifestError(f"{mpath}: layer {name}: shape {shape} is not divisible by block {pat.block}")
@@ -862,6 +899,8 @@ class CheckpointReader:
         if not isinstance(tensors, dict) or set(tensors) != roles:
             raise ManifestError(f"{mpath}: layer {name}: tensors {sorted(tensors or {})} != {sorted(roles)} "
                                 f"for format {fmt}")
+        if not all(isinstance(t, str) for t in (*tensors.values(), rec.get("bias") or "")):
+            raise ManifestError(f"{mpath}: layer {name}: tensor names must be strings")
 
     def _check_shards(self, verify: bool) -> dict[str, dict]:
         headers = {}

@@ -916,8 +916,7 @@ def _shard_bytes(mib: int) -> int:
 
 
 def _tokenizer(src: Path):
-    from transformers import AutoTokenizer
-
+    from .checkpoint import read_tokenizer
     from .generate import TOKENIZER_FILES, has_tokenizer
 
     if not has_tokenizer(src):
@@ -925,7 +924,7 @@ def _tokenizer(src: Path):
                            f"must be tokenised with the model's own tokenizer: copy its files into {src}, or pass "
                            f"pre-tokenised calib=LongTensor[n, T] to sparserun.convert.convert()")
     try:
-        return AutoTokenizer.from_pretrained(str(src))
+        return read_tokenizer(src)
     except Exception as e:  # many error types for a directory without tokenizer files
         raise ConvertError(f"{src} has no usable tokenizer ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); calibration text must be tokenised "

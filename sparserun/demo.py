@@ -96,9 +96,7 @@ def _shard_bytes(d: Path) -> int:
 
 def run(out: str | None = None, device: str | None = None, quiet: bool = False,
         model: str | None = None, overwrite: bool = False) -> list[dict]:
-    from transformers import AutoTokenizer
-
-    from .checkpoint import check_output_dir
+    from .checkpoint import check_output_dir, read_tokenizer
     from .convert import ConvertError, convert, resolve_device, weight_files
     from .eval import load_model
     from .prune.api import default_seqlen
@@ -120,7 +118,7 @@ def run(out: str | None = None, device: str | None = None, quiet: bool = False,
         say = (lambda *a: None) if quiet else print
         say(f"model: {src}{'' if model else ' (MiniLM-L6, real pretrained weights)'}  device: {device}  dtype: "
             f"{str(dtype).removeprefix('torch.')}  output: {work}")
-        tok = AutoTokenizer.from_pretrained(str(src))
+        tok = read_tokenizer(src)
         if tok.pad_token is None:  # causal LM tokenizers often have none; the timed batch is padded
             tok.pad_token = tok.eos_token or tok.unk_token
         dense = load_model(src, device, dtype)

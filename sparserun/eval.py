@@ -76,7 +76,7 @@ def load_model(path, device="cpu", dtype=None, progress: bool | None = None) -> 
 
 
 def load_tokenizer(*dirs):
-    from transformers import AutoTokenizer
+    from .checkpoint import read_tokenizer
 
     errors = []
     for d in dirs:
@@ -86,7 +86,7 @@ def load_tokenizer(*dirs):
             errors.append(f"{d}: no such directory")
             continue
         try:
-            return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+            return read_tokenizer(d)
         except Exception as e:  # many error types for a directory without tokenizer files
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
             errors.append(f"{d}: {type(e).__name__}{': ' + first if first else ''}")

@@ -67,7 +67,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype | None
 def load_tokenizer(model_dir: Path, tokenizer: str | None = None):
     """The checkpoint's tokenizer (or `tokenizer`, a directory), with a one-line error if absent. Nothing is
     downloaded: a name that is no directory spent ~50 s in Hub retries offline before failing."""
-    from transformers import AutoTokenizer
+    from .checkpoint import read_tokenizer
 
     src = tokenizer or str(model_dir)
     if tokenizer is not None and not Path(tokenizer).is_dir():
@@ -78,7 +78,7 @@ def load_tokenizer(model_dir: Path, tokenizer: str | None = None):
                             f"with sparserun.save(model, out, source_dir=HF_DIR) so they are copied, or pass "
                             f"--tokenizer PATH")
     try:
-        return AutoTokenizer.from_pretrained(src, local_files_only=True)
+        return read_tokenizer(src)
     except Exception as e:  # transformers raises OSError/ValueError/KeyError/ImportError depending on the file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GenerateError(f"cannot load a tokenizer from {src}: {first}") from None

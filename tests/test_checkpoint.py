@@ -600,6 +600,72 @@ def test_bad_shard_name_in_manifest(ckpt):
         CheckpointReader(out)
 
 
+def _rewrite_header(shard, edit):
+    """Rewrite a safetensors header in place (same length, padded with spaces as safetensors pads it)."""
+    import struct
+
+    data = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) <= n
+    data[8:8 + n] = raw + b" " * (n - len(raw))
+    shard.write_bytes(bytes(data))
+
+
+def test_lying_safetensors_headers_are_refused(ckpt, monkeypatch):
+    """A header is checked against the file before any tensor is read: extents that do not match shape x
+    dtype, two tensors sharing bytes, a header too large to parse (safetensors' own limit)."""
+    out, _, _ = ckpt
+    shard = out / "model.safetensors"
+    good = shard.read_bytes()
+
+    def grow(h):
+        b, e = h["norm.weight"]["data_offsets"]
+        h["norm.weight"]["data_offsets"] = [b, e + 4]
+
+    _rewrite_header(shard, grow)
+    with pytest.raises(ck.CorruptShard, match=r"tensor 'norm.weight' spans 36 bytes, its shape \[8\] and dtype "
+                                              r"F32 need 32"):
+        CheckpointReader(out, verify=False)
+    shard.write_bytes(good)
+
+    def overlap(h):
+        h["norm.weight"]["data_offsets"] = list(h["embed.weight"]["data_offsets"])
+        h["norm.weight"]["data_offsets"][1] = h["norm.weight"]["data_offsets"][0] + 32
+
+    _rewrite_header(shard, overlap)
+    with pytest.raises(ck.CorruptShard, match="overlap"):
+        CheckpointReader(out, verify=False)
+    shard.write_bytes(good)
+    monkeypatch.setattr(ck, "_MAX_HEADER", 64)
+    with pytest.raises(ck.CorruptShard, match="exceeds the 64 bytes safetensors allows"):
+        CheckpointReader(out, verify=False)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["layers"][1].update(nnz=True), "needs a non-negative 'nnz'"),
+    (lambda m: m["layers"][0]["tensors"].update(values=["x"]), "tensor names must be strings"),
+    (lambda m: m["shards"].update({"model.safetensors": 7}), "shard 'model.safetensors': expected an object"),
+    (lambda m: m["aliases"].update({"norm.weight": "embed.weight"}), "alias 'norm.weight' is also a stored tensor"),
+    (lambda m: m["aliases"].update({"head.weight": "blocks.0.q.values"}), "points into the packed layer tensor"),
+    (lambda m: m["aliases"].update({"head.weight": ["embed.weight"]}), "points to unknown tensor"),
+])
+def test_manifest_values_of_the_wrong_kind_are_one_line_errors(ckpt, edit, match):
+    out, _, _ = ckpt
+    edit_manifest(out, edit)
+    with pytest.raises(ck.ManifestError, match=match):
+        CheckpointReader(out, verify=False)
+
+
+def test_a_manifest_nested_too_deeply_is_a_manifest_error(ckpt):
+    out, _, _ = ckpt
+    (out / "sparserun.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ck.ManifestError, match="sparserun.json is not valid JSON: nested too deeply"):
+        CheckpointReader(out, verify=False)
+
+
 def test_errors_are_one_line(ckpt):
     out, _, _ = ckpt
     edit_manifest(out, lambda m: m["layers"][2].update(dtype="float64"))

@@ -374,10 +374,10 @@ def _tokenizer_for(model):
 
     path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
     if path and os.path.isdir(path):
-        from transformers import AutoTokenizer
+        from ..checkpoint import read_tokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(path)
+            return read_tokenizer(path)
         except Exception as e:  # transformers raises many types for a directory without tokenizer files
             raise calibrate.CalibrationError(f"cannot load a tokenizer from {path} ({type(e).__name__}); "
                                              f"pass tokenizer= or pre-tokenised calib=") from None

@@ -208,7 +208,15 @@ def _build(config, manifest: dict, model_class=None) -> nn.Module:
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     prefix, _, attr = name.rpartition(".")
-    mod = model.get_submodule(prefix) if prefix else model
+    try:
+        mod = model.get_submodule(prefix) if prefix else model
+    except AttributeError:
+        raise CheckpointError(f"alias {name}: the model has no module {prefix}") from None
+    old = mod._parameters.get(attr, mod._buffers.get(attr))
+    if old is not None and (old.shape != value.shape or old.dtype.is_floating_point != value.is_floating_point()):
+        # the skeleton's own tensor (on meta) says what the model expects there
+        raise CheckpointError(f"alias {name}: the model expects {list(old.shape)} there, the aliased tensor is "
+                              f"{value.dtype} {list(value.shape)}")
     if attr in mod._parameters:
         mod._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(
             value, requires_grad=value.is_floating_point())

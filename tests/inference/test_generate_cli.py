@@ -134,6 +134,31 @@ def test_missing_tokenizer_is_one_line(tmp_path, capsys):
     assert rc == 0
 
 
+def test_a_tokenizer_that_ships_code_is_refused_not_run(packed, tmp_path, capsys, monkeypatch):
+    """A packed checkpoint is often someone else's: a tokenizer_config.json whose auto_map names a module in
+    the directory must not import it (transformers asked on stdin, and ran it on a "y"), in generate or eval."""
+    import io
+    import json
+    import shutil
+
+    _, path = packed
+    d = tmp_path / "shipped"
+    shutil.copytree(path, d)
+    marker = tmp_path / "ran"
+    (d / "evil_tok.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                   "from transformers import PreTrainedTokenizerFast as EvilTok\n")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(auto_map={"AutoTokenizer": ["evil_tok.EvilTok", None]}, tokenizer_class="EvilTok")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\ny\n"))
+    _one_line_error(capsys, main(["generate", str(d), "--prompt", "x"]), "cannot load a tokenizer")
+    text = tmp_path / "t.txt"
+    text.write_text("The ferry leaves the harbour at noon and the gulls follow it out. " * 20)
+    assert main(["eval", str(d), "--text", str(text), "--seqlen", "16"]) == 1
+    assert "no tokenizer found" in capsys.readouterr().err
+    assert not marker.exists()
+
+
 def test_not_a_causal_lm_is_one_line(tmp_path, capsys):
     from transformers import BertConfig, BertModel
 

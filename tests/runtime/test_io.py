@@ -362,6 +362,25 @@ def test_load_refusals(tmp_path, minilm_packed):
         sparserun.load(d, verify=False)
 
 
+def test_an_alias_must_fit_the_place_it_names(tmp_path):
+    """Aliases tie a plain tensor to another name (lm_head.weight -> the embedding). One onto a tensor of
+    another shape loaded, and the model returned [1, 3] logits instead of [1, 3, vocab]."""
+    model = tiny_llama(tie=False)
+    sparserun.sparsify_(model, pattern="2:4")
+    sparserun.save(model, tmp_path / "p")
+    m = json.loads((tmp_path / "p" / "sparserun.json").read_text())
+    m["tensors"].pop("lm_head.weight")
+    m["aliases"] = {"lm_head.weight": "model.norm.weight"}
+    (tmp_path / "p" / "sparserun.json").write_text(json.dumps(m))
+    with pytest.raises(ck.CheckpointError, match=r"alias lm_head.weight: the model expects \[101, 64\] there, "
+                                                 r"the aliased tensor is torch.float32 \[64\]"):
+        sparserun.load(tmp_path / "p")
+    m["aliases"] = {"lm_head.nothing.weight": "model.norm.weight"}
+    (tmp_path / "p" / "sparserun.json").write_text(json.dumps(m))
+    with pytest.raises(ck.CheckpointError, match="alias lm_head.nothing.weight: the model has no module"):
+        sparserun.load(tmp_path / "p")
+
+
 def test_load_to_a_device_that_is_not_there(minilm_packed):
     d = minilm_packed["2:4"]["dir"]
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
