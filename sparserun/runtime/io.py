@@ -283,7 +283,13 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
     device = _usable_device(device)
     reader = CheckpointReader(path, verify=verify)
     config = ckpt.read_hf_config(path)
-    model = _build(config, reader.manifest, model_class)
+    try:
+        model = _build(config, reader.manifest, model_class)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as e:
+        # a size no allocation can hold (vocab_size 1e12), a negative one, an architecture the config does not
+        # fit: the model's constructor says what, config.json is where
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{Path(path) / ckpt.CONFIG}: cannot build the model it describes: {first}") from e
     _read_generation_config(path, model)
     # MoE experts the checkpoint stores per expert (packed or pruned): unroll them to match (runtime/experts.py)
     experts.unroll_stored(model, list(reader.tensor_map) + list(reader.aliases))

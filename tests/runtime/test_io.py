@@ -360,6 +360,10 @@ def test_load_refusals(tmp_path, minilm_packed):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ck.CheckpointError, match="cannot build a transformers config"):
         sparserun.load(d, verify=False)
+    cfg.update(model_type="bert", architectures=["BertModel"], vocab_size=10**13)  # no allocation holds it
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ck.CheckpointError, match=r"config.json: cannot build the model it describes: .*"):
+        sparserun.load(d, verify=False)
 
 
 def test_an_alias_must_fit_the_place_it_names(tmp_path):
