@@ -32,14 +32,28 @@ def _human(n: int) -> str:
 
 def inspect_summary(path, verify: bool = False) -> dict:
     """Layer records and totals of a packed checkpoint (what `sparserun inspect --json` prints)."""
-    from .checkpoint import CheckpointReader
+    import math
+
+    from .checkpoint import CheckpointReader, dtype_from_name
+
+    def stored(info) -> int:
+        # from the shape and dtype the reader checked against the shard headers: a manifest's own byte
+        # counts are claims (a checkpoint from elsewhere could say anything)
+        return math.prod(info["shape"]) * dtype_from_name(info["dtype"]).itemsize
+
+    def layer_row(rec) -> dict:
+        row = {k: rec.get(k) for k in ("name", "format", "pattern", "shape", "dtype", "block")}
+        s = rec.get("sparsity")  # from the kept count, which only the data holds: shown if it can be one
+        row["sparsity"] = s if isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 1 else None
+        row["nbytes"] = sum(stored(r.tensor_map[t]) for t in rec["tensors"].values())
+        row["dense_nbytes"] = math.prod(rec["shape"]) * dtype_from_name(rec["dtype"]).itemsize
+        return row
 
     with CheckpointReader(path, verify=verify) as r:
         m = r.manifest
-        layers = [{k: rec.get(k) for k in ("name", "format", "pattern", "shape", "dtype", "sparsity", "nbytes",
-                                           "dense_nbytes", "block")} for rec in r.layers]
+        layers = [layer_row(rec) for rec in r.layers]
         dense = [{"name": n, "shape": r.tensor_map[n]["shape"], "dtype": r.tensor_map[n]["dtype"],
-                  "nbytes": r.tensor_map[n]["nbytes"]} for n in r.dense_tensor_names()]
+                  "nbytes": stored(r.tensor_map[n])} for n in r.dense_tensor_names()]
     sp_packed = sum(x["nbytes"] for x in layers)
     sp_dense = sum(x["dense_nbytes"] for x in layers)
     dense_bytes = sum(x["nbytes"] for x in dense)
@@ -72,9 +86,11 @@ def _print_table(info: dict, show_dense: bool) -> None:
     for g in group_experts(info["layers"], lambda x: x["name"],
                            lambda x: (x["format"], x["pattern"], tuple(x["shape"]), x["dtype"])):
         x, packed, dense = g[0], sum(y["nbytes"] for y in g), sum(y["dense_nbytes"] for y in g)
-        sparsity = sum(y["sparsity"] for y in g) / len(g)  # one shape per group: the plain mean is exact
+        known = [y["sparsity"] for y in g if y["sparsity"] is not None]
+        # one shape per group: the plain mean is exact
+        sparsity = f"{100 * sum(known) / len(known):.1f}%" if len(known) == len(g) else "?"
         rows.append((group_name(g, lambda y: y["name"]), x["format"], x["pattern"], "x".join(map(str, x["shape"])),
-                     x["dtype"], f"{100 * sparsity:.1f}%", _human(packed), _human(dense), f"{packed / dense:.3f}"))
+                     x["dtype"], sparsity, _human(packed), _human(dense), f"{packed / dense:.3f}"))
     if len(rows) > 1:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:

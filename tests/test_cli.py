@@ -87,6 +87,28 @@ def test_inspect_errors(tmp_path, capsys, minilm_packed):
     assert_one_line_error(rc, err, "format_version 99 is newer")
 
 
+def test_inspect_prints_sizes_from_the_tensors_not_the_manifests_claims(tmp_path, capsys, minilm_packed):
+    """A checkpoint from elsewhere can claim anything in its records: inspect derives the bytes from the
+    shapes and dtypes checked against the shard headers, and shows a sparsity that cannot be one as '?'."""
+    import shutil
+
+    d = tmp_path / "c"
+    shutil.copytree(minilm_packed["2:4"]["dir"], d)
+    rc, honest, _ = run(capsys, "inspect", d, "--json")
+    m = json.loads((d / "sparserun.json").read_text())
+    m["layers"][0].update(nbytes=1, dense_nbytes=0, sparsity=7)
+    (d / "sparserun.json").write_text(json.dumps(m))
+    rc, out, err = run(capsys, "inspect", d, "--json")
+    assert rc == 0
+    got, want = json.loads(out), json.loads(honest)
+    assert got["totals"] == want["totals"]
+    assert got["layers"][0]["nbytes"] == want["layers"][0]["nbytes"] > 1 and got["layers"][0]["sparsity"] is None
+    rc, out, err = run(capsys, "inspect", d)
+    rows = out.splitlines()
+    first = rows[next(i for i, line in enumerate(rows) if line.startswith("layer ")) + 1].split()
+    assert rc == 0 and first[0] == "encoder.layer.0.attention.self.query" and first[5] == "?"
+
+
 def test_debug_shows_the_exception(tmp_path):
     from sparserun.checkpoint import CheckpointNotFound
 

@@ -257,7 +257,14 @@ def _read_generation_config(path, model: nn.Module) -> None:
     from transformers import GenerationConfig
 
     try:
-        model.generation_config = GenerationConfig.from_pretrained(str(path))
+        gc = GenerationConfig.from_pretrained(str(path))
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+            # GenerationConfig takes anything here; generate() failed on a string deep inside, naming no file
+            v = getattr(gc, attr, None)
+            ids = v if isinstance(v, list) else [] if v is None else [v]
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"{attr} {v!r} is not a token id")
+        model.generation_config = gc
     except (OSError, ValueError, TypeError) as e:  # malformed JSON, a list, values GenerationConfig refuses
         # as from_pretrained does: the file is the source's, copied unchanged; keep config.json's settings
         _warn(f"{f} ignored, not a valid generation config ({' '.join(str(e).split())[:160]}); "

@@ -210,7 +210,8 @@ def test_load_reads_the_generation_config(tmp_path):
     loaded = sparserun.load(tmp_path / "p")
     assert loaded.generation_config.eos_token_id == [2, 50] and loaded.generation_config.temperature == 0.6
     assert loaded.config.eos_token_id != [2, 50]  # the list lives only in generation_config.json
-    for bad in ("{not json", "[1, 2]"):  # as from_pretrained: ignored with a warning, config.json's settings
+    for bad in ("{not json", "[1, 2]", '{"eos_token_id": "x"}', '{"eos_token_id": [2, -1]}'):
+        # as from_pretrained: ignored with a warning, config.json's settings (a string id failed in generate)
         (tmp_path / "p" / "generation_config.json").write_text(bad)
         with pytest.warns(sparserun.SparserunWarning, match=r"generation_config\.json ignored, not a valid "):
             again = sparserun.load(tmp_path / "p")
