@@ -124,6 +124,8 @@ class SparseLinear(nn.Module):
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_packed(cls, packed: Packed, bias: torch.Tensor | None = None) -> "SparseLinear":
+        # the kernels address memory with the index tensors: a Packed built by hand must be well formed
+        formats.check_indices(packed, "SparseLinear.from_packed")
         n, k = packed.shape
         nnz = packed.tensors["values"].shape[0] if packed.format in ("bsr", "bitmask") else None
         mod = cls(k, n, packed.format, bias is not None, pattern=packed.meta.get("pattern"),

@@ -178,6 +178,10 @@ def test_load_refuses_index_tensors_a_kernel_would_misaddress(tmp_path, pattern,
     with pytest.raises(ck.TensorMismatch, match=f"{layer}: .*{match}"):
         sparserun.load(tmp_path / "p")
     assert ck.CheckpointReader(tmp_path / "p").layer(layer)  # the manifest itself is sound
+    # a Packed built by hand gets the same check
+    bad = ck.CheckpointReader(tmp_path / "p", verify=False).load_layer(layer)
+    with pytest.raises(ValueError, match=f"SparseLinear.from_packed: .*{match}"):
+        SparseLinear.from_packed(bad)
 
 
 def test_saving_a_pruned_but_unpacked_model_warns(tmp_path):
