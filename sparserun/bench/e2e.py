@@ -509,19 +509,16 @@ def run(*, config_kw: dict | None = None, variants=None, batches=BATCHES, prompt
     env["transformers"] = transformers.__version__
     if dry_run:
         env["dry_run"] = "CPU, tiny config, compile stand-ins without CUDA graphs: timings are not GPU numbers"
-    old_backend, old_threads = os.environ.get("SPARSERUN_BACKEND"), torch.get_num_threads()
-    if backend:
-        os.environ["SPARSERUN_BACKEND"] = backend
-    if device.type == "cpu":
-        # tiny CPU ops: with several intra-op threads on a busy machine, OpenMP's waiting threads stalled
-        # every step by ~100 ms (measured); one thread keeps the dry run fast and its timings stable
-        torch.set_num_threads(1)
-    from ..runtime.dispatch import forced_backend
+    from ..runtime.dispatch import BACKENDS, forced_backend
+
+    if backend and backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    backend_name = backend or forced_backend()
 
     result = {"kind": "e2e", "env": env, "config": config_kw,
               "settings": dict(dtype=str(dtype).removeprefix("torch."), device=str(device), batches=list(batches),
                                prompts=list(prompts), modes=list(modes), decode_tokens=decode_tokens,
-                               warmup=warmup, prefill_reps=prefill_reps, backend=forced_backend(),
+                               warmup=warmup, prefill_reps=prefill_reps, backend=backend_name,
                                variants=[v.name for v in variants], init_std=INIT_STD),
               "rows": [], "failures": {}, "complete": False}
     run_id = uuid.uuid4().hex[:12]
@@ -537,8 +534,16 @@ def run(*, config_kw: dict | None = None, variants=None, batches=BATCHES, prompt
         result["failures"] = prev.get("failures", {})
     say(f"# e2e: {env['gpu']}  torch {env['torch']}  transformers {env['transformers']}  "
         f"{config_kw['num_hidden_layers']} layers x hidden {config_kw['hidden_size']}  "
-        f"backend {forced_backend()}"
+        f"backend {backend_name}"
         + ("  DRY RUN (*: dynamo eager/aot_eager stand-ins, no CUDA graphs)" if dry_run else ""))
+    # set only now, with every check above passed: the finally below puts both back
+    old_backend, old_threads = os.environ.get("SPARSERUN_BACKEND"), torch.get_num_threads()
+    if backend:
+        os.environ["SPARSERUN_BACKEND"] = backend
+    if device.type == "cpu":
+        # tiny CPU ops: with several intra-op threads on a busy machine, OpenMP's waiting threads stalled
+        # every step by ~100 ms (measured); one thread keeps the dry run fast and its timings stable
+        torch.set_num_threads(1)
     try:
         model = build_skeleton(config_kw, device, dtype)
         for variant in variants:

@@ -3,6 +3,7 @@ its stand-in, results files written, merged and tabulated), and its byte account
 checkpoint. A GPU-marked test runs the real GPU path (CUDA graphs, memory) on a small model."""
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -181,13 +182,17 @@ def test_best_mode_table_divides_the_rows_it_prints():
     assert res["rows"][1]["speedup"] == pytest.approx(121.5 / 110)  # the per-run rows are left as measured
 
 
-def test_merge_refuses_a_run_of_another_model(tmp_path):
+def test_merge_refuses_a_run_of_another_model(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPARSERUN_BACKEND", raising=False)
+    threads = torch.get_num_threads()
     quick = dict(variants="dense", batches="1", prompts="8", modes="eager", decode_tokens=1)
     assert e2e.run_cli(_args(tmp_path, layers=1, **quick)) == 0
     with pytest.raises(ValueError, match=r"--merge: .* another config"):
         e2e.run_cli(_args(tmp_path, layers=2, merge=True, **quick))
     _, res = _load(tmp_path)
     assert res["config"]["num_hidden_layers"] == 1 and len(res["rows"]) == 1  # the file is untouched
+    # a refused run leaves the process as it found it (the backend it forces, the thread count)
+    assert "SPARSERUN_BACKEND" not in os.environ and torch.get_num_threads() == threads
 
 
 @pytest.mark.parametrize("bad, match", [(dict(layers=0), "--layers must be at least 1, got 0"),
