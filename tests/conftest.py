@@ -24,6 +24,23 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_report_header(config):
+    """Triton's interpreter before 3.7 turns a 1-element array into a loop bound with int(), which numpy 2.4
+    refuses (triton-lang/triton#9171): every interpreted kernel test with a loop then fails in one way."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    import numpy
+    import triton
+
+    def version(v):
+        return tuple(int(p) for p in v.split(".")[:2] if p.isdigit())
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"WARNING: Triton {triton.__version__}'s interpreter fails on numpy {numpy.__version__} "
+                f"('only 0-dimensional arrays can be converted'); use numpy<2.4 or Triton>=3.7 for the CPU tests")
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
