@@ -113,9 +113,18 @@ class OutputExists(CheckpointError):
     """The output directory exists and is not empty (pass overwrite=True / --overwrite to replace it)."""
 
 
+def _check_out_args(out, overwrite) -> None:
+    # "" is the current directory to pathlib: with overwrite, a typo would replace whatever the user is in
+    if not str(out).strip():
+        raise ValueError("the output directory is an empty path; name a directory")
+    if not isinstance(overwrite, bool):  # overwrite="no" is true: a string must not decide to delete
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+
+
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """OUT may be missing or an empty directory; a non-empty one only with overwrite; a file never (it is not
     ours to delete). Commands call this before any long work, and the writer again when it starts."""
+    _check_out_args(out, overwrite)
     out = Path(out)
     if out.is_symlink() and not out.exists():
         target = Path(os.path.abspath(os.path.join(out.parent, os.readlink(out))))
@@ -434,6 +443,7 @@ class CheckpointWriter:
     def __init__(self, out_dir, *, source_dir=None, config=None, generation_config=None, overwrite: bool = False,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, source: str | None = None, extra: dict | None = None,
                  prefer_config: bool = False, tokenizer_dir=None):
+        _check_out_args(out_dir, overwrite)
         self.out = Path(os.path.abspath(out_dir))  # `sub/..` normalised: its temp sibling must not land inside it
         self.prefer_config = prefer_config and config is not None
         self.source_dir = Path(source_dir).absolute() if source_dir is not None else None

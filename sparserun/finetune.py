@@ -105,6 +105,7 @@ def repack_(model: nn.Module, infos: dict[str, SparseLayerInfo]) -> int:
     from .runtime.linear import SparseLinear
 
     holders = _holders(model)
+    swaps = []  # all packed before any is swapped: a refusal at the last layer leaves the model as it was
     for name, info in infos.items():
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear):
@@ -112,6 +113,8 @@ def repack_(model: nn.Module, infos: dict[str, SparseLayerInfo]) -> int:
                                 f"(merge LoRA adapters first)")
         new = SparseLinear.from_linear(lin, info.mask.to(lin.weight.device), info.pattern, name=name)
         new.train(lin.training)
+        swaps.append((lin, new))
+    for lin, new in swaps:
         _replace(holders, lin, new)
     return len(infos)
 

@@ -514,3 +514,16 @@ def test_training_paths_on_cuda(tmp_path, tok, windows, packed_llama):
     for name, mod in sparserun.load(tmp_path / "out").named_modules():
         if isinstance(mod, SparseLinear):
             formats.validate(mod.packed(), name)
+
+
+def test_repack_refused_at_a_later_layer_leaves_the_model_as_it_was():
+    from sparserun.finetune import SparseLayerInfo, repack_
+    from sparserun.formats import PatternViolation
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 16))
+    infos = {"0": SparseLayerInfo(magnitude_mask(model[0].weight, "2:4"), "2:4"),
+             "1": SparseLayerInfo(torch.ones(16, 8, dtype=torch.bool), "2:4")}  # violates 2:4
+    with pytest.raises(PatternViolation, match="1: 2:4 pattern violated"):
+        repack_(model, infos)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())

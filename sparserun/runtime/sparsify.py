@@ -124,6 +124,9 @@ def _sparsify(model, pat, filter_fn, masks, sparsity, progress) -> SparsifyRepor
                              f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
 
     report = SparsifyReport()
+    # every layer is packed before any is swapped: a mask or weight refused at the last layer leaves the model
+    # as it was (the price: the dense and the packed layers are both held until the swap)
+    swaps: list[tuple[nn.Module, SparseLinear]] = []
     bar = progress_bar(linears, progress=progress, desc=f"sparsify {pat}", unit="layer", leave=False)
     for name, lin in bar:
         shape = linear_shape(lin)
@@ -151,6 +154,8 @@ def _sparsify(model, pat, filter_fn, masks, sparsity, progress) -> SparsifyRepor
             weight = linear_weight(lin)
             check_weight(weight.detach(), name)
             if masks is not None:
+                if not isinstance(masks[name], torch.Tensor):
+                    raise TypeError(f"{name}: mask must be a torch.bool tensor, got {type(masks[name]).__name__}")
                 mask = masks[name].to(weight.device)
             else:
                 mask = magnitude_mask(weight, pat, sparsity, name)
@@ -162,9 +167,11 @@ def _sparsify(model, pat, filter_fn, masks, sparsity, progress) -> SparsifyRepor
             report.append(LayerAction(name, "dense", str(e), shape))
             continue
         new.train(lin.training)
+        swaps.append((lin, new))
+        report.append(LayerAction(name, "sparsified", "", shape, new.format))
+    for lin, new in swaps:
         for parent, attr in holders.get(id(lin), []):
             setattr(parent, attr, new)
-        report.append(LayerAction(name, "sparsified", "", shape, new.format))
     if report.sparsified:
         guard_save_pretrained(model)
     return report

@@ -118,6 +118,21 @@ def test_mask_violation_names_layer_row_col(gen):
         sparserun.sparsify_(model, "2:4", masks={"blocks.9": mask})
 
 
+def test_a_refused_later_layer_leaves_every_layer_as_it_was(gen):
+    """sparsify_ swapped layer after layer: a mask refused at blocks.2 left blocks.0 and blocks.1 packed."""
+    model = Toy(gen)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = {f"blocks.{i}": magnitude_mask(b.weight, "2:4") for i, b in enumerate(model.blocks)}
+    for bad, err, match in ((masks["blocks.2"].float(), TypeError, "blocks.2: mask must be torch.bool"),
+                            (masks["blocks.2"].tolist(), TypeError, "blocks.2: mask must be a torch.bool tensor, "
+                                                                    "got list"),
+                            (torch.ones(37, 32, dtype=torch.bool), PatternViolation, "blocks.2: 2:4 pattern")):
+        with pytest.raises(err, match=match):
+            sparserun.sparsify_(model, "2:4", masks={**masks, "blocks.2": bad})
+        assert not any(isinstance(m, SparseLinear) for m in model.modules())
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_bad_inputs(gen):
     with pytest.raises(ValueError, match="unknown sparsity pattern '3:2'"):
         sparserun.sparsify_(Toy(gen), "3:2")
