@@ -688,3 +688,18 @@ def test_temp_dir_is_next_to_output(tmp_path, gen, monkeypatch):
         w.add_tensor("x", torch.randn(3, generator=gen))
     assert seen and seen[0].parent == out.parent and seen[0].name.startswith(".out.tmp-")
     assert not seen[0].exists() and os.path.isdir(out)
+
+
+def test_an_empty_output_path_or_a_non_bool_overwrite_is_refused(tmp_path, monkeypatch, gen):
+    """"" is the current directory to pathlib: with overwrite it would have been replaced; and overwrite="no"
+    is true. Both are refused before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "precious").write_text("x")
+    for out in ("", "  "):
+        with pytest.raises(ValueError, match="the output directory is an empty path"):
+            ck.check_output_dir(out, True)
+        with pytest.raises(ValueError, match="empty path"):
+            CheckpointWriter(out, config=CONFIG, overwrite=True)
+    with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):
+        write(tmp_path / "out", gen, overwrite="no")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
