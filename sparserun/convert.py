@@ -61,6 +61,8 @@ def resolve_device(device, error=ValueError) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise error(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # meta holds no data: the model's weights would be lost there
+        raise error(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise error("--device cuda requested but CUDA is not available (use --device cpu)")
     return device

@@ -286,9 +286,20 @@ def prune(model: nn.Module, method: str, pattern, sparsity: float | None = None,
     unrolled = experts.unroll_all(model)
     try:
         check_skip(model, skip, include_lm_head)
+        # layers are pruned in place one after another: a NaN found at the last one left the first ones pruned
+        from ..formats.common import check_weight_finite
+        from ..runtime.linear import is_linear, linear_weight
+
+        for name, m in model.named_modules():
+            if is_linear(m) and m.weight.device.type != "meta":
+                check_weight_finite(linear_weight(m).detach(), name)
         if device is None:
             p = next(iter(model.parameters()), None)
             device = p.device if p is not None and p.device.type == "cuda" else torch.device("cpu")
+        else:  # before any layer moves there: prune(device="meta") left the embeddings without data
+            from ..convert import resolve_device
+
+            device = resolve_device(device)
         cal = load_calibration(model, calib, tokenizer, nsamples, seqlen, options.seed)
         rows, kept, info = calibrate.prune_layerwise(
             model, method, pattern, sparsity, cal, device=device, skip=skip, options=options,

@@ -237,7 +237,12 @@ def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
 def _usable_device(device) -> torch.device:
     """`device` as a torch.device, refused here with the reason rather than by torch mid-load (an
     AssertionError from a CPU build, an invalid ordinal from a CUDA call)."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"load(device={device!r}): unknown device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"load(device={str(dev)!r}): use cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"

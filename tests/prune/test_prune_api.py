@@ -270,16 +270,29 @@ def test_a_short_calibration_text_is_named():
     assert PruneReport("wanda", "2:4", 0.5, {**calib, "text_tokens": 5130, "coverage": 3.19}, []).warnings() == []
 
 
-@pytest.mark.parametrize("method", ["taylor", "obd", "sparsegpt"])
+@pytest.mark.parametrize("method", ["taylor", "obd", "sparsegpt", "magnitude"])
 def test_a_non_finite_weight_is_named_before_calibration_spreads_it(tok, method):
     """The gradients carried one NaN into every layer's scores, and taylor/obd blamed the first layer checked
-    (layers.0.self_attn.q_proj); SparseGPT turned one inf into NaNs."""
+    (layers.0.self_attn.q_proj); SparseGPT turned one inf into NaNs; magnitude had pruned layer 0 in place by
+    the time it found the inf in layer 1. Nothing is pruned now."""
     model = make_llama(tok)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.up_proj: non-finite value inf at row 3, "
                                          r"column 5 \(1 non-finite in all\)"):
         sparserun.prune(model, method, "2:4", calib=torch.randint(0, 400, (2, 32)), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_unusable_device_is_refused_before_any_layer_moves(tok):
+    model = make_llama(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for device, match in (("meta", "device 'meta' is not supported"), ("cpux", "unknown device 'cpux'")):
+        with pytest.raises(ValueError, match=match):
+            sparserun.prune(model, "wanda", "2:4", calib=torch.randint(0, 400, (2, 32)), device=device,
+                            progress=False)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("method, zeroed, hit, reason", [

@@ -397,6 +397,10 @@ def test_load_to_a_device_that_is_not_there(minilm_packed):
     msg = "CUDA is not available" if not n else f"only {n} CUDA device"
     with pytest.raises(ValueError, match=rf"load\(device='{bad}'\): {msg}"):
         sparserun.load(d, device=bad)
+    with pytest.raises(ValueError, match=r"load\(device='meta'\): use cpu, cuda or cuda:N"):
+        sparserun.load(d, device="meta")  # a model without data (it failed deep in the index check)
+    with pytest.raises(ValueError, match=r"load\(device='cpux'\): unknown device"):
+        sparserun.load(d, device="cpux")
 
 
 @pytest.mark.gpu
