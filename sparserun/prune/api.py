@@ -273,6 +273,9 @@ def prune(model: nn.Module, method: str, pattern, sparsity: float | None = None,
                include_lm_head (also prune the output projection; default False: it stays dense)
     """
     method, pattern, sparsity = check_args(method, pattern, sparsity)
+    from ..runtime.linear import unwrap
+
+    model = unwrap(model)  # torch.compile'd or DataParallel: the model it runs is inside
     unknown = set(opts) - _OPTION_NAMES
     if unknown:
         raise TypeError(f"prune() got unknown option(s) {', '.join(sorted(unknown))}; known: "

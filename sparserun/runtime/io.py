@@ -26,7 +26,7 @@ import torch.nn as nn
 from .. import _warn, checkpoint as ckpt, formats
 from ..checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, DEFAULT_SHARD_BYTES
 from . import experts
-from .linear import SparseLinear, _buffer_shapes, guard_save_pretrained, is_linear, linear_shape
+from .linear import SparseLinear, _buffer_shapes, guard_save_pretrained, is_linear, linear_shape, unwrap
 
 
 # ---- save -----------------------------------------------------------------------------------------------
@@ -50,6 +50,7 @@ def save(model: nn.Module, out_dir, overwrite: bool = False, source_dir=None,
     """
     from sparserun.progress import progress_bar
 
+    model = unwrap(model)
     config = getattr(model, "config", None)
     if source_dir is None and config is None:
         raise CheckpointError("cannot save: the model has no .config and no source_dir was given "

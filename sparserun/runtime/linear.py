@@ -26,6 +26,20 @@ def _conv1d_type():
         return ()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's OptimizedModule (`_orig_mod`) or nn.DataParallel /
+    DistributedDataParallel (`module`). Their state_dict names every tensor with that prefix, so a checkpoint
+    saved through the wrapper named no layer the model's config builds (it failed only at load)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def is_linear(m: nn.Module) -> bool:
     """An nn.Linear, or a GPT-2-style Conv1D (y = x W + b with W stored [in, out]): the same matmul, so a
     SparseLinear replaces either."""

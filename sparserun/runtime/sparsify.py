@@ -28,7 +28,7 @@ from ..formats.common import check_weight
 from ..patterns import Pattern, parse
 from . import experts
 from .linear import (OWN_FORWARD_REASON, SparseLinear, guard_save_pretrained, is_linear, linear_shape,
-                     linear_weight, nothing_pruned_reason, own_forward)
+                     linear_weight, nothing_pruned_reason, own_forward, unwrap)
 
 
 @dataclass
@@ -87,6 +87,7 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
     sparsity:  target for blocks / unstructured when no masks are given.
     """
     pat = parse(pattern)
+    model = unwrap(model)  # torch.compile'd or DataParallel: the layers (and the names masks use) are inside
     filter_fn = filter_fn or (default_filter if masks is None else (lambda module, name: True))
     # MoE experts held as 3-D parameters become one Linear pair per expert (runtime/experts.py): those the
     # masks name, or without masks all of them; a module none of whose experts gets packed is fused back

@@ -184,6 +184,20 @@ def test_load_refuses_index_tensors_a_kernel_would_misaddress(tmp_path, pattern,
         SparseLinear.from_packed(bad)
 
 
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compiled", "data_parallel"])
+def test_a_wrapped_model_is_sparsified_and_saved_as_the_model_inside(tmp_path, wrap):
+    """torch.compile's OptimizedModule and DataParallel prefix every state_dict key (_orig_mod., module.):
+    saved through them, the checkpoint named no layer the config builds and failed only at load."""
+    model = tiny_llama()
+    wrapped = wrap(model)
+    report = sparserun.sparsify_(wrapped, pattern="2:4")
+    assert len(report.sparsified) == 14 and isinstance(model.model.layers[0].mlp.up_proj, SparseLinear)
+    sparserun.save(wrapped, tmp_path / "p")
+    names = json.loads((tmp_path / "p" / "sparserun.json").read_text())["tensors"]
+    assert "model.embed_tokens.weight" in names and not any(n.startswith(("_orig_mod", "module.")) for n in names)
+    assert type(sparserun.load(tmp_path / "p")).__name__ == "LlamaForCausalLM"
+
+
 def test_saving_a_pruned_but_unpacked_model_warns(tmp_path):
     """sparserun.prune leaves masked dense weights: saving that wrote a dense checkpoint, zeros and all, with no
     word. It warns and says how to pack; after sparsify_(masks=) the same save is silent and smaller."""
