@@ -50,6 +50,8 @@ def resolve_dtype(dtype, error=ValueError):
     """A name from DTYPES as its torch dtype (a torch.dtype or None passes through); `error` names the valid
     ones. Shared by convert, eval and finetune so their --dtype accepts and rejects the same names."""
     if not isinstance(dtype, str):
+        if dtype is not None and dtype not in DTYPES.values():  # float64 or int8 failed after the weights were read
+            raise error(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
         return dtype
     if dtype not in DTYPES:
         raise error(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")

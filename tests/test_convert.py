@@ -694,3 +694,13 @@ def test_stored_tensors_the_model_has_no_place_for_are_reported(tmp_path, llama_
     assert any("1 stored tensor(s) the LlamaForCausalLM has no place for were left out (e.g. "
                "model.layers.0.mlp.extra_adapter.weight)" in w for w in rep.warnings())
     assert cv.convert(llama_src, tmp_path / "plain", "magnitude", "2:4", progress=False).info["unused_tensors"] == 0
+
+
+def test_dtypes_the_library_cannot_store_are_refused_up_front():
+    """convert(dtype=torch.float64 / int8) failed only after reading the weights (int8 deep inside sdpa)."""
+    from sparserun.convert import ConvertError, resolve_dtype
+
+    assert resolve_dtype("bfloat16") == resolve_dtype(torch.bfloat16) == torch.bfloat16 and resolve_dtype(None) is None
+    for bad in (torch.float64, torch.int8, torch.float8_e4m3fn, "bf16"):
+        with pytest.raises(ConvertError, match="dtype"):
+            resolve_dtype(bad, ConvertError)

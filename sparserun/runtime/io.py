@@ -291,8 +291,9 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
 
     if isinstance(dtype, str):
         dtype = ckpt.dtype_from_name(dtype)
-    if dtype is not None and not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in formats.common.SUPPORTED_DTYPES):
+        # float64 loaded but could not be saved again; float8 failed in the first forward
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     device = _usable_device(device)
     reader = CheckpointReader(path, verify=verify)
     config = ckpt.read_hf_config(path)

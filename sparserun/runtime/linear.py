@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .. import formats
 from ..formats import Packed
+from ..formats.common import SUPPORTED_DTYPES
 from ..patterns import parse
 
 
@@ -141,13 +142,24 @@ class SparseLinear(nn.Module):
         # the kernels address memory with the index tensors: a Packed built by hand must be well formed
         formats.check_indices(packed, "SparseLinear.from_packed")
         n, k = packed.shape
+        if packed.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"SparseLinear.from_packed: values dtype {packed.dtype} (supported: float16, bfloat16, "
+                            f"float32)")
+        pattern = packed.meta.get("pattern")
+        if pattern is not None and parse(pattern).format != packed.format:
+            raise ValueError(f"SparseLinear.from_packed: pattern {pattern!r} is not stored as {packed.format}")
+        if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point() or bias.is_meta):
+            # a [1] bias broadcast silently over every output
+            raise ValueError(f"SparseLinear.from_packed: bias must be a floating tensor of shape ({n},) with "
+                             f"data, got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
         nnz = packed.tensors["values"].shape[0] if packed.format in ("bsr", "bitmask") else None
         mod = cls(k, n, packed.format, bias is not None, pattern=packed.meta.get("pattern"),
                   block=packed.meta.get("block"), nnz=nnz, device="meta", dtype=packed.dtype)
         for role, t in packed.tensors.items():
             setattr(mod, role, t)
         if bias is not None:
-            mod.bias = nn.Parameter(bias.detach().to(packed.dtype), requires_grad=bias.requires_grad)
+            # a copy: the source Linear's bias must not change when this layer's is trained or edited
+            mod.bias = nn.Parameter(bias.detach().to(packed.dtype, copy=True), requires_grad=bias.requires_grad)
         return mod
 
     @classmethod

@@ -93,8 +93,9 @@ def test_load_casts_floating_only(minilm_packed):
     model = sparserun.load(minilm_packed["32x32"]["dir"], dtype="bfloat16")
     q = model.encoder.layer[0].attention.self.query
     assert q.values.dtype == torch.bfloat16 and q.crow_indices.dtype == torch.int32
-    with pytest.raises(TypeError, match="floating dtype"):
-        sparserun.load(minilm_packed["32x32"]["dir"], dtype=torch.int32)
+    for bad in (torch.int32, torch.float64, torch.float8_e4m3fn, float):  # float64 loaded, then save refused it
+        with pytest.raises(TypeError, match="dtype must be float16, bfloat16 or float32"):
+            sparserun.load(minilm_packed["32x32"]["dir"], dtype=bad)
 
 
 def tiny_llama(tie=True, seed=0):

@@ -133,6 +133,20 @@ def test_a_refused_later_layer_leaves_every_layer_as_it_was(gen):
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_from_packed_refuses_a_bias_or_pattern_that_does_not_fit(gen):
+    lin = nn.Linear(64, 32)
+    p = sparserun.formats.pack(lin.weight.detach(), magnitude_mask(lin.weight, "2:4"), "2:4")
+    for bias in (torch.zeros(1), torch.zeros(5), torch.zeros(32, dtype=torch.int64), torch.zeros(32, device="meta")):
+        with pytest.raises(ValueError, match=r"bias must be a floating tensor of shape \(32,\)"):
+            SparseLinear.from_packed(p, bias)  # a [1] bias was broadcast over every output
+    with pytest.raises(ValueError, match="pattern '4:8' is not stored as semi24"):
+        SparseLinear.from_packed(sparserun.formats.Packed(p.format, p.shape, p.tensors, {"pattern": "4:8"}))
+    s = SparseLinear.from_linear(lin, magnitude_mask(lin.weight, "2:4"), "2:4")
+    with torch.no_grad():
+        s.bias.add_(1.0)
+    assert not torch.equal(s.bias, lin.bias)  # the source Linear's bias is not shared
+
+
 def test_bad_inputs(gen):
     with pytest.raises(ValueError, match="unknown sparsity pattern '3:2'"):
         sparserun.sparsify_(Toy(gen), "3:2")
