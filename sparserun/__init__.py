@@ -2,8 +2,8 @@
 
 Public API (everything else is internal):
     prune(model, method, pattern, sparsity=None, calib=None, **opts) -> report
-    sparsify_(model, pattern=..., filter_fn=None)
-    save(model, out_dir) / load(dir, device=None, dtype=None, group_siblings=False)
+    sparsify_(model, pattern=..., filter_fn=None, masks=None, sparsity=None)
+    save(model, out_dir) / load(dir, device=None, dtype=None, group_siblings=None: SPARSERUN_GROUP_SIBLINGS)
     group_siblings(model) / ungroup_siblings(model)
     SparseLinear, patterns
 """

@@ -175,4 +175,10 @@ def _sparsify(model, pat, filter_fn, masks, sparsity, progress) -> SparsifyRepor
             setattr(parent, attr, new)
     if report.sparsified:
         guard_save_pretrained(model)
+    elif any(isinstance(m, SparseLinear) for m in model.modules()):
+        # a second call (another pattern, say) finds no nn.Linear left to pack: it changed nothing
+        from .. import _warn
+
+        _warn(f"sparsify_: {type(model).__name__} already holds SparseLinear layers and no nn.Linear was packed; "
+              f"the model is unchanged (unpack or reload the dense model to pack it another way)", stacklevel=2)
     return report

@@ -147,6 +147,14 @@ def test_from_packed_refuses_a_bias_or_pattern_that_does_not_fit(gen):
     assert not torch.equal(s.bias, lin.bias)  # the source Linear's bias is not shared
 
 
+def test_sparsifying_an_already_packed_model_again_says_nothing_changed(gen):
+    model = Toy(gen)
+    sparserun.sparsify_(model, "2:4")
+    with pytest.warns(sparserun.SparserunWarning, match="already holds SparseLinear layers .* model is unchanged"):
+        report = sparserun.sparsify_(model, "32x32", sparsity=0.5)
+    assert not report.sparsified
+
+
 def test_bad_inputs(gen):
     with pytest.raises(ValueError, match="unknown sparsity pattern '3:2'"):
         sparserun.sparsify_(Toy(gen), "3:2")
@@ -170,7 +178,8 @@ def test_tied_and_shared_modules(gen):
     assert by["head2"].action == "dense" and "tied to blocks.2.weight" in by["head2"].reason
     assert isinstance(model.blocks[2], nn.Linear) and model.head2.weight is model.blocks[2].weight
     assert isinstance(model.blocks[0], SparseLinear) and model.alias is model.blocks[0]
-    again = sparserun.sparsify_(model, "2:4")  # idempotent: SparseLinear layers are not nn.Linear
+    with pytest.warns(sparserun.SparserunWarning, match="model is unchanged"):
+        again = sparserun.sparsify_(model, "2:4")  # idempotent: SparseLinear layers are not nn.Linear
     assert not again.sparsified
 
 
