@@ -1001,7 +1001,8 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
     kept_masks: dict[str, torch.Tensor] = {}
     if include_lm_head:
         check_head(model, method)  # fail before any work if the head cannot be pruned
-    was_training = model.training
+    # each module's own flag: model.train(flag) afterwards would also switch a submodule kept in eval mode
+    was_training = {m: m.training for m in model.modules()}
     model.eval()
     ctx = dict(method=method, pat=pat, sparsity=sparsity, opts=opts, per_row=per_row, skip_re=skip_re,
                skip=skip, device=device, calib=calib, rows=rows, kept_masks=kept_masks if keep_masks else None,
@@ -1022,7 +1023,8 @@ def prune_layerwise(model: nn.Module, method: str, pattern, sparsity: float, cal
             if on_layer is not None and head_packed:
                 on_layer(None, None, head_packed)
     finally:
-        model.train(was_training)
+        for m, flag in was_training.items():
+            m.training = flag
     paths = [st.path for st in stacks]
     total = max(1, sum(p.numel() for p in model.parameters()))
     info = {"layers_path": ", ".join(paths), "stacks": paths, "num_layers": sum(len(st.layers) for st in stacks),

@@ -285,6 +285,15 @@ def test_a_non_finite_weight_is_named_before_calibration_spreads_it(tok, method)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_each_modules_train_flag_is_put_back(tok):
+    model = make_llama(tok)
+    model.train()
+    model.model.layers[0].eval()  # e.g. a frozen part kept in eval mode while the rest trains
+    sparserun.prune(model, "wanda", "2:4", calib=torch.randint(0, 400, (2, 32)), progress=False)
+    assert model.training and model.model.layers[1].training and not model.model.layers[0].training
+    assert not model.model.layers[0].mlp.up_proj.training
+
+
 def test_an_unusable_device_is_refused_before_any_layer_moves(tok):
     model = make_llama(tok)
     before = {k: v.clone() for k, v in model.state_dict().items()}
