@@ -423,6 +423,12 @@ class TrainResult:
         return sum(tail) / len(tail)
 
 
+def _check_loop_args(steps, lr, weight_decay, batch_size) -> None:
+    _check_positive(steps=steps, batch_size=batch_size)
+    if not (lr > 0) or not (weight_decay >= 0):
+        raise FinetuneError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+
+
 def train_loop(model: nn.Module, params, data, *, steps: int, lr: float, weight_decay: float = 0.0,
                batch_size: int = 4, teacher: nn.Module | None = None, seed: int = 0, distill_weight: float = 1.0,
                temperature: float = 1.0, after_backward=None, optimizer_hook=None, warmup_steps: int = 0,
@@ -437,9 +443,7 @@ def train_loop(model: nn.Module, params, data, *, steps: int, lr: float, weight_
 
     if isinstance(data, torch.Tensor):
         data = TensorWindows(data)
-    _check_positive(steps=steps, batch_size=batch_size)
-    if not (lr > 0) or not (weight_decay >= 0):
-        raise FinetuneError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+    _check_loop_args(steps, lr, weight_decay, batch_size)
     params = [p for p in params if p.requires_grad]
     if not params:
         raise FinetuneError("nothing to train: no parameter requires grad")
@@ -497,6 +501,12 @@ def recover(model: nn.Module, masks: dict[str, torch.Tensor], data, *, steps: in
     """Fine-tune a pruned model (masked dense Linears, `masks` = {name: bool mask}) in place, keeping every
     mask: LoRA recovery with merge when `lora_rank` is given, masked fine-tuning of all weights otherwise
     (embeddings frozen unless train_embeddings). Afterwards every pruned weight is exactly 0.0 (checked)."""
+    # before the adapters or the guard touch the model: a bad value must leave it as it was
+    _check_loop_args(steps, (1e-3 if lora_rank is not None else 1e-4) if lr is None else lr, weight_decay,
+                     batch_size)
+    if lora_alpha is not None and not lora_alpha > 0:
+        raise FinetuneError(f"lora_alpha must be > 0 (it scales the adapters; 0 would train nothing), "
+                            f"got {lora_alpha}")
     if lora_rank is not None:
         lr = 1e-3 if lr is None else lr
         with torch.random.fork_rng(devices=[]):  # seeded adapter initialisation, global RNG left alone
@@ -514,11 +524,11 @@ def recover(model: nn.Module, masks: dict[str, torch.Tensor], data, *, steps: in
         frozen = set() if train_embeddings else _frozen_embeddings(model)
         # frozen for real (requires_grad off while training, restored after), so no gradient is even computed
         flags = {id(p): p.requires_grad for p in model.parameters()}
-        for p in model.parameters():
-            if id(p) in frozen:
-                p.requires_grad_(False)
-        guard = SparsityGuard(model, masks)
+        guard = SparsityGuard(model, masks)  # checks the masks first: a refused one leaves nothing frozen
         try:
+            for p in model.parameters():
+                if id(p) in frozen:
+                    p.requires_grad_(False)
             res = train_loop(model, model.parameters(), data, steps=steps, lr=lr, weight_decay=weight_decay,
                              batch_size=batch_size, teacher=teacher, seed=seed, progress=progress,
                              optimizer_hook=guard.attach, desc="masked finetune", **loop_kw)

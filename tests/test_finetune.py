@@ -527,3 +527,24 @@ def test_repack_refused_at_a_later_layer_leaves_the_model_as_it_was():
     with pytest.raises(PatternViolation, match="1: 2:4 pattern violated"):
         repack_(model, infos)
     assert not any(isinstance(m, SparseLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(lr=-1.0), "need lr > 0"), (dict(steps=0), "steps"),
+    (dict(lora_rank=2, lora_alpha=0), "lora_alpha must be > 0"),
+    (dict(masks={"nope": torch.ones(3, 3, dtype=torch.bool)}), "nope")])
+def test_recover_refuses_before_it_touches_the_model(tok, windows, bad, match):
+    """The embeddings were left frozen by a refused mask, and lr/steps were checked after the guard or the
+    adapters had been put on the model."""
+    from sparserun.finetune import recover
+
+    model = make_llama(tok, layers=1)
+    masks = decoder_masks(model, "2:4", None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    kw = {"steps": 1, **bad}
+    with pytest.raises(FinetuneError, match=match):
+        recover(model, kw.pop("masks", masks), windows, **kw)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert set(model.state_dict()) == set(before)  # no adapters left in place
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
