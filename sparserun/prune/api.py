@@ -231,6 +231,12 @@ def check_options(pattern: str, options: calibrate.Options) -> None:
     if options.per_row is not None and kind != "unstructured":
         raise ValueError(f"per_row (--per-row) applies to unstructured sparsity, not {pattern} (N:M and blocks "
                          f"are chosen per group / block-row by construction)")
+    # sparsegpt's lazy column block and dampening: a blocksize <= 0 was clamped silently, a negative dampening
+    # failed inside the first layer's Cholesky
+    if not (isinstance(options.blocksize, int) and not isinstance(options.blocksize, bool) and options.blocksize > 0):
+        raise ValueError(f"blocksize must be a positive integer, got {options.blocksize!r}")
+    if not (isinstance(options.percdamp, (int, float)) and 0 <= options.percdamp < float("inf")):
+        raise ValueError(f"percdamp must be a finite number >= 0, got {options.percdamp!r}")
 
 
 def check_skip(model: nn.Module, skip: str | None, include_lm_head: bool) -> None:

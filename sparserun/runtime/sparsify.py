@@ -87,6 +87,9 @@ def sparsify_(model: nn.Module, pattern: "str | Pattern" = "2:4", filter_fn=None
     sparsity:  target for blocks / unstructured when no masks are given.
     """
     pat = parse(pattern)
+    if masks is not None and sparsity is not None:  # the masks decide what is kept: a target would be ignored
+        raise ValueError(f"sparsify_: give masks or sparsity, not both (sparsity={sparsity!r} with {len(masks)} "
+                         f"mask(s))")
     model = unwrap(model)  # torch.compile'd or DataParallel: the layers (and the names masks use) are inside
     filter_fn = filter_fn or (default_filter if masks is None else (lambda module, name: True))
     # MoE experts held as 3-D parameters become one Linear pair per expert (runtime/experts.py): those the

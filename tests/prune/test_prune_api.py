@@ -285,6 +285,14 @@ def test_a_non_finite_weight_is_named_before_calibration_spreads_it(tok, method)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("opt, match", [(dict(blocksize=0), "blocksize must be a positive integer, got 0"),
+                                        (dict(percdamp=-1.0), "percdamp must be a finite number >= 0, got -1.0")])
+def test_sparsegpt_options_out_of_range_are_refused_up_front(tok, opt, match):
+    with pytest.raises(ValueError, match=match):
+        sparserun.prune(make_llama(tok), "sparsegpt", "2:4", calib=torch.randint(0, 400, (2, 32)), progress=False,
+                        **opt)
+
+
 def test_each_modules_train_flag_is_put_back(tok):
     model = make_llama(tok)
     model.train()

@@ -155,6 +155,13 @@ def test_sparsifying_an_already_packed_model_again_says_nothing_changed(gen):
     assert not report.sparsified
 
 
+def test_masks_and_a_sparsity_target_together_are_refused(gen):
+    model = Toy(gen)
+    mask = magnitude_mask(model.blocks[0].weight, "32x32", 0.5)
+    with pytest.raises(ValueError, match=r"give masks or sparsity, not both \(sparsity=0.9 with 1 mask\(s\)\)"):
+        sparserun.sparsify_(model, "32x32", masks={"blocks.0": mask}, sparsity=0.9)  # 0.9 was ignored
+
+
 def test_bad_inputs(gen):
     with pytest.raises(ValueError, match="unknown sparsity pattern '3:2'"):
         sparserun.sparsify_(Toy(gen), "3:2")
