@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -246,6 +247,10 @@ def check_skip(model: nn.Module, skip: str | None, include_lm_head: bool) -> Non
         return
     import re
 
+    try:
+        re.compile(skip)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"skip {skip!r} is not a regular expression ({e})") from None
     names = calibrate.stack_linear_names(model)
     if include_lm_head:
         names.append(calibrate.output_projection(model)[0])
@@ -358,6 +363,16 @@ def load_calibration(model, calib, tokenizer, nsamples, seqlen, seed) -> calibra
     """Calibration windows for `model` (checks seqlen against its position limit)."""
     config = getattr(model, "config", None)
     limit, field = position_limit(config)
+    for what, v in (("nsamples", nsamples), ("seqlen", seqlen)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):  # 2.5 failed inside randint
+            raise calibrate.CalibrationError(f"{what} must be an integer, got {v!r}")
+    if isinstance(tokenizer, (str, os.PathLike)):  # a directory, as --tokenizer takes it
+        from ..checkpoint import read_tokenizer
+
+        try:
+            tokenizer = read_tokenizer(tokenizer)
+        except Exception as e:
+            raise calibrate.CalibrationError(f"cannot load a tokenizer from {tokenizer} ({type(e).__name__})") from None
     if isinstance(calib, torch.Tensor):
         cal = calibrate.calibration_data(calib, seed=seed)
         seqlen = cal.seqlen

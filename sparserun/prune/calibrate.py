@@ -139,12 +139,19 @@ def read_text(path, what: str = "calibration") -> str:
     such a record); or a .json file holding a list of strings or of objects with a "text" field. Source code
     or prose that merely starts with "{" is plain text. UTF-8, with or without a byte-order mark; a pipe
     (`<(zcat f.gz)` in bash) reads like a file."""
+    if not isinstance(path, (str, os.PathLike)):  # 123 or a generator failed inside pathlib
+        raise CalibrationError(f"{what}: expected a file path, a list of strings or a LongTensor of token ids, got "
+                               f"{type(path).__name__}")
     p = Path(path)
-    if not p.exists():
-        raise CalibrationError(f"{what} file not found: {p}")
-    if p.is_dir():
-        raise CalibrationError(f"{what} path is a directory, not a file: {p}")
-    data = p.read_bytes()
+    try:
+        if not p.exists():
+            raise CalibrationError(f"{what} file not found: {str(p)[:200]}")
+        if p.is_dir():
+            raise CalibrationError(f"{what} path is a directory, not a file: {p}")
+        data = p.read_bytes()
+    except OSError as e:  # a name too long (text passed where a path goes), unreadable, ...
+        raise CalibrationError(f"{what} file {str(p)[:200]!r} cannot be read ({e.strerror or e}); a str is a "
+                               f"file path: pass text as a list of strings") from None
     if data[:2] == b"\x1f\x8b":
         raise CalibrationError(f"{what} file {p} is gzip-compressed: decompress it first (zcat, or pass "
                                f"<(zcat {p}) in bash)")

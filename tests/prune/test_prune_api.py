@@ -293,6 +293,24 @@ def test_sparsegpt_options_out_of_range_are_refused_up_front(tok, opt, match):
                         **opt)
 
 
+def test_argument_kinds_are_checked_in_one_line(tok, tmp_path):
+    model = make_llama(tok)
+    ids = torch.randint(0, 400, (2, 32))
+    with pytest.raises(ValueError, match=r"skip '\[' is not a regular expression"):
+        sparserun.prune(model, "wanda", "2:4", calib=ids, skip="[", progress=False)
+    with pytest.raises(CalibrationError, match="nsamples must be an integer, got 2.5"):
+        sparserun.prune(model, "wanda", "2:4", calib="some text " * 400, tokenizer=tok, nsamples=2.5,
+                        progress=False)
+    tok.save_pretrained(tmp_path / "tok")  # a tokenizer directory works as the tokenizer
+    rep = sparserun.prune(model, "wanda", "2:4", calib=["some text to calibrate on " * 200], tokenizer=tmp_path / "tok",
+                          nsamples=2, seqlen=16, progress=False)
+    assert rep.rows
+    for calib, match in (("text " * 200, "cannot be read .*a str is a file path: pass text as a list of strings"),
+                         (123, "expected a file path, a list of strings or a LongTensor of token ids, got int")):
+        with pytest.raises(CalibrationError, match=match):
+            sparserun.prune(make_llama(tok), "wanda", "2:4", calib=calib, tokenizer=tok, progress=False)
+
+
 def test_each_modules_train_flag_is_put_back(tok):
     model = make_llama(tok)
     model.train()
