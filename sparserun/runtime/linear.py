@@ -121,6 +121,13 @@ class SparseLinear(nn.Module):
                  pattern: str | None = None, block: int | None = None, nnz: int | None = None,
                  device=None, dtype=None):
         super().__init__()
+        if fmt not in formats.FORMATS:
+            raise ValueError(f"SparseLinear: unknown format {fmt!r}; known: {', '.join(formats.FORMATS)}")
+        if fmt == "bsr" and block not in (16, 32, 64, 128):
+            raise ValueError(f"SparseLinear: a bsr layer needs block in 16, 32, 64, 128, got {block!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (in_features, out_features)):
+            raise ValueError(f"SparseLinear: in_features and out_features must be positive integers, got "
+                             f"{in_features!r}, {out_features!r}")
         self.in_features, self.out_features = in_features, out_features
         self.format = fmt
         self.pattern = str(parse(pattern)) if pattern else {"semi24": "2:4", "bsr": f"{block}x{block}",

@@ -162,6 +162,14 @@ def test_masks_and_a_sparsity_target_together_are_refused(gen):
         sparserun.sparsify_(model, "32x32", masks={"blocks.0": mask}, sparsity=0.9)  # 0.9 was ignored
 
 
+@pytest.mark.parametrize("args, kw, match", [((64, 32, "foo"), {}, "unknown format 'foo'"),
+                                             ((64, 32, "bsr"), {}, "a bsr layer needs block in 16, 32, 64, 128"),
+                                             ((-1, 32, "semi24"), {}, "must be positive integers, got -1, 32")])
+def test_sparse_linear_constructor_arguments(args, kw, match):
+    with pytest.raises(ValueError, match=match):
+        SparseLinear(*args, device="meta", **kw)
+
+
 def test_bad_inputs(gen):
     with pytest.raises(ValueError, match="unknown sparsity pattern '3:2'"):
         sparserun.sparsify_(Toy(gen), "3:2")
