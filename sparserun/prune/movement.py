@@ -430,29 +430,35 @@ class MovementPruner:
 
     def load_state_dict(self, state: dict) -> None:
         self._check_live()
+        if not isinstance(state, dict) or not isinstance(state.get("scores"), dict) or "step" not in state:
+            raise MovementError("not a movement pruning state: expected a dict with 'scores' and 'step' (from "
+                                "MovementPruner.state_dict())")
         missing = set(self.layers) - set(state["scores"])
         if missing:
             raise MovementError(f"saved movement state lacks scores for {', '.join(sorted(missing)[:3])}")
-        with torch.no_grad():
-            for n, st in self.layers.items():
-                src = state["scores"][n]
-                if src.shape != st.scores.shape:
-                    raise MovementError(f"{n}: saved scores have shape {tuple(src.shape)}, expected "
-                                        f"{tuple(st.scores.shape)}")
-                st.scores.copy_(src)
-        if self._score_opt is not None and state.get("score_opt") is not None:
-            self._score_opt.load_state_dict(state["score_opt"])
-        self.step_count = int(state["step"])
+        # every check before anything is copied: a refused state leaves the pruner as it was
         saved = state.get("masks")
-        if saved is not None and set(saved) >= set(self.layers):
-            # the masks in use, not re-selected from the scores: between update steps (and in the cool-down)
-            # they differ, and a resume must continue exactly where training stopped
-            for n, st in self.layers.items():
+        for n, st in self.layers.items():
+            src = state["scores"][n]
+            if src.shape != st.scores.shape:
+                raise MovementError(f"{n}: saved scores have shape {tuple(src.shape)}, expected "
+                                    f"{tuple(st.scores.shape)}")
+            if saved is not None and set(saved) >= set(self.layers):
                 m = saved[n]
                 if m.shape != st.mask.shape or m.dtype != torch.bool:
                     raise MovementError(f"{n}: saved mask has shape {tuple(m.shape)} ({m.dtype}), expected "
                                         f"{tuple(st.mask.shape)} (torch.bool)")
-                st.mask = m.to(st.mask.device)
+        with torch.no_grad():
+            for n, st in self.layers.items():
+                st.scores.copy_(state["scores"][n])
+        if self._score_opt is not None and state.get("score_opt") is not None:
+            self._score_opt.load_state_dict(state["score_opt"])
+        self.step_count = int(state["step"])
+        if saved is not None and set(saved) >= set(self.layers):
+            # the masks in use, not re-selected from the scores: between update steps (and in the cool-down)
+            # they differ, and a resume must continue exactly where training stopped
+            for n, st in self.layers.items():
+                st.mask = saved[n].to(st.mask.device)
                 if st.block:
                     st.block_mask = st.mask[::st.block, ::st.block].contiguous()
             self.current_sparsity = state.get("sparsity", self.schedule(self.step_count))

@@ -257,6 +257,13 @@ def test_state_dict_resume(tok):
     state = pr.state_dict()
     pr.remove()
     pr2 = MovementPruner(model, "unstructured", 0.5, method="soft", total_steps=6)
+    fresh = {n: st.scores.clone() for n, st in pr2.layers.items()}
+    name = next(iter(state["masks"]))
+    bad = {**state, "masks": {**state["masks"], name: state["masks"][name][:1]}}
+    for broken, match in ((bad, "saved mask has shape"), ({}, "not a movement pruning state")):
+        with pytest.raises(MovementError, match=match):
+            pr2.load_state_dict(broken)  # refused before anything is copied
+        assert pr2.step_count == 0 and all(torch.equal(st.scores, fresh[n]) for n, st in pr2.layers.items())
     pr2.load_state_dict(state)
     assert pr2.step_count == 3
     for n in pr.layers:
