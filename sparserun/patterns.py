@@ -49,6 +49,10 @@ class Pattern:
 def parse(pattern: "str | Pattern") -> Pattern:
     """Parse a pattern string; raise ValueError listing the valid forms for anything else."""
     if isinstance(pattern, Pattern):
+        # built by hand, it is checked like its string: Pattern("nm", n=4, m=2) or Pattern("block", block=7)
+        # are not patterns, and Pattern("foo") would have been pruned as unstructured
+        if pattern.kind not in ("unstructured", "nm", "block") or parse(str(pattern)) != pattern:
+            raise ValueError(f"unknown sparsity pattern {pattern!r}; valid forms: {'; '.join(VALID_FORMS)}")
         return pattern
     s = str(pattern).strip().lower()
     if s == "unstructured":

@@ -32,7 +32,8 @@ def test_fixed_sparsity():
 
 
 @pytest.mark.parametrize("bad", ["", "2:2", "4:2", "0:4", "2:33", "3:64", "2-4", "2:4:8", "32x16", "8x8",
-                                 "256x256", "48x48", "x32", "dense", "structured", "2 : 4", None, 24])
+                                 "256x256", "48x48", "x32", "dense", "structured", "2 : 4", None, 24,
+                                 Pattern("nm", n=4, m=2), Pattern("block", block=7), Pattern("foo")])
 def test_parse_invalid_lists_valid_forms(bad):
     with pytest.raises(ValueError) as e:
         parse(bad)
