@@ -51,7 +51,11 @@ def parse(pattern: "str | Pattern") -> Pattern:
     if isinstance(pattern, Pattern):
         # built by hand, it is checked like its string: Pattern("nm", n=4, m=2) or Pattern("block", block=7)
         # are not patterns, and Pattern("foo") would have been pruned as unstructured
-        if pattern.kind not in ("unstructured", "nm", "block") or parse(str(pattern)) != pattern:
+        try:
+            same = pattern.kind in ("unstructured", "nm", "block") and parse(str(pattern)) == pattern
+        except ValueError:
+            same = False
+        if not same:
             raise ValueError(f"unknown sparsity pattern {pattern!r}; valid forms: {'; '.join(VALID_FORMS)}")
         return pattern
     s = str(pattern).strip().lower()
