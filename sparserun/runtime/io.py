@@ -283,7 +283,8 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
 
     dtype:       cast floating tensors (weights, biases, norms) to it; index/metadata tensors keep theirs.
     verify:      check shard sha256 against the manifest first (reads every shard once).
-    model_class: override the class named in the manifest / config.json `architectures`.
+    model_class: override the class named in the manifest / config.json `architectures` (a class, or a
+                 transformers class name).
     group_siblings: run q/k/v and gate/up as one launch each (runtime/siblings.py). Default: the
                  SPARSERUN_GROUP_SIBLINGS environment variable ("1" = on), else off until measured on a GPU.
     """
@@ -295,6 +296,12 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
         # float64 loaded but could not be saved again; float8 failed in the first forward
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     device = _usable_device(device)
+    if isinstance(model_class, str):  # a transformers class name, as config.json's `architectures` holds them
+        import transformers
+
+        model_class = getattr(transformers, model_class, None) or model_class
+    if model_class is not None and not (isinstance(model_class, type) and issubclass(model_class, nn.Module)):
+        raise TypeError(f"model_class must be an nn.Module class (or a transformers class name), got {model_class!r}")
     reader = CheckpointReader(path, verify=verify)
     config = ckpt.read_hf_config(path)
     try:

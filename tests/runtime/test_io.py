@@ -416,6 +416,9 @@ def test_load_to_a_device_that_is_not_there(minilm_packed):
         sparserun.load(d, device="meta")  # a model without data (it failed deep in the index check)
     with pytest.raises(ValueError, match=r"load\(device='cpux'\): unknown device"):
         sparserun.load(d, device="cpux")
+    with pytest.raises(TypeError, match="model_class must be an nn.Module class .*got 'NoSuchModel'"):
+        sparserun.load(d, model_class="NoSuchModel")  # was blamed on config.json
+    assert type(sparserun.load(d, model_class="BertModel")).__name__ == "BertModel"
 
 
 @pytest.mark.gpu
