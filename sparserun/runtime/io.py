@@ -296,6 +296,9 @@ def load(path, device=None, dtype: torch.dtype | None = None, *, verify: bool = 
         # float64 loaded but could not be saved again; float8 failed in the first forward
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     device = _usable_device(device)
+    for what, flag in (("verify", verify), ("group_siblings", group_siblings)):
+        if flag is not None and not isinstance(flag, bool):  # "no" is true
+            raise TypeError(f"load({what}=...) must be True or False, got {flag!r}")
     if isinstance(model_class, str):  # a transformers class name, as config.json's `architectures` holds them
         import transformers
 

@@ -170,6 +170,12 @@ def group_siblings(model: nn.Module, siblings=SIBLINGS) -> list[str]:
     """Group the sibling SparseLinear layers of `model` (see the module docstring). Returns one line per group
     ("model.layers.0.self_attn: q_proj+k_proj+v_proj"). Layers already grouped, of a format without a kernel,
     or differing in input size, format, block, dtype or device are left alone."""
+    siblings = [tuple(g) if isinstance(g, (tuple, list)) else g for g in
+                ([siblings] if isinstance(siblings, str) else siblings)]
+    if not all(isinstance(g, tuple) and len(g) > 1 and all(isinstance(n, str) for n in g) for g in siblings):
+        # a bare "q_proj" was iterated letter by letter
+        raise TypeError(f"siblings must be groups of module names, e.g. [('q_proj', 'k_proj', 'v_proj')], got "
+                        f"{siblings!r}")
     done = []
     with torch.no_grad():
         for pname, parent in model.named_modules():

@@ -237,3 +237,13 @@ def test_two_threads_never_take_each_others_slices(packed, monkeypatch):
     thread.join(10)
     for key, y in want.items():
         torch.testing.assert_close(got[key], y, rtol=1e-5, atol=1e-5, msg=str(key))
+
+
+def test_bad_sibling_names_and_flags_are_one_line_errors(packed):
+    _, path = packed
+    model = sparserun.load(path)
+    with pytest.raises(TypeError, match="siblings must be groups of module names"):
+        siblings.group_siblings(model, siblings="q_proj")  # was iterated letter by letter
+    with pytest.raises(TypeError, match=r"load\(group_siblings=...\) must be True or False, got 'yes'"):
+        sparserun.load(path, group_siblings="yes")
+    assert siblings.group_siblings(model, siblings=[["gate_proj", "up_proj"]])  # lists work as tuples
