@@ -201,6 +201,9 @@ def evaluate(path, text_file, against=None, *, seqlen: int | None = None, nsampl
 
     dtype = resolve_dtype(dtype, EvalError)
     device = resolve_device(device, EvalError)
+    for what, v in (("seqlen", seqlen), ("nsamples", nsamples)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):  # before loading two models
+            raise EvalError(f"{what} must be an integer, got {v!r}")
     if dtype is None and device.type == "cpu":
         dtype = torch.float32
     text = calibrate.read_text(text_file, what="evaluation text")

@@ -95,6 +95,8 @@ def test_eval_errors(tmp_path, dirs):
     assert rc == 1 and "model directory not found" in out
     rc, out = run_cli("eval", packed, "--text", text, "--device", "gpu0")
     assert rc == 1 and "unknown device 'gpu0'; use cpu, cuda or cuda:N" in out
+    with pytest.raises(ev.EvalError, match="seqlen must be an integer, got '32'"):
+        ev.evaluate(packed, text, seqlen="32")  # a TypeError deep in the window split before
 
 
 def test_cpu_default_dtype_is_float32(tmp_path, dirs):
