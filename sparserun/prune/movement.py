@@ -243,6 +243,11 @@ class MovementPruner:
         if not (score_lr > 0 and math.isfinite(score_lr)) or not (regularization >= 0 and math.isfinite(regularization)):
             raise MovementError(f"need score_lr > 0 and regularization >= 0, got {score_lr}, {regularization}")
         self.score_lr, self.regularization = float(score_lr), float(regularization)
+        # as prune() refuses them: an option the pattern cannot use is an error, not silently ignored
+        if per_row and self.pattern.kind != "unstructured":
+            raise MovementError(f"per_row applies to unstructured sparsity, not {self.pattern}")
+        if balance_rows and self.pattern.kind != "block":
+            raise MovementError(f"balance_rows applies to block patterns such as 32x32, not {self.pattern}")
         self.per_row, self.balance_rows = bool(per_row), bool(balance_rows)
         self.model = model
         if layers is None:

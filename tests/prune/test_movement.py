@@ -239,6 +239,10 @@ def test_errors(tok):
     for bad in (dict(score_lr=float("nan")), dict(regularization=float("nan"))):
         with pytest.raises(MovementError, match="need score_lr > 0 and regularization >= 0"):
             MovementPruner(model, "32x32", 0.5, method="soft", total_steps=4, **bad)
+    with pytest.raises(MovementError, match="per_row applies to unstructured sparsity, not 2:4"):
+        MovementPruner(model, "2:4", total_steps=4, per_row=True)  # was silently ignored
+    with pytest.raises(MovementError, match="balance_rows applies to block patterns such as 32x32, not unstructured"):
+        MovementPruner(model, "unstructured", 0.5, total_steps=4, balance_rows=True)
     pr = MovementPruner(model, "32x32", 0.5, total_steps=4)
     with pytest.warns(UserWarning, match="before the schedule reached"):
         pr.finalize()
